@@ -1,0 +1,329 @@
+"""The run configuration: one dataclass tree, the single input of the ``fine_tune`` workflow.
+
+Plain dataclasses (no flytekit import) so Flyte can serialise them as a typed input and
+the core can use them directly. ``FineTuneConfig.from_json`` is what ``pyflyte run
+--config file.yaml`` calls: it merges a partial file over the defaults and rejects
+unknown keys (a typo in a key would otherwise be silently ignored and the run would
+train with a default the user did not want).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llm_finetune.errors import ConfigError
+
+EMBEDDED_MODEL = "embedded://SmolLM2-135M-Instruct"
+EMBEDDED_DATASET = "embedded://iso_dates"
+
+DATA_FORMATS = ("auto", "alpaca", "dolly", "chat", "text")
+INVALID_ROW_POLICIES = ("drop", "fail")
+TRAIN_METHODS = ("lora", "qlora", "full")
+QUANTIZE_BITS = (0, 4, 8)
+PROMPT_TEMPLATES = ("alpaca", "plain")
+LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it becomes training examples."""
+
+    source: str = EMBEDDED_DATASET  # hub dataset id, local path, fsspec URI, or embedded://iso_dates
+    format: str = "auto"  # auto | alpaca | dolly | chat | text
+    subset: str = ""  # hub dataset config name
+    split: str = "train"  # hub dataset split to read
+    columns: dict[str, str] = field(default_factory=dict)  # canonical name -> column in the source
+    eval_fraction: float = 0.1  # held-out share for validation and evaluation
+    seed: int = 42  # seed of the train/eval split
+    max_length: int = 512  # tokens per example; longer rows are dropped (or fail the run)
+    on_invalid: str = "drop"  # drop bad rows (and count them) or fail
+    min_train_rows: int = 16  # never train on fewer rows than this
+    train_on_prompt: bool = False  # False: loss on completions only
+    prompt_template: str = "alpaca"  # used when the tokenizer has no chat template
+
+
+@dataclass
+class ModelConfig:
+    """The base model: a hub id, a local HF directory, or the embedded default."""
+
+    base_model: str = EMBEDDED_MODEL
+    revision: str = "main"
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class TrainConfig:
+    """How to train, and on what hardware (the resources are declarative, see tasks/train.py)."""
+
+    method: str = "lora"  # lora | qlora | full
+    max_steps: int = 60  # optimizer steps; <= 0 means train for num_epochs
+    num_epochs: float = 1.0
+    learning_rate: float = 1e-3
+    per_device_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    precision: str = "auto"  # auto = bf16 on GPUs that have it, fp32 on CPU
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    logging_steps: int = 5
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    deepspeed: str = "none"  # a file name in deepspeed_configs/ (with or without .json), or none
+    nnodes: int = 1
+    nproc_per_node: int = 2
+    gpus_per_node: int = 0  # 0 = CPU training
+    accelerator: str = ""  # e.g. nvidia-h100, nvidia-tesla-a100; empty = any
+    cpu: str = "2"
+    memory: str = "8Gi"
+    interruptible: bool = True
+    retries: int = 2
+
+
+@dataclass
+class EvalConfig:
+    """Base-vs-tuned evaluation on the held-out split."""
+
+    max_samples: int = 100  # held-out rows scored (0 = all)
+    max_new_tokens: int = 32
+    batch_size: int = 16
+
+
+@dataclass
+class QuantizeConfig:
+    bits: int = 8  # 0 = skip, 8 = bitsandbytes int8, 4 = bitsandbytes nf4
+
+
+@dataclass
+class HubConfig:
+    repo_id: str = ""  # empty = do not push
+    private: bool = True
+
+
+@dataclass
+class FineTuneConfig:
+    """Single input of the ``fine_tune`` workflow."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+    @classmethod
+    def from_json(cls, text: str) -> "FineTuneConfig":
+        """Called by ``pyflyte run --config file.yaml`` with the file's content as JSON."""
+        return from_dict(cls, json.loads(text))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def from_dict(cls: type, data: typing.Any, where: str = "") -> typing.Any:
+    """Build dataclass ``cls`` from a (partial) dict: missing keys keep their defaults.
+
+    Unknown keys and values of the wrong type raise ``ConfigError`` naming the key path
+    and, for typos, the closest valid key.
+    """
+    problems: list[str] = []
+    obj = _build(cls, data, where, problems)
+    if problems:
+        raise ConfigError(problems)
+    return obj
+
+
+def _build(cls: type, data: typing.Any, where: str, problems: list[str]) -> typing.Any:
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        problems.append(f"{where or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            problems.append(f"{path}: unknown key.{hint} Valid keys here: {', '.join(fields)}")
+            continue
+        kwargs[key] = _coerce(hints[key], value, path, problems)
+    return cls(**kwargs)
+
+
+def _coerce(tp: typing.Any, value: typing.Any, path: str, problems: list[str]) -> typing.Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, problems)
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{path}: expected a list, got {value!r}")
+            return []
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{path}: expected a mapping, got {value!r}")
+            return {}
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: expected true or false, got {value!r}")
+        return bool(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            problems.append(f"{path}: expected an integer, got {value!r}")
+            return 0
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{path}: expected a number, got {value!r}")
+            return 0.0
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            problems.append(f"{path}: expected a string, got {value!r}")
+            return ""
+        return str(value)
+    return value
+
+
+def load_config(path: str | Path) -> FineTuneConfig:
+    """Load a YAML or JSON run config, merged over the defaults."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"{path}: no such config file"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+    try:
+        return from_dict(FineTuneConfig, data or {})
+    except ConfigError as e:
+        raise ConfigError(e.problems, source=f"config file {path}") from None
+
+
+def deepspeed_config_path(name: str, search_dir: Path) -> Path | None:
+    """Resolve ``train.deepspeed`` (a file name in deepspeed_configs/) to a path, None for 'none'."""
+    if not name or name.lower() == "none":
+        return None
+    file = name if name.endswith(".json") else f"{name}.json"
+    return search_dir / file
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineTuneConfig:
+    """Check every value a run depends on before any GPU time is spent.
+
+    Collects all problems and raises one ``ConfigError`` listing them, each with the key
+    path and the fix. Returns the config unchanged when it is valid.
+    """
+    p: list[str] = []
+    d, m, t, e, q, h = config.data, config.model, config.train, config.evaluate, config.quantize, config.hub
+
+    def one_of(key: str, value, allowed):
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            p.append(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}{hint}")
+
+    def positive(key: str, value):
+        if value <= 0:
+            p.append(f"{key}: must be > 0, got {value}")
+
+    if not d.source.strip():
+        p.append("data.source: empty; give a hub dataset id, a local file, an fsspec URI or embedded://iso_dates")
+    one_of("data.format", d.format, DATA_FORMATS)
+    one_of("data.on_invalid", d.on_invalid, INVALID_ROW_POLICIES)
+    one_of("data.prompt_template", d.prompt_template, PROMPT_TEMPLATES)
+    if not 0.0 < d.eval_fraction <= 0.5:
+        p.append(f"data.eval_fraction: must be in (0, 0.5], got {d.eval_fraction}")
+    if d.max_length < 16:
+        p.append(f"data.max_length: must be at least 16 tokens, got {d.max_length}")
+    positive("data.min_train_rows", d.min_train_rows)
+
+    if not m.base_model.strip():
+        p.append(f"model.base_model: empty; give a hub id, a local model directory or {EMBEDDED_MODEL}")
+
+    one_of("train.method", t.method, TRAIN_METHODS)
+    one_of("train.lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
+    one_of("train.precision", t.precision, PRECISIONS)
+    if t.max_steps <= 0 and t.num_epochs <= 0:
+        p.append("train.max_steps / train.num_epochs: set max_steps > 0 or num_epochs > 0")
+    positive("train.learning_rate", t.learning_rate)
+    positive("train.per_device_batch_size", t.per_device_batch_size)
+    positive("train.gradient_accumulation_steps", t.gradient_accumulation_steps)
+    positive("train.nnodes", t.nnodes)
+    positive("train.nproc_per_node", t.nproc_per_node)
+    positive("train.logging_steps", t.logging_steps)
+    if t.gpus_per_node < 0:
+        p.append(f"train.gpus_per_node: must be >= 0, got {t.gpus_per_node}")
+    elif t.gpus_per_node > 0 and t.nproc_per_node > t.gpus_per_node:
+        p.append(
+            f"train.nproc_per_node: {t.nproc_per_node} processes but only {t.gpus_per_node} GPUs per node; "
+            "use one process per GPU (set nproc_per_node = gpus_per_node)"
+        )
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        p.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if t.retries < 0:
+        p.append(f"train.retries: must be >= 0, got {t.retries}")
+    if t.method in ("lora", "qlora"):
+        positive("train.lora.r", t.lora.r)
+        positive("train.lora.alpha", t.lora.alpha)
+        if not 0.0 <= t.lora.dropout < 1.0:
+            p.append(f"train.lora.dropout: must be in [0, 1), got {t.lora.dropout}")
+        if not t.lora.target_modules:
+            p.append("train.lora.target_modules: empty; use [all-linear] or name the modules, e.g. [q_proj, v_proj]")
+    if t.method == "qlora" and t.gpus_per_node == 0:
+        p.append(
+            "train.method: qlora quantizes the base model to 4-bit with bitsandbytes CUDA kernels and needs a GPU; "
+            "set train.gpus_per_node >= 1, or use train.method: lora on CPU"
+        )
+    if t.precision == "bf16" and t.gpus_per_node == 0:
+        p.append("train.precision: bf16 training needs a GPU here; use auto or fp32 on CPU")
+    if t.precision == "fp16" and t.gpus_per_node == 0:
+        p.append("train.precision: fp16 mixed precision needs a GPU; use auto or fp32 on CPU")
+    ds = deepspeed_config_path(t.deepspeed, deepspeed_dir or Path("deepspeed_configs"))
+    if ds is not None:
+        if t.method == "qlora":
+            p.append("train.deepspeed: QLoRA with DeepSpeed ZeRO is not supported here; set train.deepspeed: none")
+        if deepspeed_dir is not None and not ds.is_file():
+            names = sorted(f.stem for f in deepspeed_dir.glob("*.json"))
+            p.append(f"train.deepspeed: no file {ds.name} in deepspeed_configs/; choose one of: none, {', '.join(names)}")
+
+    positive("evaluate.batch_size", e.batch_size)
+    positive("evaluate.max_new_tokens", e.max_new_tokens)
+    if e.max_samples < 0:
+        p.append(f"evaluate.max_samples: must be >= 0 (0 = all rows), got {e.max_samples}")
+
+    one_of("quantize.bits", q.bits, QUANTIZE_BITS)
+    if h.repo_id and not _REPO_ID.match(h.repo_id):
+        p.append(f"hub.repo_id: {h.repo_id!r} is not of the form owner/name (leave it empty to skip publishing)")
+
+    if p:
+        raise ConfigError(p)
+    return config

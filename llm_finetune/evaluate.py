@@ -1,0 +1,100 @@
+"""Score a model on the held-out split: completion loss / perplexity and exact match.
+
+The same function scores the base and the tuned model, with the same prompts, so the
+two numbers are comparable. Exact match compares the greedy completion of the last
+assistant turn with the reference after stripping surrounding whitespace.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from llm_finetune.config import DataConfig, EvalConfig
+from llm_finetune.encoding import IGNORE_INDEX, prompt_and_reference
+from llm_finetune.model import load_tokenizer
+from llm_finetune.train import PadCollator, encode_frame
+
+
+@dataclass
+class EvalMetrics:
+    rows: int = 0
+    loss: float = 0.0  # mean NLL per trained token
+    perplexity: float = 0.0
+    exact_match: float = 0.0  # share of rows whose completion equals the reference
+    exact_match_rows: int = 0  # rows with a reference completion (0 for raw text data)
+
+
+def load_model(model_dir: str | Path):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch.bfloat16 if torch.cuda.is_available() else torch.float32}
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": 0}
+    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
+
+
+@torch.no_grad()
+def completion_loss(model, tokenizer, frame: pd.DataFrame, data_cfg: DataConfig, batch_size: int) -> float:
+    examples = encode_frame(tokenizer, frame, data_cfg)
+    collate = PadCollator(tokenizer.pad_token_id)
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(model.device) for k, v in collate(examples[i : i + batch_size]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total += float(nll)
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    tokenizer.padding_side = "left"
+    outputs = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return outputs
+
+
+def evaluate(
+    model_dir: str | Path, eval_frame: pd.DataFrame, data_cfg: DataConfig, cfg: EvalConfig
+) -> tuple[EvalMetrics, pd.DataFrame]:
+    """Metrics plus a per-row table (prompt, reference, prediction, correct) for decks."""
+    frame = eval_frame if cfg.max_samples == 0 else eval_frame.head(cfg.max_samples)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir)
+    loss = completion_loss(model, tokenizer, frame, data_cfg, cfg.batch_size)
+    rows = []
+    instruction_rows = [json.loads(m) for m in frame["messages"] if m]
+    if instruction_rows:
+        pairs = [prompt_and_reference(tokenizer, conv, data_cfg.prompt_template) for conv in instruction_rows]
+        predictions = generate(model, tokenizer, [p for p, _ in pairs], cfg.max_new_tokens, cfg.batch_size)
+        for conv, (_, ref), pred in zip(instruction_rows, pairs, predictions):
+            user = next((m["content"] for m in reversed(conv) if m["role"] == "user"), "")
+            rows.append({"prompt": user, "reference": ref, "prediction": pred.strip(), "correct": pred.strip() == ref.strip()})
+    table = pd.DataFrame(rows, columns=["prompt", "reference", "prediction", "correct"])
+    metrics = EvalMetrics(
+        rows=len(frame),
+        loss=loss,
+        perplexity=math.exp(min(loss, 50.0)),
+        exact_match=float(table["correct"].mean()) if len(table) else 0.0,
+        exact_match_rows=len(table),
+    )
+    return metrics, table
