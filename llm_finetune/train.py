@@ -198,6 +198,7 @@ def train(
         label_names=["labels"],
         deepspeed=str(deepspeed_config) if deepspeed_config else None,
         disable_tqdm=True,
+        ddp_find_unused_parameters=False,
     )
     model = _load_model(base_model_dir, cfg, bf16)
     collator = PadCollator(tokenizer.pad_token_id)

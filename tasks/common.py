@@ -1,0 +1,61 @@
+"""What every task shares: cache versions, paths, and deck publishing."""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+import flytekit
+from flytekit import Cache
+from flytekit.core.context_manager import FlyteContextManager
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED_DIR = REPO_ROOT / "deepspeed_configs"
+
+# Bump a version when the task's code changes what it produces; cached results of the old
+# version are then ignored. Separate versions keep, e.g., a new evaluation from re-training.
+CACHE_MODEL = Cache(version="model-1")
+CACHE_DATA = Cache(version="data-1")
+CACHE_TRAIN = Cache(version="train-1")
+CACHE_EVAL = Cache(version="eval-1")
+CACHE_QUANTIZE = Cache(version="quantize-1")
+
+LOCAL_DECK_DIR_ENV = "LLM_FINETUNE_DECK_DIR"
+
+
+def is_local() -> bool:
+    return FlyteContextManager.current_context().execution_state.is_local_execution()
+
+
+def local_deck_dir() -> Path:
+    return Path(os.environ.get(LOCAL_DECK_DIR_ENV, "runs/decks")).resolve()
+
+
+def publish_deck(task: str, sections: dict[str, str]) -> None:
+    """Attach each section as a Flyte deck; on local runs also write one HTML page and print it.
+
+    Flyte's own local deck file lands in a random temp dir and is only logged at INFO, so
+    local users get a stable copy under runs/decks/ (or $LLM_FINETUNE_DECK_DIR).
+    """
+    for title, body in sections.items():
+        flytekit.Deck(title, body)
+    if not is_local():
+        return
+    out = local_deck_dir() / f"{task}.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = [f"<section><h2>{html.escape(t)}</h2>{b}</section>" for t, b in sections.items()]
+    out.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(task)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+        ".trained{background:#c8f7c5}.prompt{color:#666}</style></head><body>"
+        f"<h1>{html.escape(task)}</h1>{''.join(parts)}</body></html>",
+        encoding="utf-8",
+    )
+    print(f"[{task}] deck: file://{out}", flush=True)
+
+
+def table_html(frame, max_rows: int = 50) -> str:
+    return frame.head(max_rows).to_html(index=False, escape=True, border=0)
