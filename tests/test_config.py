@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llm_finetune.config import FineTuneConfig, from_dict, load_config, validate
+from llm_finetune.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DS = ROOT / "deepspeed_configs"
+
+
+def test_defaults_are_valid_and_use_embedded_model_and_data():
+    cfg = validate(FineTuneConfig(), DS)
+    assert cfg.model.base_model == "embedded://SmolLM2-135M-Instruct"
+    assert cfg.data.source == "embedded://iso_dates"
+    assert (cfg.train.method, cfg.train.nnodes, cfg.train.nproc_per_node) == ("lora", 1, 2)
+    assert cfg.quantize.bits == 8 and cfg.hub.repo_id == ""
+
+
+def test_partial_file_merges_over_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"train": {"max_steps": 7, "lora": {"r": 4}}, "quantize": {"bits": 4}}))
+    cfg = load_config(f)
+    assert cfg.train.max_steps == 7 and cfg.train.lora.r == 4 and cfg.quantize.bits == 4
+    assert cfg.train.lora.alpha == 32 and cfg.train.learning_rate == FineTuneConfig().train.learning_rate
+
+
+def test_pyflyte_json_entry_point_is_strict():
+    cfg = FineTuneConfig.from_json('{"data": {"format": "dolly"}}')
+    assert cfg.data.format == "dolly" and cfg.data.source == "embedded://iso_dates"
+    with pytest.raises(ConfigError, match=r"train\.max_step: unknown key\. Did you mean 'max_steps'"):
+        FineTuneConfig.from_json('{"train": {"max_step": 3}}')
+
+
+def test_wrong_types_are_reported_with_key_path():
+    with pytest.raises(ConfigError) as e:
+        from_dict(FineTuneConfig, {"train": {"max_steps": "ten", "gradient_checkpointing": "yes"}, "data": [1]})
+    msg = str(e.value)
+    assert "train.max_steps: expected an integer" in msg
+    assert "train.gradient_checkpointing: expected true or false" in msg
+    assert "data: expected a mapping" in msg
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ({"train": {"method": "lorra"}}, "train.method: 'lorra' is not one of lora, qlora, full (did you mean 'lora'?)"),
+        ({"train": {"method": "qlora"}}, "train.method: qlora quantizes the base model to 4-bit"),
+        ({"train": {"deepspeed": "zero4"}}, "train.deepspeed: no file zero4.json in deepspeed_configs/"),
+        ({"quantize": {"bits": 3}}, "quantize.bits: 3 is not one of 0, 4, 8"),
+        ({"hub": {"repo_id": "no-slash"}}, "hub.repo_id: 'no-slash' is not of the form owner/name"),
+        ({"data": {"eval_fraction": 0.9}}, "data.eval_fraction: must be in (0, 0.5]"),
+        ({"train": {"nproc_per_node": 4, "gpus_per_node": 2}}, "train.nproc_per_node: 4 processes but only 2 GPUs"),
+        ({"data": {"format": "sharegpt"}}, "data.format: 'sharegpt' is not one of"),
+    ],
+)
+def test_validation_names_key_and_fix(override, needle):
+    with pytest.raises(ConfigError) as e:
+        validate(from_dict(FineTuneConfig, override), DS)
+    assert needle in str(e.value)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        validate(from_dict(FineTuneConfig, {"train": {"method": "x", "learning_rate": -1}, "quantize": {"bits": 5}}), DS)
+    assert len(e.value.problems) == 3
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    validate(load_config(path), DS)
+
+
+def test_production_configs_cover_the_seed_runs():
+    runs = {p.stem: load_config(p) for p in (ROOT / "configs").glob("*.yaml")}
+    assert runs["llama7b_alpaca_lora"].model.base_model == "huggyllama/llama-7b"
+    assert runs["llama13b_alpaca_lora"].model.base_model == "huggyllama/llama-13b"
+    dolly = runs["dolly_pythia12b_full_zero3"]
+    assert (dolly.train.method, dolly.train.deepspeed, dolly.data.format) == ("full", "zero3", "dolly")
+    q = runs["llama3_8b_qlora"]
+    assert q.train.method == "qlora" and q.train.gpus_per_node >= 1
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
+def test_deepspeed_configs_are_json_with_auto_values(name):
+    import json
+
+    cfg = json.loads((DS / f"{name}.json").read_text())
+    assert cfg["zero_optimization"]["stage"] == int(name[4])
+    assert cfg["train_micro_batch_size_per_gpu"] == "auto"
