@@ -25,7 +25,16 @@ LOCAL_DECK_DIR_ENV = "LLM_FINETUNE_DECK_DIR"
 
 
 def is_local() -> bool:
-    return FlyteContextManager.current_context().execution_state.is_local_execution()
+    """True on a local ``pyflyte run``, also inside its Elastic worker processes.
+
+    The workers execute in TASK_EXECUTION mode even locally, so they are recognised by
+    their raw output prefix: a local path rather than a blob store URI.
+    """
+    ctx = FlyteContextManager.current_context()
+    if ctx.execution_state.is_local_execution():
+        return True
+    prefix = str(ctx.user_space_params.raw_output_prefix) if ctx.user_space_params else ""
+    return bool(prefix) and ("://" not in prefix or prefix.startswith("file://"))
 
 
 def local_deck_dir() -> Path:

@@ -34,7 +34,7 @@ def _histogram(values: pd.Series, title: str) -> str:
 
     fig = px.histogram(values, nbins=40, title=title, labels={"value": "tokens"})
     fig.update_layout(showlegend=False, height=320)
-    return fig.to_html(full_html=False, include_plotlyjs="cdn")
+    return fig.to_html(full_html=False, include_plotlyjs=True)
 
 
 def _highlighted(tokenizer, row: dict, data: DataConfig) -> str:

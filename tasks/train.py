@@ -70,7 +70,7 @@ def _curves(log_history: list[dict]) -> str:
     fig.add_trace(go.Scatter(x=logs["step"], y=logs["loss"], name="train loss"), row=1, col=1)
     fig.add_trace(go.Scatter(x=logs["step"], y=logs["learning_rate"], name="lr"), row=1, col=2)
     fig.update_layout(height=340, showlegend=False)
-    return fig.to_html(full_html=False, include_plotlyjs="cdn")
+    return fig.to_html(full_html=False, include_plotlyjs=True)
 
 
 @task(

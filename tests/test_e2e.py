@@ -22,7 +22,7 @@ def isolated_flyte(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_fine_tune_workflow_end_to_end(isolated_flyte, capsys):
+def test_fine_tune_workflow_end_to_end(isolated_flyte, capfd):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,7 +58,7 @@ def test_fine_tune_workflow_end_to_end(isolated_flyte, capsys):
         assert qmodel.generate(**enc, max_new_tokens=4, do_sample=False).shape[1] > enc["input_ids"].shape[1]
 
     # the run says where its outputs are
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     assert str(result.tuned_model.path) in printed
     for deck in ("get_data", "train", "evaluate_base", "evaluate_tuned", "summary"):
         page = isolated_flyte / "decks" / f"{deck}.html"
@@ -68,4 +68,4 @@ def test_fine_tune_workflow_end_to_end(isolated_flyte, capsys):
     again = fine_tune(config=cfg)
     assert again.tuned_model.path == result.tuned_model.path
     assert again.tuned_metrics == tuned
-    assert "deck: file://" + str(isolated_flyte / "decks" / "train.html") not in capsys.readouterr().out
+    assert "deck: file://" + str(isolated_flyte / "decks" / "train.html") not in capfd.readouterr().out
