@@ -1,8 +1,6 @@
 """get_data: load, validate (pandera), format and split the training data, with decks."""
 
 import html
-import json
-import typing
 from dataclasses import dataclass
 
 import pandas as pd
