@@ -32,6 +32,7 @@ class PreparedData:
     format: str
     format_reason: str
     report: ValidationReport
+    lengths: pd.Series = None  # tokens per non-empty row as read, before validation and truncation
     truncated_rows: int = 0  # rows cut to data.max_length (data.truncation)
     packing_efficiency: float = 0.0  # real tokens / (rows * max_length) of train_tokens
 
@@ -168,6 +169,7 @@ def prepare(cfg: DataConfig, tokenizer) -> PreparedData:
         format=detected.format,
         format_reason=detected.reason,
         report=report,
+        lengths=frame.loc[frame["n_tokens"] > 0, "n_tokens"].reset_index(drop=True),
         truncated_rows=truncated,
         packing_efficiency=packing_efficiency(tokens["seq_lens"].tolist(), cfg.max_length),
     )
