@@ -16,7 +16,7 @@ from llm_finetune.config import DataConfig
 from llm_finetune.data.formats import apply_column_mapping, detect_format, explode_records, to_canonical
 from llm_finetune.data.sources import load_raw
 from llm_finetune.data.validation import RULES, ValidationReport, validate_rows
-from llm_finetune.encoding import IGNORE_INDEX, Encoded, encode_row
+from llm_finetune.encoding import IGNORE_INDEX, Encoded, encode_many, encode_row, encode_text
 from llm_finetune.errors import DataError
 from llm_finetune.packing import mask_first_label, pack_examples, packing_efficiency
 
@@ -96,6 +96,33 @@ def _describe_case(case, cfg: DataConfig) -> str:
     return f"{where} in column {case.column}"
 
 
+def encode_canonical(tokenizer, canon: pd.DataFrame, cfg: DataConfig, chunk: int = 2048) -> dict[int, Encoded]:
+    """Encode every row (batched tokenizer calls); empty text rows are left out for validation."""
+    encoded: dict[int, Encoded] = {}
+    rows = canon.to_dict(orient="records")
+    texts = [r for r in rows if not r["messages"]]
+    for r in texts:
+        if r["text"].strip():
+            encoded[r["source_row"]] = encode_text(tokenizer, r["text"])
+    convs = [r for r in rows if r["messages"]]
+    for start in range(0, len(convs), chunk):
+        part = convs[start : start + chunk]
+        try:
+            encs = encode_many(
+                tokenizer, [json.loads(r["messages"]) for r in part],
+                train_on_prompt=cfg.train_on_prompt, template=cfg.prompt_template,
+            )
+        except DataError:  # find the row, so the error can name it
+            for r in part:
+                try:
+                    encode_row(tokenizer, r, train_on_prompt=cfg.train_on_prompt, template=cfg.prompt_template)
+                except DataError as e:
+                    raise DataError(f"data.source: {cfg.source} row {r['source_row']}: {e}") from None
+            raise
+        encoded.update({r["source_row"]: e for r, e in zip(part, encs)})
+    return encoded
+
+
 def prepare(cfg: DataConfig, tokenizer) -> PreparedData:
     raw = load_raw(cfg.source, cfg.subset, cfg.split)
     if len(raw) == 0:
@@ -109,15 +136,11 @@ def prepare(cfg: DataConfig, tokenizer) -> PreparedData:
     is_text = detected.format == "text"
 
     n_tokens, n_trained = [], []
-    encoded: dict[int, Encoded] = {}
-    for row in canon.to_dict(orient="records"):
-        if is_text and not row["text"].strip():
-            n_tokens.append(0), n_trained.append(0)
-            continue
-        enc = encode_row(tokenizer, row, train_on_prompt=cfg.train_on_prompt, template=cfg.prompt_template)
-        encoded[row["source_row"]] = enc
-        n_tokens.append(len(enc.input_ids))
-        n_trained.append(enc.trained_tokens)
+    encoded = encode_canonical(tokenizer, canon, cfg)
+    for row in canon["source_row"]:
+        enc = encoded.get(row)
+        n_tokens.append(len(enc.input_ids) if enc else 0)
+        n_trained.append(enc.trained_tokens if enc else 0)
     canon["n_tokens"] = pd.Series(n_tokens, dtype="int64")
     canon["n_trained_tokens"] = pd.Series(n_trained, dtype="int64")
     canon["content_key"] = [hashlib.sha256((m or t).encode()).hexdigest() for m, t in zip(canon["messages"], canon["text"])]
