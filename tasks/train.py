@@ -29,6 +29,7 @@ from images.specs import cpu_image, gpu_image
 from llm_finetune.config import DataConfig, TrainConfig, deepspeed_config_path
 from llm_finetune.errors import ConfigError
 from llm_finetune.train import train as run_training
+from tasks.elastic import configure_elastic
 from tasks.common import CACHE_TRAIN, DEEPSPEED_DIR, is_local, publish_deck, table_html
 
 
@@ -132,10 +133,10 @@ def _configured_copy(cfg: TrainConfig) -> PytorchElasticFunctionTask:
 @dynamic(container_image=cpu_image, cache=CACHE_TRAIN)
 def train_model(base_model: FlyteDirectory, train_data: StructuredDataset, data: DataConfig, train: TrainConfig) -> TrainResult:
     """Launch the Elastic training task at the scale and on the hardware the config asks for."""
-    task_fn = _configured_copy(train) if is_local() else train_elastic
+    # configure_elastic, not with_overrides(task_config=...): see tasks/elastic.py
+    task_fn = _configured_copy(train) if is_local() else configure_elastic(train_elastic, elastic_config(train))
     result = task_fn(base_model=base_model, train_data=train_data, data=data, train=train)
     return result.with_overrides(
-        task_config=elastic_config(train),
         requests=resources(train),
         limits=resources(train),
         accelerator=GPUAccelerator(train.accelerator) if train.accelerator else None,
