@@ -213,7 +213,8 @@ def test_dynamic_compiles_the_configured_elastic_task(package, tmp_path, train):
     assert node["metadata"]["retries"].get("retries", 0) == train.retries
     assert node["metadata"].get("interruptible", False) == train.interruptible
     assert task["extendedResources"]["sharedMemory"]["mountPath"] == "/dev/shm"
-    assert _image(task["container"]["image"]) == GPU
+    # the pod recomputes the ImageSpec and must land on the image registration built
+    assert task["container"]["image"] == _task(package, "tasks.train.train_elastic")["container"]["image"]
 
     # inside each pod the task is rebuilt from the container args with the same scale, so
     # torchrun's launch config matches the PyTorchJob (the default resolver would re-import
@@ -227,3 +228,24 @@ def test_dynamic_compiles_the_configured_elastic_task(package, tmp_path, train):
     assert (loaded.min_nodes, loaded.max_nodes) == (train.nnodes, train.nnodes)
     assert loaded.task_config.nproc_per_node == train.nproc_per_node
     assert loaded.task_type == task["type"]
+
+
+def test_copy_all_bundle_ships_the_files_tasks_read_at_runtime():
+    """``--copy all`` (what docs/deploy.md and ``make register`` use) ships data files;
+    the default ``--copy auto`` ships only imported modules, so a remote run would miss
+    deepspeed_configs/*.json and the embedded dataset."""
+    from flytekit.constants import CopyFileDetection
+    from flytekit.tools.ignore import DockerIgnore, FlyteIgnore, GitIgnore, IgnoreGroup, StandardIgnore
+    from flytekit.tools.script_mode import ls_files
+
+    ignore = IgnoreGroup(str(ROOT), [GitIgnore, DockerIgnore, StandardIgnore, FlyteIgnore])
+    files, _ = ls_files(str(ROOT), CopyFileDetection.ALL, deref_symlinks=False, ignore_group=ignore)
+    shipped = {Path(f).relative_to(ROOT).as_posix() for f in files}
+    needed = {"deepspeed_configs/zero3.json", "deepspeed_configs/zero3_offload.json", "llm_finetune/data/iso_dates.jsonl",
+              "tasks/elastic.py", "workflows/fine_tune.py", "images/specs.py"}
+    assert needed <= shipped
+    assert not any(f.startswith((".venv/", "runs/")) or f.endswith((".safetensors", ".gguf")) for f in shipped)
+    import workflows.fine_tune  # noqa: F401  (what --copy auto sees loaded)
+
+    auto, _ = ls_files(str(ROOT), CopyFileDetection.LOADED_MODULES)
+    assert not {Path(f).relative_to(ROOT).as_posix() for f in auto} & {"deepspeed_configs/zero3.json"}
