@@ -103,11 +103,17 @@ def test_training_task_is_interruptible_with_shared_memory_and_only_it_is(packag
     assert shm["mountPath"] == "/dev/shm"
 
 
-def test_only_publishing_requests_the_hf_secret(package):
+def test_hf_secret_requests(package):
+    """Publishing reads the token itself; downloads of gated models/datasets get it as HF_TOKEN."""
+    hf_token_env = {"group": "huggingface", "key": "token", "mountRequirement": "ENV_VAR", "envVar": "HF_TOKEN"}
+    want = {
+        "tasks.hub.push_to_hub": [{"group": "huggingface", "key": "token"}],
+        "tasks.model.prepare_base_model": [hf_token_env],
+        "tasks.data.get_data": [hf_token_env],
+    }
     for name in EXPECTED:
         secrets = _task(package, name).get("securityContext", {}).get("secrets", [])
-        want = [{"group": "huggingface", "key": "token"}] if name == "tasks.hub.push_to_hub" else []
-        assert [{k: s[k] for k in ("group", "key")} for s in secrets] == want, name
+        assert secrets == want.get(name, []), name
 
 
 def test_launch_plans_schedules_and_default_config(package):
