@@ -1,9 +1,10 @@
 """train: an Elastic (torchrun) task whose scale and resources come from the run config.
 
-``train_model`` is a dynamic workflow that reads ``TrainConfig`` and launches
-``train_elastic`` with ``with_overrides``: nodes and processes (``task_config``), CPU,
-memory, GPUs, accelerator type, retries and interruptible. With ``nnodes=1`` the task
-runs as one pod; with ``nnodes>1`` it is a Kubeflow PyTorchJob.
+``train_model`` is a dynamic workflow that reads ``TrainConfig`` and launches a copy of
+``train_elastic`` built for its nodes and processes (``configure_elastic``, see
+tasks/elastic.py for why not ``with_overrides(task_config=...)``), with CPU, memory, GPUs,
+accelerator type, retries and interruptible set by ``with_overrides``. With ``nnodes=1``
+the task runs as one pod; with ``nnodes>1`` it is a Kubeflow PyTorchJob.
 
 A local ``pyflyte run`` executes nodes directly and ignores ``with_overrides``, so there
 the dynamic runs a copy of the task configured the same way: the local run honours
