@@ -129,6 +129,7 @@ def test_launch_plans_schedules_and_default_config(package):
     assert nightly["entityMetadata"]["schedule"] == {"cronSchedule": {"schedule": "0 3 * * *"}}
     assert weekly["entityMetadata"]["schedule"] == {"rate": {"value": 7, "unit": "DAY"}}
     assert not fine_tune_nightly.should_auto_activate and not fine_tune_weekly.should_auto_activate
+    assert nightly["overwriteCache"] and weekly["overwriteCache"]  # same URI, new content: never a stale hit
     default = package[("fine_tune_nightly", "3")].spec.default_inputs.parameters["config"].default
     cfg = TypeEngine.to_python_value(
         FlyteContextManager.current_context(), Literal.from_flyte_idl(default), FineTuneConfig
