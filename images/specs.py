@@ -17,7 +17,7 @@ without ``--remote``) no image is built: tasks run in this Python environment.
 
 from flytekit import ImageSpec
 
-REGISTRY = "ghcr.io/flyte-llm-finetune"  # override per build: pyflyte ... --image, or edit here
+REGISTRY = "ghcr.io/flyte-llm-finetune"  # edit to a registry you can push to; a constant, not an env var (see above)
 PYTHON_VERSION = "3.11"
 PLATFORM = "linux/amd64"
 TORCH = "torch==2.13.0"
