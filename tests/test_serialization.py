@@ -69,7 +69,7 @@ def _requests(resources: dict) -> dict:
 EXPECTED = {
     "tasks.validate.validate_config": (CPU, None, 0, {}),
     "tasks.model.prepare_base_model": (CPU, common.CACHE_MODEL.version, 3, {"CPU": "2", "MEMORY": "8Gi", "EPHEMERAL_STORAGE": "50Gi"}),
-    "tasks.data.get_data": (CPU, common.CACHE_DATA.version, None, None),
+    "tasks.data.get_data": (CPU, common.CACHE_DATA.version, 2, {"CPU": "2", "MEMORY": "8Gi"}),
     "tasks.train.train_model": (CPU, common.CACHE_TRAIN.version, 0, {}),
     "tasks.train.train_elastic": (GPU, common.CACHE_TRAIN.version, 2, {"CPU": "2", "MEMORY": "8Gi"}),
     "tasks.evaluate.evaluate_model": (CPU, common.CACHE_EVAL.version, 1, {"CPU": "2", "MEMORY": "8Gi"}),
@@ -88,10 +88,8 @@ def test_task_image_cache_retries_resources(package, name):
     assert t["container"]["image"] != image  # carries the spec's content tag
     assert t["metadata"].get("discoveryVersion") == cache
     assert bool(t["metadata"].get("discoverable")) == (cache is not None)
-    if retries is not None:
-        assert t["metadata"]["retries"].get("retries", 0) == retries
-    if requests is not None:
-        assert _requests(t["container"].get("resources", {})) == requests
+    assert t["metadata"]["retries"].get("retries", 0) == retries
+    assert _requests(t["container"].get("resources", {})) == requests
     assert "GPU" not in _requests(t["container"].get("resources", {}))  # GPUs come from the run's config
 
 
