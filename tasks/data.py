@@ -14,7 +14,7 @@ from llm_finetune.data.prepare import PreparedData, prepare
 from llm_finetune.data.validation import RULES
 from llm_finetune.encoding import IGNORE_INDEX, encode_row
 from llm_finetune.model import load_tokenizer
-from tasks.common import CACHE_DATA, publish_deck, table_html
+from tasks.common import CACHE_DATA, HF_TOKEN_ENV_SECRET, publish_deck, table_html
 
 
 @dataclass
@@ -91,6 +91,7 @@ def _decks(prepared: PreparedData, tokenizer, data: DataConfig) -> dict[str, str
     container_image=cpu_image,
     cache=CACHE_DATA,
     retries=2,
+    secret_requests=[HF_TOKEN_ENV_SECRET],
     requests=Resources(cpu="2", mem="8Gi"),
     enable_deck=True,
 )

@@ -5,7 +5,7 @@ from flytekit import Resources, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.structured import StructuredDataset
 
-from images.specs import gpu_image
+from images.specs import cpu_image
 from llm_finetune.config import DataConfig, EvalConfig
 from llm_finetune.evaluate import EvalMetrics
 from llm_finetune.evaluate import evaluate as score_model
@@ -13,7 +13,7 @@ from tasks.common import CACHE_EVAL, publish_deck, table_html
 
 
 @task(
-    container_image=gpu_image,
+    container_image=cpu_image,
     cache=CACHE_EVAL,
     retries=1,
     requests=Resources(cpu="2", mem="8Gi"),

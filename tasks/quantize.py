@@ -6,13 +6,13 @@ from typing import Optional
 from flytekit import Resources, task
 from flytekit.types.directory import FlyteDirectory
 
-from images.specs import gpu_image
+from images.specs import cpu_image
 from llm_finetune.config import QuantizeConfig
 from llm_finetune.quantize import quantize
 from tasks.common import CACHE_QUANTIZE
 
 
-@task(container_image=gpu_image, cache=CACHE_QUANTIZE, retries=1, requests=Resources(cpu="2", mem="8Gi"))
+@task(container_image=cpu_image, cache=CACHE_QUANTIZE, retries=1, requests=Resources(cpu="2", mem="8Gi"))
 def quantize_model(model: FlyteDirectory, quantize_cfg: QuantizeConfig) -> Optional[FlyteDirectory]:
     """None when ``quantize.bits`` is 0."""
     if quantize_cfg.bits == 0:
