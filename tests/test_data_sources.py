@@ -121,3 +121,20 @@ def test_prepared_outputs_are_byte_identical(tokenizer, tmp_path):
         p.eval.to_parquet(tmp_path / f"{name}-eval.parquet")
     for part in ("tokens", "eval"):
         assert (tmp_path / f"a-{part}.parquet").read_bytes() == (tmp_path / f"b-{part}.parquet").read_bytes()
+
+
+def test_unreadable_files_name_the_file_and_the_problem(tokenizer, tmp_path):
+    corrupt = tmp_path / "rows.parquet"
+    corrupt.write_bytes(b"PAR1 this is not really parquet")
+    with pytest.raises(DataError, match=r"rows.parquet is not a readable parquet file"):
+        prepare(DataConfig(source=str(corrupt)), tokenizer)
+    with pytest.raises(DataError, match=r"has suffix .txt; supported files are .jsonl, .json, .csv, .parquet"):
+        prepare(DataConfig(source=str(tmp_path / "rows.txt")), tokenizer)
+    folder = tmp_path / "empty-folder"
+    folder.mkdir()
+    with pytest.raises(DataError, match=r"cannot load hub dataset .*empty-folder"):
+        prepare(DataConfig(source=str(folder)), tokenizer)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"prompt": "a", "reply": "b"}\n')
+    with pytest.raises(DataError, match=r"cannot tell the format from columns prompt, reply.*data.columns"):
+        prepare(DataConfig(source=str(wrong)), tokenizer)
