@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 VERSION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup test test-fast run smoke package register register-dry-run clean-cache
+.PHONY: setup test test-fast run smoke package register register-dry-run bench bench-gpu clean-cache
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,16 @@ register:
 # The same serialization, offline: nothing is uploaded or registered.
 register-dry-run:
 	$(BIN)/pyflyte register --dry-run --copy none --version $(VERSION) workflows
+
+# Benchmarks (bench/NOTES.md): tables on stdout, JSON under bench/results/.
+bench:
+	$(BIN)/python -m bench.prepare_data
+	$(BIN)/python -m bench.train_speed
+
+# On a CUDA machine whose python has a CUDA torch, transformers and peft (no Flyte needed):
+#   make bench-gpu PYTHON=python3
+bench-gpu:
+	$(PYTHON) -m bench.train_speed --device cuda
 
 clean-cache:
 	$(BIN)/pyflyte local-cache clear
