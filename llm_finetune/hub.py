@@ -22,6 +22,8 @@ from pathlib import Path
 from llm_finetune.errors import HubError
 
 HUB_TOKEN_ENV = "HF_TOKEN"
+# embedded models and the hub repos they come from (for the card's base_model field)
+EMBEDDED_ORIGIN = {"embedded://SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ def model_card(
     ``metrics`` maps a model name (base, tuned, int8, ...) to its metric values; the card
     shows them side by side so the improvement and the quantization cost are visible.
     """
+    base_model = EMBEDDED_ORIGIN.get(base_model, base_model)
     hub_id = lambda s: "://" not in s and not s.startswith(("/", ".")) and s.count("/") == 1  # noqa: E731
     front = ["---", f"license: {license}", "library_name: transformers" if relation != "gguf" else "library_name: gguf"]
     if hub_id(base_model):
