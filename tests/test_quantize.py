@@ -95,3 +95,19 @@ def test_long_answers_switch_the_task_metric_to_samples(base_model_dir):
     frame = pd.DataFrame({"messages": [json.dumps(conv)] * 2, "text": [""] * 2})
     metrics, table = evaluate(base_model_dir, frame, DataConfig(), EvalConfig(max_samples=2, max_new_tokens=4, batch_size=2))
     assert metrics.task_metric == "samples" and metrics.median_reference_words > 8 and len(table) == 2
+
+
+def test_gguf_for_an_unsupported_base_fails_before_training(tmp_path):
+    """check_outputs runs on the base model ahead of train_model, so no GPU hours are spent first."""
+    from flytekit.types.directory import FlyteDirectory
+
+    from llm_finetune.gguf_export import GGUFExportError
+    from tasks.quantize import check_outputs
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
+    cfg = FineTuneConfig()
+    assert "gguf_q8_0" in quantize_variants(cfg.quantize)
+    with pytest.raises(GGUFExportError, match=r"GGUF export: model_type 'gpt_neox'"):
+        check_outputs(base_model=FlyteDirectory(str(tmp_path)), config=cfg)
+    cfg.quantize.variants = ["int8"]
+    assert check_outputs(base_model=FlyteDirectory(str(tmp_path)), config=cfg) is True
