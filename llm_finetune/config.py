@@ -41,9 +41,12 @@ class DataConfig:
     subset: str = ""  # hub dataset config name
     split: str = "train"  # hub dataset split to read
     columns: dict[str, str] = field(default_factory=dict)  # canonical name -> column in the source
+    explode: str = ""  # a column holding a list of records: one row per element, fields as "<column>.<field>"
     eval_fraction: float = 0.1  # held-out share for validation and evaluation
     seed: int = 42  # seed of the train/eval split
-    max_length: int = 512  # tokens per example; longer rows are dropped (or fail the run)
+    max_length: int = 512  # tokens per example (and per packed row); longer rows are dropped (or fail the run)
+    truncation: bool = False  # cut rows longer than max_length instead of treating them as invalid
+    packing: bool = False  # pack examples into max_length rows (block-diagonal attention, no cross-talk)
     on_invalid: str = "drop"  # drop bad rows (and count them) or fail
     min_train_rows: int = 16  # never train on fewer rows than this
     train_on_prompt: bool = False  # False: loss on completions only
@@ -292,6 +295,8 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
     if d.max_length < 16:
         p.append(f"data.max_length: must be at least 16 tokens, got {d.max_length}")
     positive("data.min_train_rows", d.min_train_rows)
+    if d.explode.strip() and "." in d.explode:
+        p.append(f"data.explode: {d.explode!r} must be a top-level column name (nested fields are addressed as column.field)")
 
     if not m.base_model.strip():
         p.append(f"model.base_model: empty; give a hub id, a local model directory or {EMBEDDED_MODEL}")

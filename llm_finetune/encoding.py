@@ -53,9 +53,10 @@ def _segments_chat_template(tokenizer, messages: list[dict]) -> list[tuple[str, 
         segments.append((prompt[len(done) :], False))
         segments.append((full[len(prompt) :], True))
         done = full
-    rest = tokenizer.apply_chat_template(messages, tokenize=False)[len(done) :]
-    if rest:
-        segments.append((rest, False))
+    if messages[-1]["role"] != "assistant":  # trailing user/system turns: render them too
+        rest = tokenizer.apply_chat_template(messages, tokenize=False)[len(done) :]
+        if rest:
+            segments.append((rest, False))
     return segments
 
 
@@ -77,28 +78,54 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode_messages(tokenizer, messages: list[dict], *, train_on_prompt: bool = False, template: str = "alpaca") -> Encoded:
-    """Token ids and labels of a whole conversation; assistant turns are the completions."""
+def _segments(tokenizer, messages: list[dict], template: str) -> list[tuple[str, bool]]:
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("a conversation has no assistant message, so there is nothing to learn from it")
     if has_chat_template(tokenizer):
-        segments = _segments_chat_template(tokenizer, messages)
-    else:
-        segments = _segments_named_template(messages, template, tokenizer.eos_token or "")
+        return [(t, trained) for t, trained in _segments_chat_template(tokenizer, messages) if t]
+    return [(t, trained) for t, trained in _segments_named_template(messages, template, tokenizer.eos_token or "") if t]
+
+
+def _assemble(tokenizer, segments: list[tuple[str, bool]], pieces: list[list[int]], train_on_prompt: bool) -> Encoded:
     ids: list[int] = []
     labels: list[int] = []
     eos_id = tokenizer.eos_token_id
-    first = True
-    for text, trained in segments:
-        if not text:
-            continue
-        piece = tokenizer(text, add_special_tokens=first and not has_chat_template(tokenizer))["input_ids"]
-        first = False
+    for (_, trained), piece in zip(segments, pieces):
         if trained and eos_id is not None and eos_id not in piece:
             piece = piece + [eos_id]
         ids.extend(piece)
         labels.extend(piece if (trained or train_on_prompt) else [IGNORE_INDEX] * len(piece))
     return Encoded(ids, labels)
+
+
+def encode_messages(tokenizer, messages: list[dict], *, train_on_prompt: bool = False, template: str = "alpaca") -> Encoded:
+    """Token ids and labels of a whole conversation; assistant turns are the completions."""
+    return encode_many(tokenizer, [messages], train_on_prompt=train_on_prompt, template=template)[0]
+
+
+def encode_many(tokenizer, conversations: list[list[dict]], *, train_on_prompt: bool = False, template: str = "alpaca") -> list[Encoded]:
+    """``encode_messages`` for many conversations with one batched tokenizer call.
+
+    The fast tokenizer encodes a batch in parallel in Rust; per-row calls were half of
+    data preparation time (bench/NOTES.md). Segments are tokenized separately, so token
+    boundaries between prompt and completion are the same as one by one.
+    """
+    all_segments = [_segments(tokenizer, conv, template) for conv in conversations]
+    texts = [t for segs in all_segments for t, _ in segs]
+    # a named template starts the conversation with the tokenizer's own special tokens (BOS)
+    first_special = not has_chat_template(tokenizer)
+    flat = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    if first_special:
+        firsts = [segs[0][0] for segs in all_segments]
+        with_bos = tokenizer(firsts, add_special_tokens=True)["input_ids"]
+    out, pos = [], 0
+    for i, segs in enumerate(all_segments):
+        pieces = flat[pos : pos + len(segs)]
+        pos += len(segs)
+        if first_special:
+            pieces = [with_bos[i], *pieces[1:]]
+        out.append(_assemble(tokenizer, segs, pieces, train_on_prompt))
+    return out
 
 
 def encode_text(tokenizer, text: str) -> Encoded:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from llm_finetune.collate import TokenCollator, model_inputs
 from llm_finetune.config import DataConfig, TrainConfig
 from llm_finetune.encoding import IGNORE_INDEX, encode_row
 from llm_finetune.errors import ConfigError
@@ -46,7 +47,16 @@ class TrainOutputs:
 
 
 def encode_frame(tokenizer, frame: pd.DataFrame, data_cfg: DataConfig) -> list[dict]:
-    """Encode canonical rows; continued pre-training text is cut into max_length blocks."""
+    """Training examples from get_data's token rows, or by encoding canonical rows.
+
+    Token rows (``input_ids``, ``labels``, ``seq_lens``; packed or not) are used as they
+    are. Canonical rows are encoded here; text is cut into ``max_length`` blocks.
+    """
+    if "input_ids" in frame.columns:
+        return [
+            {"input_ids": list(r["input_ids"]), "labels": list(r["labels"]), "seq_lens": [int(x) for x in r["seq_lens"]]}
+            for r in frame.to_dict(orient="records")
+        ]
     out = []
     for row in frame.to_dict(orient="records"):
         enc = encode_row(tokenizer, row, train_on_prompt=data_cfg.train_on_prompt, template=data_cfg.prompt_template)
@@ -58,27 +68,26 @@ def encode_frame(tokenizer, frame: pd.DataFrame, data_cfg: DataConfig) -> list[d
     return out
 
 
-class PadCollator:
-    """Pads to the longest example of the batch and counts trained vs padded tokens."""
+PadCollator = TokenCollator  # the padding baseline: one example per row, 2D attention mask
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-        self.trained_tokens = 0
-        self.batch_tokens = 0
 
-    def __call__(self, batch: list[dict]) -> dict:
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[i, :n] = torch.tensor(b["input_ids"])
-            labels[i, :n] = torch.tensor(b["labels"])
-            mask[i, :n] = 1
-        self.trained_tokens += int((labels != IGNORE_INDEX).sum())
-        self.batch_tokens += ids.numel()
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+def attention_implementation(packed: bool) -> str:
+    """Flex attention skips the masked blocks of packed rows on GPU; SDPA elsewhere."""
+    if packed and torch.cuda.is_available():
+        return "flex_attention"
+    return "sdpa"
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class PackingAwareTrainer(Trainer):
+        """Turns a packed batch's document ids into the mask the model's attention needs."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return super().compute_loss(model, model_inputs(model, inputs), return_outputs, num_items_in_batch)
+
+    return PackingAwareTrainer
 
 
 def _use_bf16(cfg: TrainConfig) -> bool:
@@ -96,11 +105,11 @@ def _check_hardware(cfg: TrainConfig) -> None:
         raise ConfigError([f"train.precision: {cfg.precision} needs a CUDA GPU, and this process sees none"])
 
 
-def _load_model(model_dir: Path, cfg: TrainConfig, bf16: bool):
+def _load_model(model_dir: Path, cfg: TrainConfig, bf16: bool, attn_implementation: str = "sdpa"):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch.bfloat16 if (bf16 and cfg.method != "full") else torch.float32
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
     if cfg.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -163,7 +172,7 @@ def train(
 
     Returns the outputs on global rank 0 and None on the other ranks.
     """
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
 
     _check_hardware(cfg)
     _init_distributed()
@@ -201,9 +210,10 @@ def train(
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
     )
-    model = _load_model(base_model_dir, cfg, bf16)
-    collator = PadCollator(tokenizer.pad_token_id)
-    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator)
+    packed = data_cfg.packing and "seq_lens" in (examples[0] if examples else {})
+    model = _load_model(base_model_dir, cfg, bf16, attention_implementation(packed))
+    collator = TokenCollator(tokenizer.pad_token_id, packed=packed)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=examples, data_collator=collator)
     start = time.perf_counter()
     result = trainer.train()
     runtime = time.perf_counter() - start

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import flytekit
-from flytekit import Cache
+from flytekit import Cache, Secret
 from flytekit.core.context_manager import FlyteContextManager
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +22,10 @@ CACHE_EVAL = Cache(version="eval-2")
 CACHE_QUANTIZE = Cache(version="quantize-2")
 
 LOCAL_DECK_DIR_ENV = "LLM_FINETUNE_DECK_DIR"
+
+# Gated or private hub models and datasets: the cluster secret huggingface/token, exposed as
+# the HF_TOKEN that huggingface_hub reads by itself (locally, export HF_TOKEN instead).
+HF_TOKEN_ENV_SECRET = Secret(group="huggingface", key="token", env_var="HF_TOKEN", mount_requirement=Secret.MountType.ENV_VAR)
 
 
 def is_local() -> bool:

@@ -8,7 +8,7 @@ from flytekit import Resources, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.structured import StructuredDataset
 
-from images.specs import gpu_image
+from images.specs import cpu_image
 from llm_finetune.benchmarks import run_benchmarks
 from llm_finetune.config import DataConfig, EvalConfig, TrainConfig
 from llm_finetune.evaluate import EvalMetrics
@@ -54,7 +54,7 @@ def metrics_html(label: str, m: EvalMetrics) -> str:
     return f"<p>{html.escape(label)}: {m.rows} held-out rows, loss {m.loss:.4f}, perplexity {m.perplexity:.3f}, {metric}.</p>"
 
 
-@task(container_image=gpu_image, cache=CACHE_EVAL, retries=1, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True)
+@task(container_image=cpu_image, cache=CACHE_EVAL, retries=1, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True)
 def evaluate_model(
     model: FlyteDirectory, eval_data: StructuredDataset, data: DataConfig, evaluate: EvalConfig, label: str
 ) -> EvalReport:
@@ -97,7 +97,7 @@ def variants_table(rows: list[VariantMetrics], tuned: EvalMetrics, tuned_mb: flo
     return pd.DataFrame(out)
 
 
-@task(container_image=gpu_image, cache=CACHE_EVAL, retries=1, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True)
+@task(container_image=cpu_image, cache=CACHE_EVAL, retries=1, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True)
 def evaluate_quantized(
     quantized: list[QuantizedModel], eval_data: StructuredDataset, data: DataConfig, evaluate: EvalConfig,
     tuned: EvalReport, tuned_mb: float,

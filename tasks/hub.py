@@ -46,7 +46,9 @@ def variant_repo(repo_id: str, variant: str) -> str:
     return f"{repo_id}-{variant.replace('_', '-')}"
 
 
-@task(container_image=cpu_image, secret_requests=[HF_SECRET], retries=2, requests=Resources(cpu="2", mem="4Gi", ephemeral_storage="100Gi"))
+# retries on top of push_folder's own backoff: a re-run makes no duplicate commits. The disk holds
+# the merged model and every variant while they upload.
+@task(container_image=cpu_image, secret_requests=[HF_SECRET], retries=3, requests=Resources(cpu="1", mem="4Gi", ephemeral_storage="100Gi"))
 def push_to_hub(
     config: FineTuneConfig,
     model: FlyteDirectory,

@@ -8,13 +8,14 @@ from flytekit.types.directory import FlyteDirectory
 from images.specs import cpu_image
 from llm_finetune.config import ModelConfig
 from llm_finetune.model import materialize
-from tasks.common import CACHE_MODEL
+from tasks.common import CACHE_MODEL, HF_TOKEN_ENV_SECRET
 
 
 @task(
     container_image=cpu_image,
     cache=CACHE_MODEL,
     retries=3,  # hub downloads fail transiently
+    secret_requests=[HF_TOKEN_ENV_SECRET],
     requests=Resources(cpu="2", mem="8Gi", ephemeral_storage="50Gi"),
 )
 def prepare_base_model(model: ModelConfig) -> FlyteDirectory:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from flytekit import Resources, task
 from flytekit.types.directory import FlyteDirectory
 
-from images.specs import cpu_image, gpu_image
+from images.specs import cpu_image
 from llm_finetune.benchmarks import check_available
 from llm_finetune.config import FineTuneConfig, QuantizeConfig, quantize_variants
 from llm_finetune.gguf_export import check_exportable
@@ -35,7 +35,8 @@ def check_outputs(base_model: FlyteDirectory, config: FineTuneConfig) -> bool:
     return True
 
 
-@task(container_image=gpu_image, cache=CACHE_QUANTIZE, retries=1, requests=Resources(cpu="4", mem="16Gi"))
+# defaults for the embedded model; assess sizes it from the config (one GPU when training had GPUs)
+@task(container_image=cpu_image, cache=CACHE_QUANTIZE, retries=1, requests=Resources(cpu="2", mem="8Gi"))
 def quantize_model(model: FlyteDirectory, quantize_cfg: QuantizeConfig, name: str) -> list[QuantizedModel]:
     """One entry per ``quantize.variants`` item (empty list: skipped). ``name`` names GGUF files."""
     variants = quantize_variants(quantize_cfg)

@@ -1,9 +1,10 @@
 """train: an Elastic (torchrun) task whose scale and resources come from the run config.
 
-``train_model`` is a dynamic workflow that reads ``TrainConfig`` and launches
-``train_elastic`` with ``with_overrides``: nodes and processes (``task_config``), CPU,
-memory, GPUs, accelerator type, retries and interruptible. With ``nnodes=1`` the task
-runs as one pod; with ``nnodes>1`` it is a Kubeflow PyTorchJob.
+``train_model`` is a dynamic workflow that reads ``TrainConfig`` and launches a copy of
+``train_elastic`` built for its nodes and processes (``configure_elastic``, see
+tasks/elastic.py for why not ``with_overrides(task_config=...)``), with CPU, memory, GPUs,
+accelerator type, retries and interruptible set by ``with_overrides``. With ``nnodes=1``
+the task runs as one pod; with ``nnodes>1`` it is a Kubeflow PyTorchJob.
 
 A local ``pyflyte run`` executes nodes directly and ignores ``with_overrides``, so there
 the dynamic runs a copy of the task configured the same way: the local run honours
@@ -29,6 +30,7 @@ from images.specs import cpu_image, gpu_image
 from llm_finetune.config import DataConfig, TrainConfig, deepspeed_config_path
 from llm_finetune.errors import ConfigError
 from llm_finetune.train import train as run_training
+from tasks.elastic import configure_elastic
 from tasks.common import CACHE_TRAIN, DEEPSPEED_DIR, is_local, publish_deck, table_html
 
 
@@ -132,10 +134,10 @@ def _configured_copy(cfg: TrainConfig) -> PytorchElasticFunctionTask:
 @dynamic(container_image=cpu_image, cache=CACHE_TRAIN)
 def train_model(base_model: FlyteDirectory, train_data: StructuredDataset, data: DataConfig, train: TrainConfig) -> TrainResult:
     """Launch the Elastic training task at the scale and on the hardware the config asks for."""
-    task_fn = _configured_copy(train) if is_local() else train_elastic
+    # configure_elastic, not with_overrides(task_config=...): see tasks/elastic.py
+    task_fn = _configured_copy(train) if is_local() else configure_elastic(train_elastic, elastic_config(train))
     result = task_fn(base_model=base_model, train_data=train_data, data=data, train=train)
     return result.with_overrides(
-        task_config=elastic_config(train),
         requests=resources(train),
         limits=resources(train),
         accelerator=GPUAccelerator(train.accelerator) if train.accelerator else None,

@@ -34,12 +34,65 @@ class Detected:
     reason: str
 
 
+def explode_records(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    """One row per element of the list in ``column``; an element's fields become ``column.field``.
+
+    For nested data such as Alpaca's seed tasks (``instances: [{input, output}, ...]``).
+    Other columns are repeated on every element's row; row numbers in later errors count
+    the exploded rows.
+    """
+    if column not in df.columns:
+        raise DataError(
+            f"data.explode: column {column!r} is not in the data; the data's columns are: {', '.join(map(str, df.columns))}"
+        )
+    rows = []
+    for i, rec in enumerate(df.to_dict(orient="records"), start=1):
+        items = rec.pop(column)
+        if hasattr(items, "tolist"):  # numpy array from parquet
+            items = items.tolist()
+        if items is None or (isinstance(items, float) and pd.isna(items)):
+            items = []
+        if not isinstance(items, list):
+            raise DataError(f"data.explode: row {i}, column {column}: expected a list, got {type(items).__name__}")
+        for item in items:
+            flat = {f"{column}.{k}": v for k, v in item.items()} if isinstance(item, dict) else {column: item}
+            rows.append({**rec, **flat})
+    if not rows:
+        raise DataError(f"data.explode: every list in column {column!r} is empty, so there are no rows")
+    return pd.DataFrame.from_records(rows)
+
+
+def _nested(df: pd.DataFrame, path: str) -> pd.Series | None:
+    """Values of ``a.b.c`` when column ``a`` holds mappings; None when there is no such path."""
+    head, _, rest = path.partition(".")
+    if head not in df.columns or not rest:
+        return None
+
+    def get(value):
+        for key in rest.split("."):
+            if not isinstance(value, dict) or key not in value:
+                return None
+            value = value[key]
+        return value
+
+    values = df[head].map(get)
+    return values if values.notna().any() else None
+
+
 def apply_column_mapping(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    """Rename source columns to canonical ones; ``a.b`` reaches into a column of mappings."""
+    df = df.copy()
+    for src in columns.values():
+        if src not in df.columns and "." in src:
+            values = _nested(df, src)
+            if values is not None:
+                df[src] = values
     missing = [src for src in columns.values() if src not in df.columns]
     if missing:
         raise DataError(
             f"data.columns maps to column(s) {missing} that the data does not have; "
             f"the data's columns are: {', '.join(map(str, df.columns))}"
+            + ("; for a column holding a list of records, set data.explode to it" if any("." in m for m in missing) else "")
         )
     return df.rename(columns={src: canon for canon, src in columns.items()})
 

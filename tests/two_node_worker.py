@@ -1,0 +1,58 @@
+"""One torchrun worker of tests/test_multinode.py: the project's real ``train`` on a tiny model.
+
+``transformers.Trainer.train`` is wrapped only to record, per rank, the environment the
+rendezvous produced and a digest of the weights before and after the step; the training
+itself is ``llm_finetune.train.train`` unchanged.
+
+    python -m torch.distributed.run ... tests/two_node_worker.py MODEL_DIR DATA.parquet OUT_DIR
+"""
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+import transformers
+
+from llm_finetune.config import DataConfig, TrainConfig
+from llm_finetune.train import train
+
+ENV_KEYS = ("RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+            "TORCHELASTIC_RUN_ID")
+
+
+def digest(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main(model_dir: str, data: str, out: str) -> None:
+    out_dir = Path(out)
+    record = {"env": {k: os.environ.get(k) for k in ENV_KEYS}}
+    original = transformers.Trainer.train
+
+    def recording_train(self, *args, **kwargs):
+        import torch.distributed as dist
+
+        record["before"] = digest(self.model)
+        result = original(self, *args, **kwargs)
+        record.update(after=digest(self.model), steps=self.state.global_step,
+                      backend=dist.get_backend(), dist_world_size=dist.get_world_size(), dist_rank=dist.get_rank())
+        return result
+
+    transformers.Trainer.train = recording_train
+    cfg = TrainConfig(method="full", max_steps=1, per_device_batch_size=2, learning_rate=1e-2, warmup_ratio=0.0,
+                      logging_steps=1, nnodes=2, nproc_per_node=1)
+    torch.set_num_threads(1)
+    train(model_dir, pd.read_parquet(data), DataConfig(), cfg, out_dir / "train")
+    (out_dir / f"rank{os.environ['RANK']}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
