@@ -26,6 +26,7 @@ DATA_FORMATS = ("auto", "alpaca", "dolly", "chat", "text")
 INVALID_ROW_POLICIES = ("drop", "fail")
 TRAIN_METHODS = ("lora", "qlora", "full")
 QUANTIZE_BITS = (0, 4, 8)
+QUANTIZE_VARIANTS = ("int8", "nf4", "gguf_q8_0", "gguf_f16")
 PROMPT_TEMPLATES = ("alpaca", "plain")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -104,17 +105,43 @@ class EvalConfig:
     max_samples: int = 100  # held-out rows scored (0 = all)
     max_new_tokens: int = 32
     batch_size: int = 16
+    # exact match is the task metric when the median reference is at most this many words;
+    # longer answers (free text) are judged from the generation sample table instead
+    short_answer_words: int = 8
+    # optional zero-shot multiple-choice benchmarks via lm-eval-harness (pip install .[lm-eval]),
+    # e.g. [piqa, boolq, openbookqa]; empty = off
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_limit: int = 0  # examples per benchmark (0 = all)
+    lm_eval_include_path: str = ""  # a folder of extra task YAMLs (local tasks)
 
 
 @dataclass
 class QuantizeConfig:
-    bits: int = 8  # 0 = skip, 8 = bitsandbytes int8, 4 = bitsandbytes nf4
+    """Which quantized copies of the merged model to make; each is evaluated like the tuned model."""
+
+    # int8 / nf4: bitsandbytes, load with from_pretrained; gguf_q8_0 / gguf_f16: one .gguf file
+    # for llama.cpp and Ollama (Llama-architecture models). Empty list = skip quantization.
+    variants: list[str] = field(default_factory=lambda: ["int8", "gguf_q8_0"])
+    evaluate: bool = True  # score every variant on the held-out split, deltas vs the unquantized model
+    bits: int = -1  # deprecated (use variants): 8 = [int8], 4 = [nf4], 0 = []; -1 = not set
+
+
+def quantize_variants(q: QuantizeConfig) -> list[str]:
+    """The variants to build, honouring the deprecated ``bits`` key when it is set."""
+    if q.bits == -1:
+        return list(dict.fromkeys(q.variants))
+    return {0: [], 4: ["nf4"], 8: ["int8"]}.get(q.bits, [])
 
 
 @dataclass
 class HubConfig:
+    """Where to publish: the merged model at repo_id, the adapter at repo_id-lora, variants at repo_id-<variant>."""
+
     repo_id: str = ""  # empty = do not push
     private: bool = True
+    license: str = "apache-2.0"  # model card licence; must allow redistribution under the base model's licence
+    endpoint: str = ""  # hub URL; empty = HF_ENDPOINT or https://huggingface.co
+    max_retries: int = 5  # attempts per repo on transient errors (HTTP 429/5xx, connection errors)
 
 
 @dataclass
@@ -325,7 +352,19 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
     if e.max_samples < 0:
         p.append(f"evaluate.max_samples: must be >= 0 (0 = all rows), got {e.max_samples}")
 
-    one_of("quantize.bits", q.bits, QUANTIZE_BITS)
+    if e.short_answer_words < 1:
+        p.append(f"evaluate.short_answer_words: must be >= 1, got {e.short_answer_words}")
+    if e.lm_eval_limit < 0:
+        p.append(f"evaluate.lm_eval_limit: must be >= 0 (0 = all examples), got {e.lm_eval_limit}")
+
+    if q.bits != -1:
+        one_of("quantize.bits", q.bits, QUANTIZE_BITS)
+    for i, v in enumerate(q.variants):
+        one_of(f"quantize.variants[{i}]", v, QUANTIZE_VARIANTS)
+    if q.bits != -1 and q.variants != QuantizeConfig().variants and q.variants != quantize_variants(q):
+        p.append(f"quantize.bits: deprecated and conflicts with quantize.variants {q.variants}; remove quantize.bits")
+    if h.max_retries < 1:
+        p.append(f"hub.max_retries: must be >= 1, got {h.max_retries}")
     if h.repo_id and not _REPO_ID.match(h.repo_id):
         p.append(f"hub.repo_id: {h.repo_id!r} is not of the form owner/name (leave it empty to skip publishing)")
 

@@ -1,8 +1,10 @@
-"""Score a model on the held-out split: completion loss / perplexity and exact match.
+"""Score a model on the held-out split: completion loss / perplexity and the task metric.
 
-The same function scores the base and the tuned model, with the same prompts, so the
-two numbers are comparable. Exact match compares the greedy completion of the last
-assistant turn with the reference after stripping surrounding whitespace.
+The same function scores the base model, the tuned model and every quantized variant,
+with the same prompts, so the numbers are comparable. The task metric is exact match
+(the greedy completion of the last assistant turn equals the reference after stripping
+whitespace) when the answers are short; for free-text answers exact match says little,
+so ``task_metric`` is ``samples`` and the generation table is what to read.
 """
 
 from __future__ import annotations
@@ -28,11 +30,19 @@ class EvalMetrics:
     perplexity: float = 0.0
     exact_match: float = 0.0  # share of rows whose completion equals the reference
     exact_match_rows: int = 0  # rows with a reference completion (0 for raw text data)
+    task_metric: str = "exact_match"  # exact_match (short answers) or samples (free text: read the table)
+    median_reference_words: float = 0.0
 
 
-def load_model(model_dir: str | Path):
+def load_model(model_dir: str | Path, gguf_file: str = ""):
+    """Float model for evaluation; bitsandbytes directories and GGUF files load as saved."""
     from transformers import AutoModelForCausalLM
 
+    from llm_finetune.quantize import load_quantized
+
+    config = Path(model_dir) / "config.json"
+    if gguf_file or (config.is_file() and "quantization_config" in json.loads(config.read_text())):
+        return load_quantized(model_dir, gguf_file)
     kwargs = {"dtype": torch.bfloat16 if torch.cuda.is_available() else torch.float32}
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": 0}
@@ -73,13 +83,24 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return outputs
 
 
+def _tokenizer(model_dir: str | Path, gguf_file: str):
+    if not gguf_file:
+        return load_tokenizer(model_dir)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file)  # the GGUF's own vocabulary and template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def evaluate(
-    model_dir: str | Path, eval_frame: pd.DataFrame, data_cfg: DataConfig, cfg: EvalConfig
+    model_dir: str | Path, eval_frame: pd.DataFrame, data_cfg: DataConfig, cfg: EvalConfig, gguf_file: str = ""
 ) -> tuple[EvalMetrics, pd.DataFrame]:
     """Metrics plus a per-row table (prompt, reference, prediction, correct) for decks."""
     frame = eval_frame if cfg.max_samples == 0 else eval_frame.head(cfg.max_samples)
-    tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir)
+    tokenizer = _tokenizer(model_dir, gguf_file)
+    model = load_model(model_dir, gguf_file)
     loss = completion_loss(model, tokenizer, frame, data_cfg, cfg.batch_size)
     rows = []
     instruction_rows = [json.loads(m) for m in frame["messages"] if m]
@@ -90,11 +111,14 @@ def evaluate(
             user = next((m["content"] for m in reversed(conv) if m["role"] == "user"), "")
             rows.append({"prompt": user, "reference": ref, "prediction": pred.strip(), "correct": pred.strip() == ref.strip()})
     table = pd.DataFrame(rows, columns=["prompt", "reference", "prediction", "correct"])
+    words = float(table["reference"].map(lambda r: len(str(r).split())).median()) if len(table) else 0.0
     metrics = EvalMetrics(
         rows=len(frame),
         loss=loss,
         perplexity=math.exp(min(loss, 50.0)),
         exact_match=float(table["correct"].mean()) if len(table) else 0.0,
         exact_match_rows=len(table),
+        task_metric="exact_match" if len(table) and words <= cfg.short_answer_words else "samples",
+        median_reference_words=words,
     )
     return metrics, table

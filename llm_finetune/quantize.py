@@ -1,17 +1,32 @@
-"""Quantize a merged model with bitsandbytes (int8 or nf4) and save it for ``from_pretrained``.
+"""Quantized copies of the merged model: bitsandbytes int8 / nf4 and GGUF (q8_0, f16).
 
-bitsandbytes >= 0.45 runs these kernels on CPU too, so the default pipeline quantizes on
-a laptop; on a GPU the same code uses the CUDA kernels.
+bitsandbytes >= 0.45 runs its kernels on CPU too, so the default pipeline quantizes on a
+laptop; on a GPU the same code uses the CUDA kernels. The bnb variants are saved with
+``save_pretrained`` (their config carries ``quantization_config``), so a plain
+``AutoModelForCausalLM.from_pretrained(dir)`` loads them. GGUF variants are one file for
+llama.cpp and Ollama, written by ``llm_finetune.gguf_export``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from llm_finetune.errors import ConfigError
 from llm_finetune.model import load_tokenizer
+
+BNB_VARIANTS = {"int8": 8, "nf4": 4}
+GGUF_VARIANTS = {"gguf_q8_0": "q8_0", "gguf_f16": "f16"}
+
+
+@dataclass
+class Quantized:
+    variant: str
+    path: Path  # a from_pretrained directory, or the folder holding the .gguf file
+    gguf_file: str  # file name inside path for GGUF variants, "" for bitsandbytes
+    size_mb: float  # bytes of weights on disk
 
 
 def bnb_config(bits: int):
@@ -29,20 +44,47 @@ def bnb_config(bits: int):
     raise ConfigError([f"quantize.bits: {bits} is not 4 or 8"])
 
 
+def _device_map() -> dict:
+    return {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+
+
 def quantize(model_dir: str | Path, out_dir: str | Path, bits: int) -> Path:
+    """bitsandbytes copy of ``model_dir`` in ``out_dir`` (8 = int8, 4 = nf4 with double quantization)."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
-    device = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_config(bits), device_map=device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb_config(bits), device_map=_device_map())
     model.save_pretrained(out)
     load_tokenizer(model_dir).save_pretrained(out)
     return out
 
 
-def load_quantized(model_dir: str | Path):
-    """Load a saved bitsandbytes model (its config carries the quantization settings)."""
+def weights_mb(path: Path) -> float:
+    files = [f for pattern in ("*.safetensors", "*.bin", "*.gguf") for f in path.glob(pattern)]
+    return round(sum(f.stat().st_size for f in files) / 2**20, 2)
+
+
+def quantize_variant(model_dir: str | Path, out_dir: str | Path, variant: str, name: str = "") -> Quantized:
+    """Build one variant of ``quantize.variants`` under ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if variant in BNB_VARIANTS:
+        quantize(model_dir, out, BNB_VARIANTS[variant])
+        return Quantized(variant, out, "", weights_mb(out))
+    if variant in GGUF_VARIANTS:
+        from llm_finetune.gguf_export import export_gguf
+
+        gguf_type = GGUF_VARIANTS[variant]
+        file = f"{name or 'model'}-{gguf_type}.gguf"
+        export_gguf(model_dir, out / file, gguf_type, name=name)
+        return Quantized(variant, out, file, weights_mb(out))
+    raise ConfigError([f"quantize.variants: {variant!r} is not one of {', '.join([*BNB_VARIANTS, *GGUF_VARIANTS])}"])
+
+
+def load_quantized(model_dir: str | Path, gguf_file: str = ""):
+    """Load a saved variant: bitsandbytes (its config carries the settings) or a GGUF file (de-quantized by transformers)."""
     from transformers import AutoModelForCausalLM
 
-    device = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
-    return AutoModelForCausalLM.from_pretrained(model_dir, device_map=device)
+    if gguf_file:
+        return AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, device_map=_device_map()).eval()

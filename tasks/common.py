@@ -18,8 +18,8 @@ DEEPSPEED_DIR = REPO_ROOT / "deepspeed_configs"
 CACHE_MODEL = Cache(version="model-1")
 CACHE_DATA = Cache(version="data-1")
 CACHE_TRAIN = Cache(version="train-1")
-CACHE_EVAL = Cache(version="eval-1")
-CACHE_QUANTIZE = Cache(version="quantize-1")
+CACHE_EVAL = Cache(version="eval-2")
+CACHE_QUANTIZE = Cache(version="quantize-2")
 
 LOCAL_DECK_DIR_ENV = "LLM_FINETUNE_DECK_DIR"
 

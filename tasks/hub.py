@@ -1,4 +1,8 @@
-"""push_to_hub: publish the tuned model with a model card; the token is a Flyte Secret."""
+"""push_to_hub: publish adapter, merged model and every quantized variant, each to its own repo.
+
+The token is the Flyte Secret huggingface/token (HF_TOKEN for local runs): never a task
+input, so it is not in the execution's inputs, outputs, decks or cache keys.
+"""
 
 import os
 from typing import Optional
@@ -8,10 +12,18 @@ from flytekit.types.directory import FlyteDirectory
 
 from images.specs import cpu_image
 from llm_finetune.config import FineTuneConfig
-from llm_finetune.evaluate import EvalMetrics
 from llm_finetune.hub import HUB_TOKEN_ENV, model_card, push_folder
+from tasks.evaluate import EvalReport, VariantMetrics
+from tasks.quantize import QuantizedModel
 
 HF_SECRET = Secret(group="huggingface", key="token")
+
+QUANTIZATION_TEXT = {
+    "int8": "bitsandbytes LLM.int8() (8-bit); loads with `from_pretrained` (bitsandbytes installed).",
+    "nf4": "bitsandbytes 4-bit NF4 with double quantization; loads with `from_pretrained` (bitsandbytes installed).",
+    "gguf_q8_0": "GGUF q8_0 (8-bit blocks of 32) for llama.cpp and Ollama.",
+    "gguf_f16": "GGUF f16 for llama.cpp and Ollama.",
+}
 
 
 def hub_token() -> str:
@@ -22,32 +34,62 @@ def hub_token() -> str:
         return os.environ.get(HUB_TOKEN_ENV, "").strip()
 
 
-@task(container_image=cpu_image, secret_requests=[HF_SECRET], retries=3, requests=Resources(cpu="1", mem="4Gi"))
+def _metrics(report: EvalReport) -> dict:
+    m = report.metrics
+    out = {"loss": m.loss, "perplexity": m.perplexity, "exact match": m.exact_match}
+    out.update(report.benchmarks)
+    return out
+
+
+def variant_repo(repo_id: str, variant: str) -> str:
+    """Each variant in its own repo: owner/name-int8, owner/name-nf4, owner/name-gguf-q8-0, ..."""
+    return f"{repo_id}-{variant.replace('_', '-')}"
+
+
+# retries on top of push_folder's own backoff: a re-run makes no duplicate commits. The disk holds
+# the merged model and every variant while they upload.
+@task(container_image=cpu_image, secret_requests=[HF_SECRET], retries=3, requests=Resources(cpu="1", mem="4Gi", ephemeral_storage="100Gi"))
 def push_to_hub(
     config: FineTuneConfig,
     model: FlyteDirectory,
     adapter: Optional[FlyteDirectory],
-    quantized: Optional[FlyteDirectory],
-    base_metrics: EvalMetrics,
-    tuned_metrics: EvalMetrics,
-) -> str:
-    """URL of the pushed model repo; empty when ``hub.repo_id`` is empty (skipped)."""
-    repo_id = config.hub.repo_id
-    if not repo_id:
+    quantized: list[QuantizedModel],
+    base: EvalReport,
+    tuned: EvalReport,
+    variants: list[VariantMetrics],
+) -> list[str]:
+    """URLs of the pushed repos (merged model first); empty when ``hub.repo_id`` is empty (skipped)."""
+    h = config.hub
+    if not h.repo_id:
         print("[push_to_hub] hub.repo_id is empty: not publishing (set hub.repo_id: owner/name to push)")
-        return ""
+        return []
     token = hub_token()
-    metrics = {
-        "exact match (base)": f"{base_metrics.exact_match:.3f}",
-        "exact match (tuned)": f"{tuned_metrics.exact_match:.3f}",
-        "loss (base)": f"{base_metrics.loss:.4f}",
-        "loss (tuned)": f"{tuned_metrics.loss:.4f}",
-    }
-    card_args = dict(base_model=config.model.base_model, dataset=config.data.source, config=config.to_dict(), metrics=metrics)
-    url = push_folder(model.download(), repo_id, token, config.hub.private, model_card(repo_id, variant="merged model", **card_args))
+    before_after = {"base": _metrics(base), "tuned": _metrics(tuned)}
+    by_variant = {v.variant: v for v in variants}
+    common = dict(base_model=config.model.base_model, dataset=config.data.source, config=config.to_dict(), license=h.license)
+    push = dict(token=token, private=h.private, endpoint=h.endpoint or None, max_retries=h.max_retries)
+
+    targets = [(model.download(), h.repo_id, model_card(h.repo_id, metrics=before_after, variant="merged model", **common))]
     if adapter is not None:
-        push_folder(adapter.download(), f"{repo_id}-lora", token, config.hub.private, model_card(f"{repo_id}-lora", variant="LoRA adapter", **card_args))
-    if quantized is not None:
-        name = f"{repo_id}-{'int8' if config.quantize.bits == 8 else 'nf4'}"
-        push_folder(quantized.download(), name, token, config.hub.private, model_card(name, variant=f"{config.quantize.bits}-bit bitsandbytes", **card_args))
-    return url
+        name = f"{h.repo_id}-lora"
+        targets.append((adapter.download(), name, model_card(name, metrics=before_after, variant="LoRA adapter", relation="adapter", **common)))
+    for q in quantized:
+        name = variant_repo(h.repo_id, q.variant)
+        metrics = dict(before_after)
+        if q.variant in by_variant:
+            v = by_variant[q.variant]
+            metrics[q.variant] = {"loss": v.metrics.loss, "perplexity": v.metrics.perplexity, "exact match": v.metrics.exact_match}
+        text = QUANTIZATION_TEXT[q.variant] + f" Weights: {q.size_mb:.1f} MB."
+        if q.variant in by_variant:
+            v = by_variant[q.variant]
+            text += f" Change against the unquantized tuned model: loss {v.loss_delta:+.4f}, exact match {v.exact_match_delta:+.1%}."
+        card = model_card(name, metrics=metrics, variant=f"{q.variant} quantized model", quantization=text,
+                          relation="gguf" if q.gguf_file else "quantized", **common)
+        targets.append((q.model.download(), name, card))
+
+    urls = []
+    for folder, name, card in targets:
+        r = push_folder(folder, name, card=card, **push)
+        print(f"[push_to_hub] {name}: {'new commit ' + r.commit[:10] if r.new_commit else 'unchanged (no new commit)'} {r.url}", flush=True)
+        urls.append(r.url)
+    return urls

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llm_finetune.config import FineTuneConfig, from_dict, load_config, validate
+from llm_finetune.config import FineTuneConfig, from_dict, load_config, quantize_variants, validate
 from llm_finetune.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,14 +15,14 @@ def test_defaults_are_valid_and_use_embedded_model_and_data():
     assert cfg.model.base_model == "embedded://SmolLM2-135M-Instruct"
     assert cfg.data.source == "embedded://iso_dates"
     assert (cfg.train.method, cfg.train.nnodes, cfg.train.nproc_per_node) == ("lora", 1, 2)
-    assert cfg.quantize.bits == 8 and cfg.hub.repo_id == ""
+    assert quantize_variants(cfg.quantize) == ["int8", "gguf_q8_0"] and cfg.hub.repo_id == ""
 
 
 def test_partial_file_merges_over_defaults(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text(yaml.safe_dump({"train": {"max_steps": 7, "lora": {"r": 4}}, "quantize": {"bits": 4}}))
     cfg = load_config(f)
-    assert cfg.train.max_steps == 7 and cfg.train.lora.r == 4 and cfg.quantize.bits == 4
+    assert cfg.train.max_steps == 7 and cfg.train.lora.r == 4 and quantize_variants(cfg.quantize) == ["nf4"]
     assert cfg.train.lora.alpha == 32 and cfg.train.learning_rate == FineTuneConfig().train.learning_rate
 
 

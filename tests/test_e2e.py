@@ -57,10 +57,15 @@ def test_fine_tune_workflow_end_to_end(isolated_flyte, capfd):
     with torch.no_grad():
         assert qmodel.generate(**enc, max_new_tokens=4, do_sample=False).shape[1] > enc["input_ids"].shape[1]
 
+    # every quantize.variants entry is built and scored on the same rows against the tuned model
+    assert [q.variant for q in result.quantized] == [v.variant for v in result.quantized_metrics] == ["int8", "gguf_q8_0"]
+    assert all(v.metrics.rows == tuned.rows and v.loss_delta == v.metrics.loss - tuned.loss for v in result.quantized_metrics)
+    assert (Path(result.quantized[1].model.download()) / result.quantized[1].gguf_file).is_file()
+
     # the run says where its outputs are
     printed = capfd.readouterr().out
     assert str(result.tuned_model.path) in printed
-    for deck in ("get_data", "train", "evaluate_base", "evaluate_tuned", "summary"):
+    for deck in ("get_data", "train", "evaluate_base", "evaluate_tuned", "evaluate_quantized", "summary"):
         page = isolated_flyte / "decks" / f"{deck}.html"
         assert page.is_file() and f"deck: file://{page}" in printed
 

@@ -74,8 +74,12 @@ EXPECTED = {
     "tasks.train.train_elastic": (GPU, common.CACHE_TRAIN.version, 2, {"CPU": "2", "MEMORY": "8Gi"}),
     "tasks.evaluate.evaluate_model": (CPU, common.CACHE_EVAL.version, 1, {"CPU": "2", "MEMORY": "8Gi"}),
     "tasks.quantize.quantize_model": (CPU, common.CACHE_QUANTIZE.version, 1, {"CPU": "2", "MEMORY": "8Gi"}),
-    "tasks.hub.push_to_hub": (CPU, None, 3, {"CPU": "1", "MEMORY": "4Gi"}),
+    "tasks.hub.push_to_hub": (CPU, None, 3, {"CPU": "1", "MEMORY": "4Gi", "EPHEMERAL_STORAGE": "100Gi"}),
     "tasks.result.summarize": (CPU, None, 0, {}),
+    "tasks.assess.assess": (CPU, None, 0, {}),
+    "tasks.evaluate.evaluate_quantized": (CPU, common.CACHE_EVAL.version, 1, {"CPU": "2", "MEMORY": "8Gi"}),
+    "tasks.quantize.check_outputs": (CPU, common.CACHE_QUANTIZE.version, 0, {"CPU": "1", "MEMORY": "2Gi"}),
+    "tasks.quantize.model_size_mb": (CPU, common.CACHE_QUANTIZE.version, 0, {"CPU": "1", "MEMORY": "1Gi"}),
 }
 
 

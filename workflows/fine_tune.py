@@ -4,47 +4,53 @@
     pyflyte run workflows/fine_tune.py fine_tune --config configs/x.yaml
     pyflyte run --remote workflows/fine_tune.py fine_tune --config configs/x.yaml
 
-validate_config -> prepare_base_model (cached) -> get_data -> train_model (Elastic)
--> evaluate base and tuned -> quantize_model -> push_to_hub -> summarize
+validate_config -> prepare_base_model (cached) -> check_outputs -> get_data -> train_model (Elastic)
+-> assess (evaluate base and tuned, quantize, evaluate the variants) -> push_to_hub -> summarize
 """
 
 from flytekit import workflow
 
 from llm_finetune.config import FineTuneConfig
 from tasks.data import get_data
-from tasks.evaluate import evaluate_model
 from tasks.hub import push_to_hub
 from tasks.model import prepare_base_model
-from tasks.quantize import quantize_model
+from tasks.quantize import check_outputs
 from tasks.result import FineTuneResult, summarize
 from tasks.train import train_model
 from tasks.validate import validate_config
+
+# Imported after tasks.train on purpose. Observed: with tasks.assess imported first, the GPU
+# ImageSpec tag in `pyflyte package` differs from the one the train_model pod recomputes
+# (LOADED_MODULES copy mode hashes the repo modules loaded when the tag is first computed),
+# so the pod would ask for an image that was never built (tests/test_serialization.py).
+from tasks.assess import assess  # noqa: E402,I001
 
 
 @workflow
 def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
     cfg = validate_config(config=config)
     base = prepare_base_model(model=cfg.model)
+    checked = check_outputs(base_model=base, config=cfg)  # GGUF / lm-eval prerequisites, before any training
     splits = get_data(data=cfg.data, base_model=base)
     trained = train_model(base_model=base, train_data=splits.train, data=cfg.data, train=cfg.train)
-    base_metrics = evaluate_model(model=base, eval_data=splits.heldout, data=cfg.data, evaluate=cfg.evaluate, label="base")
-    tuned_metrics = evaluate_model(
-        model=trained.model, eval_data=splits.heldout, data=cfg.data, evaluate=cfg.evaluate, label="tuned"
-    )
-    quantized = quantize_model(model=trained.model, quantize_cfg=cfg.quantize)
-    hub_url = push_to_hub(
+    checked >> trained
+    a = assess(base_model=base, tuned_model=trained.model, eval_data=splits.heldout, config=cfg)
+    hub_urls = push_to_hub(
         config=cfg,
         model=trained.model,
         adapter=trained.adapter,
-        quantized=quantized,
-        base_metrics=base_metrics,
-        tuned_metrics=tuned_metrics,
+        quantized=a.quantized,
+        base=a.base,
+        tuned=a.tuned,
+        variants=a.variants,
     )
     return summarize(
         tuned_model=trained.model,
         adapter=trained.adapter,
-        quantized_model=quantized,
-        base_metrics=base_metrics,
-        tuned_metrics=tuned_metrics,
-        hub_url=hub_url,
+        quantized=a.quantized,
+        base=a.base,
+        tuned=a.tuned,
+        variants=a.variants,
+        tuned_mb=a.tuned_mb,
+        hub_urls=hub_urls,
     )

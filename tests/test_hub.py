@@ -1,0 +1,99 @@
+"""push_folder with the real huggingface_hub client against the local hub stand-in (tests/hub_standin.py)."""
+
+import logging
+
+import pytest
+
+from llm_finetune.errors import HubError
+from llm_finetune.hub import model_card, push_folder
+from tests.hub_standin import HubStandIn
+
+TOKEN = "hf_standinSECRETtoken1234567890"
+READ_ONLY = "hf_readonlyTOKEN0987654321"
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    import huggingface_hub.constants as constants
+
+    # hf_xet needs the hub's Xet storage service; without it the client uses the LFS basic transfer
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    server = HubStandIn({TOKEN: ("alice", ["alice", "org"]), READ_ONLY: ("bob", ["bob"])}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama"}')
+    (d / "model.safetensors").write_bytes(bytes(range(256)) * 64)  # goes through LFS
+    (d / "tokenizer.json").write_text('{"version": "1.0"}')
+    return d
+
+
+def card(metrics=None):
+    return model_card("alice/tuned", "HuggingFaceTB/SmolLM2-135M-Instruct", "embedded://iso_dates", {"train": {"max_steps": 6}},
+                      metrics or {"base": {"loss": 0.61}, "tuned": {"loss": 0.01}}, "merged model")
+
+
+def test_push_commits_every_file_and_card(hub, folder):
+    r = push_folder(folder, "alice/tuned", TOKEN, True, card(), endpoint=hub.url, backoff_s=0.01)
+    repo = hub.repos["alice/tuned"]
+    assert r.new_commit and r.commit == repo.sha and len(repo.commits) == 1
+    assert set(repo.files) == {"config.json", "model.safetensors", "tokenizer.json", "README.md"}
+    assert repo.files["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+    assert "model.safetensors" in repo.lfs and repo.private
+    assert b"base_model:\n- HuggingFaceTB/SmolLM2-135M-Instruct" in repo.files["README.md"]
+    assert not (folder / "README.md").exists()  # the (cached) model folder is left untouched
+
+
+def test_identical_second_push_makes_no_commit_and_a_change_makes_one(hub, folder):
+    first = push_folder(folder, "alice/tuned", TOKEN, True, card(), endpoint=hub.url, backoff_s=0.01)
+    again = push_folder(folder, "alice/tuned", TOKEN, True, card(), endpoint=hub.url, backoff_s=0.01)
+    assert not again.new_commit and again.commit == first.commit and len(hub.repos["alice/tuned"].commits) == 1
+    (folder / "config.json").write_text('{"model_type": "llama", "x": 1}')
+    third = push_folder(folder, "alice/tuned", TOKEN, True, card(), endpoint=hub.url, backoff_s=0.01)
+    commits = hub.repos["alice/tuned"].commits
+    assert third.new_commit and len(commits) == 2 and commits[-1]["files"] == ["config.json"]
+
+
+def test_transient_503s_are_retried(hub, folder, capsys):
+    hub.fail_next("POST", "/api/repos/create", 503, times=2)
+    hub.fail_next("POST", "/commit/", 502, times=1)
+    r = push_folder(folder, "alice/tuned", TOKEN, True, card(), endpoint=hub.url, backoff_s=0.01)
+    assert r.new_commit and len(hub.repos["alice/tuned"].commits) == 1
+    assert capsys.readouterr().out.count("transient error") == 3
+
+
+def test_persistent_5xx_gives_up_with_the_status(hub, folder):
+    hub.fail_next("POST", "/api/repos/create", 500, times=10)
+    with pytest.raises(HubError, match=r"HTTP 500"):
+        push_folder(folder, "alice/tuned", TOKEN, True, card(), endpoint=hub.url, max_retries=3, backoff_s=0.01)
+
+
+def test_missing_token_is_explained_before_any_request(hub, folder):
+    with pytest.raises(HubError, match="no hub token was found.*huggingface/token.*HF_TOKEN"):
+        push_folder(folder, "alice/tuned", "", True, card(), endpoint=hub.url)
+    assert hub.requests == []
+
+
+def test_permission_and_bad_token_errors_are_clear(hub, folder):
+    with pytest.raises(HubError, match=r"HTTP 403.*no write permission for the namespace 'alice'"):
+        push_folder(folder, "alice/tuned", READ_ONLY, True, card(), endpoint=hub.url, backoff_s=0.01)
+    with pytest.raises(HubError, match=r"HTTP 401.*invalid or expired"):
+        push_folder(folder, "alice/tuned", "hf_wrong", True, card(), endpoint=hub.url, backoff_s=0.01)
+
+
+def test_token_never_appears_in_logs_card_or_errors(hub, folder, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    hub.fail_next("POST", "/commit/", 503, times=1)
+    r = push_folder(folder, "alice/tuned", TOKEN, True, card(), endpoint=hub.url, backoff_s=0.01)
+    with pytest.raises(HubError) as e:
+        push_folder(folder, "bob/x", TOKEN, True, card(), endpoint=hub.url, backoff_s=0.01)
+    out = capsys.readouterr()
+    texts = [caplog.text, out.out, out.err, str(e.value), repr(r)] + [v.decode("utf-8", "replace") for v in hub.repos["alice/tuned"].files.values()]
+    assert all(TOKEN not in t for t in texts)
+    assert any(auth == f"Bearer {TOKEN}" for _, _, auth in hub.requests)  # it was really sent, only to the hub
