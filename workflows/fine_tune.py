@@ -26,7 +26,9 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
     cfg = validate_config(config=config)
     base = prepare_base_model(model=cfg.model)
     splits = get_data(data=cfg.data, base_model=base)
-    trained = train_model(base_model=base, train_data=splits.train, data=cfg.data, train=cfg.train)
+    trained = train_model(
+        base_model=base, train_data=splits.train, eval_data=splits.heldout, data=cfg.data, train=cfg.train
+    )
     base_metrics = evaluate_model(model=base, eval_data=splits.heldout, data=cfg.data, evaluate=cfg.evaluate, label="base")
     tuned_metrics = evaluate_model(
         model=trained.model, eval_data=splits.heldout, data=cfg.data, evaluate=cfg.evaluate, label="tuned"
