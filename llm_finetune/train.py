@@ -33,6 +33,7 @@ from llm_finetune.config import DataConfig, TrainConfig
 from llm_finetune.encoding import IGNORE_INDEX, encode_row, prompt_and_reference
 from llm_finetune.checkpoint import checkpoint_step, latest_complete_checkpoint, relocate
 from llm_finetune.errors import ConfigError
+from llm_finetune.fit import check_fits, count_parameters, deepspeed_offload
 from llm_finetune.model import load_tokenizer
 from llm_finetune.resources import ResourceSampler
 from llm_finetune.trainer import CheckpointUploader, FineTuneTrainer, SampleGenerations, all_reduce_sum, barrier
@@ -232,6 +233,22 @@ def _restore(store, checkpoints_dir: Path) -> Path | None:
     return latest_complete_checkpoint(checkpoints_dir) if store is not None else None
 
 
+def _check_memory(model_dir: Path, cfg: TrainConfig, bf16: bool, deepspeed_config) -> None:
+    """Refuse a run whose weights, gradients and optimizer states alone exceed the device (see fit.py)."""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(_local_rank())
+        available, device = props.total_memory, f"GPU {props.name}"
+        offload = deepspeed_offload(deepspeed_config)
+    else:
+        import psutil
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        available, device = psutil.virtual_memory().total / local, f"this machine's RAM shared by {local} process(es)"
+        offload = False  # offloading to CPU memory saves nothing when training in it
+    n_params = count_parameters(model_dir)
+    check_fits(n_params, cfg.method, bf16, _zero_stage(deepspeed_config), _world_size(), offload, available, device)
+
+
 def _zero_stage(deepspeed_config: str | Path | None) -> int:
     if not deepspeed_config:
         return 0
@@ -260,8 +277,9 @@ def train(
     from transformers import TrainingArguments, set_seed
 
     _check_hardware(cfg)
-    _init_distributed(cfg.collective_timeout_s, deepspeed=bool(deepspeed_config))
     base_model_dir = Path(base_model_dir)
+    _check_memory(base_model_dir, cfg, _use_bf16(cfg), deepspeed_config)
+    _init_distributed(cfg.collective_timeout_s, deepspeed=bool(deepspeed_config))
     output_dir = _shared_output_dir(output_dir)
     checkpoints_dir = output_dir / "checkpoints"
     set_seed(cfg.seed)
