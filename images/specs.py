@@ -46,7 +46,8 @@ gpu_image = ImageSpec(
     base_image="nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04",
     python_version=PYTHON_VERSION,
     platform="linux/amd64",
-    packages=["torch==2.13.0", *COMMON_PACKAGES, "deepspeed==0.19.8", "bitsandbytes==0.50.2"],
+    # nvidia-ml-py (module pynvml): GPU utilisation/memory for the train deck's resource profile
+    packages=["torch==2.13.0", *COMMON_PACKAGES, "deepspeed==0.19.8", "bitsandbytes==0.50.2", "nvidia-ml-py==13.615.71"],
     pip_extra_index_url=["https://download.pytorch.org/whl/cu128"],
     apt_packages=["build-essential", "git"],
     env={"DS_BUILD_OPS": "0"},
