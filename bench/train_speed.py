@@ -76,7 +76,7 @@ def run_one(a: argparse.Namespace) -> dict:
 
     from llm_finetune.collate import TokenCollator
     from llm_finetune.packing import mask_first_label, pack_examples
-    from llm_finetune.train import _trainer_class
+    from llm_finetune.trainer import FineTuneTrainer
 
     cuda = a.device == "cuda"
     ours = a.path == "ours"
@@ -115,7 +115,7 @@ def run_one(a: argparse.Namespace) -> dict:
     times: list[float] = []
     counts: list[tuple[int, int]] = []  # (trained, real) tokens of each step's batch, as trained
 
-    class Counting(_trainer_class() if ours else Trainer):
+    class Counting(FineTuneTrainer if ours else Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = dict(inputs)
             real = int(inputs.pop("n_real"))

@@ -50,6 +50,8 @@ COMMON_PACKAGES = [
     "bitsandbytes==0.50.2",  # QLoRA on the GPU; int8/nf4 quantization runs on its CPU backend too
 ]
 
+NVML = "nvidia-ml-py==13.615.71"  # pynvml: GPU utilisation/memory for the train deck's resource profile
+
 cpu_image = ImageSpec(
     name="llm-finetune-cpu",
     registry=REGISTRY,
@@ -69,7 +71,7 @@ gpu_image = ImageSpec(
     base_image=CUDA_BASE,
     python_version=PYTHON_VERSION,
     platform=PLATFORM,
-    packages=[TORCH, *COMMON_PACKAGES, "deepspeed==0.19.8", "ninja==1.13.2"],
+    packages=[TORCH, *COMMON_PACKAGES, "deepspeed==0.19.8", "ninja==1.13.2", NVML],
     pip_extra_index_url=[TORCH_CUDA_INDEX],
     apt_packages=["build-essential", "git", "libaio-dev"],  # compilers for JIT ops; libaio for ZeRO-Infinity NVMe offload
     env={

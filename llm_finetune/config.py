@@ -86,6 +86,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 42
     logging_steps: int = 5
+    save_steps: int = 20  # checkpoint (and upload to Flyte's intra-task checkpoint) every N steps; 0 = never
+    eval_steps: int = 20  # validation loss + sample generations every N steps; 0 = never
+    eval_max_samples: int = 100  # held-out rows used for validation loss during training (0 = all)
+    sample_prompts: int = 4  # first N held-out prompts generated (greedy) at each evaluation
+    sample_max_new_tokens: int = 24
+    collective_timeout_s: int = 600  # a rank stuck this long in a collective fails the run instead of hanging
+    profile_interval_s: float = 2.0  # resource sampling period (CPU/RAM, GPU via NVML)
     lora: LoraSettings = field(default_factory=LoraSettings)
     deepspeed: str = "none"  # a file name in deepspeed_configs/ (with or without .json), or none
     nnodes: int = 1
@@ -319,6 +326,17 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
             f"train.nproc_per_node: {t.nproc_per_node} processes but only {t.gpus_per_node} GPUs per node; "
             "use one process per GPU (set nproc_per_node = gpus_per_node)"
         )
+    for key in ("save_steps", "eval_steps", "eval_max_samples", "sample_prompts"):
+        if getattr(t, key) < 0:
+            p.append(f"train.{key}: must be >= 0 (0 turns it off), got {getattr(t, key)}")
+    if t.save_steps > 0 and t.eval_steps > 0 and t.save_steps % t.eval_steps:
+        p.append(
+            f"train.save_steps: {t.save_steps} is not a multiple of train.eval_steps ({t.eval_steps}); every checkpoint "
+            "needs a validation loss to pick the best one, e.g. set save_steps equal to eval_steps"
+        )
+    positive("train.sample_max_new_tokens", t.sample_max_new_tokens)
+    positive("train.collective_timeout_s", t.collective_timeout_s)
+    positive("train.profile_interval_s", t.profile_interval_s)
     if not 0.0 <= t.warmup_ratio < 1.0:
         p.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
     if t.retries < 0:

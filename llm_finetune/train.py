@@ -5,25 +5,39 @@ single process. The HF Trainer does the loop: DDP (gloo on CPU, NCCL on GPU), De
 ZeRO through a JSON config, gradient accumulation with the loss normalised by the number
 of trained tokens. LoRA adapters are merged into a freshly loaded fp32/bf16 base after
 training, never into quantized weights.
+
+Long runs survive preemption: checkpoints go to a checkpoint store every
+``train.save_steps`` (see checkpoint.py) and a new attempt resumes from the latest one with
+optimizer, scheduler, RNG and data position restored. With held-out data the validation
+loss and sample generations are recorded at every evaluation and the best checkpoint by
+validation loss is the one saved as the output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from llm_finetune.collate import TokenCollator, model_inputs
+from llm_finetune.collate import TokenCollator
 from llm_finetune.config import DataConfig, TrainConfig
-from llm_finetune.encoding import IGNORE_INDEX, encode_row
+from llm_finetune.encoding import IGNORE_INDEX, encode_row, prompt_and_reference
+from llm_finetune.checkpoint import checkpoint_step, latest_complete_checkpoint, relocate
 from llm_finetune.errors import ConfigError
+from llm_finetune.fit import check_fits, count_parameters, deepspeed_offload
 from llm_finetune.model import load_tokenizer
+from llm_finetune.resources import ResourceSampler
+from llm_finetune.trainer import CheckpointUploader, FineTuneTrainer, SampleGenerations, all_reduce_sum, barrier
 
 
 @dataclass
@@ -37,6 +51,12 @@ class TrainSummary:
     trained_tokens: int
     tokens_per_s: float
     log_history: list[dict] = field(default_factory=list)
+    best_step: int = -1  # step of the returned checkpoint (-1: the last step, no validation)
+    best_eval_loss: float = math.nan
+    resumed_from_step: int = 0  # 0: started from scratch
+    samples: list[dict] = field(default_factory=list)  # generations per evaluation
+    resource_profile: list[dict] = field(default_factory=list)
+    deepspeed_config: dict = field(default_factory=dict)  # as resolved ("auto" filled) by the Trainer
 
 
 @dataclass
@@ -68,6 +88,30 @@ def encode_frame(tokenizer, frame: pd.DataFrame, data_cfg: DataConfig) -> list[d
     return out
 
 
+def build_dataset(tokenizer, frame: pd.DataFrame, data_cfg: DataConfig):
+    """The one place that turns canonical rows into training examples and their collator.
+
+    Returns ``(examples, collator)``; swap this (e.g. for packing) and the rest of training
+    is unchanged. Trained tokens are counted by the Trainer from the labels, so any
+    collator that emits ``labels`` with -100 on untrained positions keeps the counts right.
+    """
+    examples = encode_frame(tokenizer, frame, data_cfg)
+    packed = bool(data_cfg.packing and examples and "seq_lens" in examples[0])
+    return examples, TokenCollator(tokenizer.pad_token_id, packed=packed)
+
+
+def sample_prompts(tokenizer, frame: pd.DataFrame, data_cfg: DataConfig, n: int) -> list[tuple[str, str]]:
+    """(prompt, reference) for the first ``n`` held-out rows; raw text rows give their first 32 tokens."""
+    out = []
+    for row in frame.head(n).to_dict(orient="records"):
+        if row.get("messages"):
+            out.append(prompt_and_reference(tokenizer, json.loads(row["messages"]), data_cfg.prompt_template))
+        else:
+            ids = tokenizer(row.get("text", ""), add_special_tokens=False)["input_ids"]
+            out.append((tokenizer.decode(ids[:32]), tokenizer.decode(ids[32:64])))
+    return out
+
+
 PadCollator = TokenCollator  # the padding baseline: one example per row, 2D attention mask
 
 
@@ -78,16 +122,6 @@ def attention_implementation(packed: bool) -> str:
     return "sdpa"
 
 
-def _trainer_class():
-    from transformers import Trainer
-
-    class PackingAwareTrainer(Trainer):
-        """Turns a packed batch's document ids into the mask the model's attention needs."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return super().compute_loss(model, model_inputs(model, inputs), return_outputs, num_items_in_batch)
-
-    return PackingAwareTrainer
 
 
 def _use_bf16(cfg: TrainConfig) -> bool:
@@ -146,18 +180,80 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _init_distributed() -> None:
-    """Join the process group torchrun/Elastic described in the environment (gloo on CPU, NCCL on GPU)."""
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _init_distributed(timeout_s: int, deepspeed: bool = False) -> None:
+    """Join the process group torchrun/Elastic described in the environment (gloo on CPU, NCCL on GPU).
+
+    The timeout bounds every collective: when a rank dies or hangs, the others fail after
+    ``train.collective_timeout_s`` instead of waiting forever, and the launcher (max_restarts=0)
+    tears the whole group down so Flyte can retry the task.
+    """
     import torch.distributed as dist
 
     if _world_size() > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            torch.cuda.set_device(_local_rank())
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if deepspeed and _world_size() > 1:
+        # ZeRO-3 partitions weights while from_pretrained loads them (zero.Init), which reads the
+        # world size from DeepSpeed's own comm layer: attach it to the group before loading
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend=dist.get_backend(), timeout=timedelta(seconds=timeout_s))
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+def _shared_output_dir(output_dir: str | Path | None) -> Path:
+    """Rank 0's directory, used by every rank: DeepSpeed writes per-rank checkpoint shards into it."""
+    import torch.distributed as dist
+
+    path = str(output_dir) if output_dir is not None else (tempfile.mkdtemp(prefix="train-") if _rank() == 0 else "")
+    if dist.is_available() and dist.is_initialized():
+        box = [path]
+        dist.broadcast_object_list(box, src=0)
+        path = box[0]
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+def _restore(store, checkpoints_dir: Path) -> Path | None:
+    """Fetch the store's checkpoints (one process per node) and return the latest complete one."""
+    if store is not None and _local_rank() == 0:
+        shutil.rmtree(checkpoints_dir, ignore_errors=True)  # only what the store holds is trusted
+        checkpoints_dir.mkdir(parents=True)
+        if store.restore(checkpoints_dir) is not None:
+            relocate(checkpoints_dir)
+    barrier()
+    return latest_complete_checkpoint(checkpoints_dir) if store is not None else None
+
+
+def _check_memory(model_dir: Path, cfg: TrainConfig, bf16: bool, deepspeed_config) -> None:
+    """Refuse a run whose weights, gradients and optimizer states alone exceed the device (see fit.py)."""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(_local_rank())
+        available, device = props.total_memory, f"GPU {props.name}"
+        offload = deepspeed_offload(deepspeed_config)
+    else:
+        import psutil
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        available, device = psutil.virtual_memory().total / local, f"this machine's RAM shared by {local} process(es)"
+        offload = False  # offloading to CPU memory saves nothing when training in it
+    n_params = count_parameters(model_dir)
+    check_fits(n_params, cfg.method, bf16, _zero_stage(deepspeed_config), _world_size(), offload, available, device)
+
+
+def _zero_stage(deepspeed_config: str | Path | None) -> int:
+    if not deepspeed_config:
+        return 0
+    return int(json.loads(Path(deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0))
 
 
 def train(
@@ -165,28 +261,45 @@ def train(
     train_frame: pd.DataFrame,
     data_cfg: DataConfig,
     cfg: TrainConfig,
-    output_dir: str | Path,
+    output_dir: str | Path | None = None,
     deepspeed_config: str | Path | None = None,
+    eval_frame: pd.DataFrame | None = None,
+    checkpoint_store=None,
+    callbacks: tuple = (),
 ) -> TrainOutputs | None:
     """Train and, on rank 0, write ``model/`` (and ``adapter/`` for LoRA) under ``output_dir``.
 
+    ``output_dir`` None: a fresh temporary directory (rank 0's, shared with all ranks).
+    ``checkpoint_store``: see checkpoint.py; when it holds a checkpoint, training resumes from it.
+    ``eval_frame``: held-out rows for validation loss, best-checkpoint choice and sample generations.
+    ``callbacks``: extra ``TrainerCallback``s (tests inject failures with them).
     Returns the outputs on global rank 0 and None on the other ranks.
     """
     from transformers import TrainingArguments, set_seed
 
     _check_hardware(cfg)
-    _init_distributed()
-    base_model_dir, output_dir = Path(base_model_dir), Path(output_dir)
+    base_model_dir = Path(base_model_dir)
+    _check_memory(base_model_dir, cfg, _use_bf16(cfg), deepspeed_config)
+    _init_distributed(cfg.collective_timeout_s, deepspeed=bool(deepspeed_config))
+    output_dir = _shared_output_dir(output_dir)
+    checkpoints_dir = output_dir / "checkpoints"
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(base_model_dir)
-    examples = encode_frame(tokenizer, train_frame, data_cfg)
+    examples, collator = build_dataset(tokenizer, train_frame, data_cfg)
+    has_eval = eval_frame is not None and len(eval_frame) > 0 and cfg.eval_steps > 0
+    eval_examples = None
+    if has_eval:
+        rows = eval_frame if cfg.eval_max_samples == 0 else eval_frame.head(cfg.eval_max_samples)
+        eval_examples = build_dataset(tokenizer, rows, data_cfg)[0]
+    keep_best = has_eval and cfg.save_steps > 0
     bf16 = _use_bf16(cfg)
     on_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
-        output_dir=str(output_dir / "checkpoints"),
+        output_dir=str(checkpoints_dir),
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         num_train_epochs=cfg.num_epochs,
         per_device_train_batch_size=cfg.per_device_batch_size,
+        per_device_eval_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
@@ -194,15 +307,25 @@ def train(
         weight_decay=cfg.weight_decay,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        save_strategy="no",
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=2 if cfg.save_steps > 0 else None,  # the latest and the best
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps if has_eval else None,
+        load_best_model_at_end=keep_best,
+        metric_for_best_model="eval_loss" if keep_best else None,
+        greater_is_better=False if keep_best else None,
+        prediction_loss_only=True,
         report_to=[],
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=bf16 and cfg.method == "full",
+        bf16=bf16,
         fp16=cfg.precision == "fp16",
         gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         use_cpu=on_cpu,
         ddp_backend=("gloo" if on_cpu else "nccl") if _world_size() > 1 else None,
+        ddp_timeout=cfg.collective_timeout_s,
         dataloader_pin_memory=not on_cpu,
         remove_unused_columns=False,
         label_names=["labels"],
@@ -210,16 +333,31 @@ def train(
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
     )
-    packed = data_cfg.packing and "seq_lens" in (examples[0] if examples else {})
-    model = _load_model(base_model_dir, cfg, bf16, attention_implementation(packed))
-    collator = TokenCollator(tokenizer.pad_token_id, packed=packed)
-    trainer = _trainer_class()(model=model, args=args, train_dataset=examples, data_collator=collator)
+    model = _load_model(base_model_dir, cfg, bf16, attention_implementation(collator.packed))
+    uploader = CheckpointUploader(checkpoint_store, checkpoints_dir)
+    samples = SampleGenerations(
+        tokenizer,
+        sample_prompts(tokenizer, eval_frame, data_cfg, cfg.sample_prompts) if has_eval else [],
+        cfg.sample_max_new_tokens,
+        zero3=_zero_stage(deepspeed_config) == 3,
+    )
+    trainer = FineTuneTrainer(
+        model=model, args=args, train_dataset=examples, eval_dataset=eval_examples, data_collator=collator,
+        callbacks=[uploader, samples, *callbacks],
+    )
+    resume = _restore(checkpoint_store, checkpoints_dir)
+    if resume is not None and _rank() == 0:
+        print(f"[train] resuming from {resume.name} (checkpoint store)", flush=True)
+    sampler = ResourceSampler(cfg.profile_interval_s) if _rank() == 0 else contextlib.nullcontext()
     start = time.perf_counter()
-    result = trainer.train()
+    with sampler:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     runtime = time.perf_counter() - start
-    trained_tokens = _all_reduce_sum(collator.trained_tokens)
+    trained_tokens = int(all_reduce_sum(trainer.trained_tokens_local))
 
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    state = trainer.state
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    ds_config = getattr(args, "hf_deepspeed_config", None)
     summary = TrainSummary(
         method=cfg.method,
         steps=int(result.global_step),
@@ -229,10 +367,14 @@ def train(
         runtime_s=runtime,
         trained_tokens=trained_tokens,
         tokens_per_s=trained_tokens / runtime if runtime > 0 else 0.0,
-        log_history=[{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in trainer.state.log_history],
+        log_history=[{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in state.log_history],
+        best_step=checkpoint_step(Path(state.best_model_checkpoint)) if keep_best and state.best_model_checkpoint else -1,
+        best_eval_loss=float(state.best_metric) if keep_best and state.best_metric is not None else math.nan,
+        resumed_from_step=checkpoint_step(resume) if resume is not None else 0,
+        samples=samples.rows,
+        resource_profile=sampler.samples if isinstance(sampler, ResourceSampler) else [],
+        deepspeed_config=json.loads(json.dumps(ds_config.config, default=str)) if ds_config is not None else {},
     )
-    if not all(math.isfinite(x) for x in losses):
-        raise FloatingPointError(f"training loss became NaN/inf: {losses}; lower train.learning_rate or check the data")
 
     model_out = output_dir / "model"
     adapter_out = output_dir / "adapter" if cfg.method != "full" else None
@@ -240,9 +382,14 @@ def train(
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(adapter_out or model_out)
         if adapter_out is not None:
+            if deepspeed_config:
+                # rank 0 alone loads the base for merging: not under ZeRO-3's collective zero.Init
+                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+                unset_hf_deepspeed_config()
             merge_adapter(base_model_dir, adapter_out, model_out, bf16=bf16)
-        (output_dir / "train_summary.json").write_text(json.dumps(asdict(summary), indent=2))
-    _barrier()
+        (output_dir / "train_summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str))
+    barrier()
     if _rank() != 0:
         return None
     return TrainOutputs(model_out, adapter_out, summary)
@@ -261,19 +408,3 @@ def merge_adapter(base_model_dir: Path, adapter_dir: Path, out_dir: Path, bf16: 
     return out_dir
 
 
-def _all_reduce_sum(value: int) -> int:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        t = torch.tensor([value], dtype=torch.long, device=device)
-        dist.all_reduce(t)
-        return int(t.item())
-    return value
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

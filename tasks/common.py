@@ -16,8 +16,8 @@ DEEPSPEED_DIR = REPO_ROOT / "deepspeed_configs"
 # Bump a version when the task's code changes what it produces; cached results of the old
 # version are then ignored. Separate versions keep, e.g., a new evaluation from re-training.
 CACHE_MODEL = Cache(version="model-1")
-CACHE_DATA = Cache(version="data-1")
-CACHE_TRAIN = Cache(version="train-1")
+CACHE_DATA = Cache(version="data-2")
+CACHE_TRAIN = Cache(version="train-2")
 CACHE_EVAL = Cache(version="eval-2")
 CACHE_QUANTIZE = Cache(version="quantize-2")
 

@@ -9,12 +9,16 @@ the task runs as one pod; with ``nnodes>1`` it is a Kubeflow PyTorchJob.
 A local ``pyflyte run`` executes nodes directly and ignores ``with_overrides``, so there
 the dynamic runs a copy of the task configured the same way: the local run honours
 ``train.nproc_per_node`` too.
+
+Checkpoints go to Flyte's intra-task checkpoint (tasks/checkpoint.py); a retry, whether
+from a spot preemption (``interruptible``) or ``retries``, resumes from the last one. The
+Elastic launcher runs with ``max_restarts=0`` and the core bounds every collective by
+``train.collective_timeout_s``, so a dead rank fails the attempt instead of hanging it.
 """
 
 from __future__ import annotations
 
 import copy
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +26,7 @@ import pandas as pd
 from flytekit import Resources, dynamic, task
 from flytekit.extras.accelerators import GPUAccelerator
 from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
 from flytekit.types.structured import StructuredDataset
 from flytekitplugins.kfpytorch import Elastic
 from flytekitplugins.kfpytorch.task import PytorchElasticFunctionTask
@@ -30,6 +35,7 @@ from images.specs import cpu_image, gpu_image
 from llm_finetune.config import DataConfig, TrainConfig, deepspeed_config_path
 from llm_finetune.errors import ConfigError
 from llm_finetune.train import train as run_training
+from tasks.checkpoint import FlyteCheckpointStore
 from tasks.elastic import configure_elastic
 from tasks.common import CACHE_TRAIN, DEEPSPEED_DIR, is_local, publish_deck, table_html
 
@@ -45,6 +51,10 @@ class TrainResult:
     tokens_per_s: float
     runtime_s: float
     world_size: int
+    best_step: int  # step of the returned checkpoint (best validation loss); -1 = last step
+    best_eval_loss: float
+    resumed_from_step: int  # 0 = this attempt started from scratch
+    metrics: FlyteFile  # train_summary.json: log history, samples, resource profile
 
 
 def elastic_config(cfg: TrainConfig) -> Elastic:
@@ -66,13 +76,47 @@ def _curves(log_history: list[dict]) -> str:
     from plotly.subplots import make_subplots
 
     logs = pd.DataFrame([h for h in log_history if "loss" in h])
+    evals = pd.DataFrame([h for h in log_history if "eval_loss" in h])
     if logs.empty:
         return "<p>no training logs</p>"
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "learning rate"))
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("loss", "learning rate", "trained tokens / s"))
     fig.add_trace(go.Scatter(x=logs["step"], y=logs["loss"], name="train loss"), row=1, col=1)
+    if not evals.empty:
+        fig.add_trace(go.Scatter(x=evals["step"], y=evals["eval_loss"], name="validation loss", mode="lines+markers"), 1, 1)
     fig.add_trace(go.Scatter(x=logs["step"], y=logs["learning_rate"], name="lr"), row=1, col=2)
-    fig.update_layout(height=340, showlegend=False)
+    if "tokens_per_s" in logs:
+        fig.add_trace(go.Scatter(x=logs["step"], y=logs["tokens_per_s"], name="tokens/s"), row=1, col=3)
+    fig.update_layout(height=360)
     return fig.to_html(full_html=False, include_plotlyjs=True)
+
+
+def _resource_profile(samples: list[dict]) -> str:
+    """Like the seeds' GPU profile card: utilisation and memory per GPU, else CPU and RAM."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if not samples:
+        return "<p>no samples</p>"
+    df = pd.DataFrame(samples)
+    util = [c for c in df if c.endswith("_util_percent")] or ["cpu_percent"]
+    mem = [c for c in df if c.endswith("_mem_used_gb")] or ["ram_used_gb"]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("utilisation %", "memory used (GiB)"))
+    for c in util:
+        fig.add_trace(go.Scatter(x=df["t_s"], y=df[c], name=c), row=1, col=1)
+    for c in mem:
+        fig.add_trace(go.Scatter(x=df["t_s"], y=df[c], name=c), row=1, col=2)
+    fig.update_xaxes(title_text="seconds")
+    fig.update_layout(height=340)
+    peak = ", ".join(f"{c} max {df[c].max():.2f}" for c in [*util, *mem])
+    return f"<p>{len(df)} samples on the rank-0 node: {peak}.</p>" + fig.to_html(full_html=False, include_plotlyjs=False)
+
+
+def _samples_table(rows: list[dict]) -> str:
+    if not rows:
+        return "<p>no evaluations (no held-out data, or train.eval_steps is 0)</p>"
+    df = pd.DataFrame(rows)
+    df["eval_loss"] = df["eval_loss"].map(lambda x: f"{x:.4f}")
+    return table_html(df[["step", "eval_loss", "prompt_id", "generation", "reference", "prompt"]], max_rows=400)
 
 
 @task(
@@ -86,24 +130,35 @@ def _curves(log_history: list[dict]) -> str:
     enable_deck=True,
 )
 def train_elastic(
-    base_model: FlyteDirectory, train_data: StructuredDataset, data: DataConfig, train: TrainConfig
+    base_model: FlyteDirectory,
+    train_data: StructuredDataset,
+    eval_data: StructuredDataset,
+    data: DataConfig,
+    train: TrainConfig,
 ) -> TrainResult:
     """Runs on every worker process; global rank 0's return value is the task's output."""
     ds_path = deepspeed_config_path(train.deepspeed, DEEPSPEED_DIR)
     frame = train_data.open(pd.DataFrame).all()
-    out = tempfile.mkdtemp(prefix="train-")
-    outputs = run_training(base_model.download(), frame, data, train, out, deepspeed_config=ds_path)
+    heldout = eval_data.open(pd.DataFrame).all()
+    outputs = run_training(
+        base_model.download(), frame, data, train, None, deepspeed_config=ds_path, eval_frame=heldout,
+        checkpoint_store=FlyteCheckpointStore.current(),
+    )
     if outputs is None:  # not rank 0: Flyte ignores this value
         return None  # type: ignore[return-value]
     s = outputs.summary
     logs = pd.DataFrame(s.log_history)
+    best = f"best validation loss {s.best_eval_loss:.4f} at step {s.best_step} (returned)" if s.best_step >= 0 else "last step returned"
+    resumed = f" Resumed from step {s.resumed_from_step}." if s.resumed_from_step else ""
     publish_deck(
         "train",
         {
             "Training curves": _curves(s.log_history),
+            "Resource profile": _resource_profile(s.resource_profile),
+            "Sample generations": _samples_table(s.samples),
             "Run": f"<p>{s.method} on {s.world_size} process(es): {s.steps} steps, loss {s.first_loss:.4f} -> "
-            f"{s.final_loss:.4f}, {s.trained_tokens} trained tokens at {s.tokens_per_s:.1f} tokens/s.</p>"
-            + table_html(logs, max_rows=200),
+            f"{s.final_loss:.4f}; {best}; {s.trained_tokens} trained tokens at {s.tokens_per_s:.1f} tokens/s."
+            f"{resumed}</p>" + table_html(logs, max_rows=200),
         },
     )
     return TrainResult(
@@ -116,6 +171,10 @@ def train_elastic(
         tokens_per_s=s.tokens_per_s,
         runtime_s=s.runtime_s,
         world_size=s.world_size,
+        best_step=s.best_step,
+        best_eval_loss=s.best_eval_loss,
+        resumed_from_step=s.resumed_from_step,
+        metrics=FlyteFile(str(outputs.model_dir.parent / "train_summary.json")),
     )
 
 
@@ -132,11 +191,13 @@ def _configured_copy(cfg: TrainConfig) -> PytorchElasticFunctionTask:
 
 
 @dynamic(container_image=cpu_image, cache=CACHE_TRAIN)
-def train_model(base_model: FlyteDirectory, train_data: StructuredDataset, data: DataConfig, train: TrainConfig) -> TrainResult:
+def train_model(
+    base_model: FlyteDirectory, train_data: StructuredDataset, eval_data: StructuredDataset, data: DataConfig, train: TrainConfig
+) -> TrainResult:
     """Launch the Elastic training task at the scale and on the hardware the config asks for."""
     # configure_elastic, not with_overrides(task_config=...): see tasks/elastic.py
     task_fn = _configured_copy(train) if is_local() else configure_elastic(train_elastic, elastic_config(train))
-    result = task_fn(base_model=base_model, train_data=train_data, data=data, train=train)
+    result = task_fn(base_model=base_model, train_data=train_data, eval_data=eval_data, data=data, train=train)
     return result.with_overrides(
         requests=resources(train),
         limits=resources(train),

@@ -32,7 +32,9 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
     base = prepare_base_model(model=cfg.model)
     checked = check_outputs(base_model=base, config=cfg)  # GGUF / lm-eval prerequisites, before any training
     splits = get_data(data=cfg.data, base_model=base)
-    trained = train_model(base_model=base, train_data=splits.train, data=cfg.data, train=cfg.train)
+    trained = train_model(
+        base_model=base, train_data=splits.train_tokens, eval_data=splits.heldout, data=cfg.data, train=cfg.train
+    )
     checked >> trained
     a = assess(base_model=base, tuned_model=trained.model, eval_data=splits.heldout, config=cfg)
     hub_urls = push_to_hub(

@@ -1,0 +1,136 @@
+"""The HF Trainer subclass and callbacks that make a run safe to leave alone.
+
+- ``FineTuneTrainer`` stops at the first non-finite loss (not after the run has burnt its
+  budget on NaNs), counts trained tokens (labels != -100) whatever the collator, and
+  logs trained tokens per second next to the loss.
+- ``CheckpointUploader`` copies the Trainer's ``checkpoints/`` to a checkpoint store after
+  every save, once every rank has finished writing (DeepSpeed shards are per rank).
+- ``SampleGenerations`` records greedy completions of a fixed set of held-out prompts at
+  every evaluation, so a user can watch behaviour change across training.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from llm_finetune.checkpoint import COMPLETE_MARKER
+from llm_finetune.collate import model_inputs
+from llm_finetune.encoding import IGNORE_INDEX
+
+
+def all_reduce_sum(value: float) -> float:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t.item())
+    return value
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class FineTuneTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trained_tokens_local = 0  # this rank, training micro-batches only (never eval)
+        self.trained_tokens_total = 0  # all ranks, as of the last log
+        self._last_log = (time.perf_counter(), 0)
+
+    def train(self, *args, **kwargs):
+        self._last_log = (time.perf_counter(), 0)  # throughput from here, not from model loading
+        return super().train(*args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.trained_tokens_local += int((inputs["labels"] != IGNORE_INDEX).sum())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = model_inputs(model, inputs)  # packed rows: document ids -> block-diagonal mask
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = out[0] if return_outputs else out
+        if model.training and not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.state.global_step + 1} (rank {self.args.process_index}); "
+                "stopped at the first non-finite loss. Lower train.learning_rate, check the data for empty or "
+                "corrupt rows, or use train.precision: bf16/fp32 instead of fp16"
+            )
+        return out
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:  # a training log: every rank gets here at the same step
+            total = int(all_reduce_sum(self.trained_tokens_local))
+            now = time.perf_counter()
+            t0, n0 = self._last_log
+            logs["trained_tokens"] = total
+            logs["tokens_per_s"] = round((total - n0) / max(now - t0, 1e-9), 2)
+            self._last_log, self.trained_tokens_total = (now, total), total
+        super().log(logs, *args, **kwargs)
+
+
+class CheckpointUploader(TrainerCallback):
+    """After each checkpoint: wait for every rank, mark it complete, hand it to the store (rank 0)."""
+
+    def __init__(self, store, checkpoints_dir: Path):
+        self.store, self.checkpoints_dir = store, Path(checkpoints_dir)
+        self.uploaded_steps: list[int] = []
+
+    def on_save(self, args, state, control, **kwargs):
+        barrier()  # every rank has written its optimizer/RNG shard
+        if state.is_world_process_zero:
+            ckpt = self.checkpoints_dir / f"checkpoint-{state.global_step}"
+            (ckpt / COMPLETE_MARKER).write_text(str(state.global_step))
+            if self.store is not None:
+                self.store.save(self.checkpoints_dir)
+                self.uploaded_steps.append(state.global_step)
+        barrier()
+
+
+class SampleGenerations(TrainerCallback):
+    """Greedy generations for fixed prompts at every evaluation; kept in ``self.rows`` on rank 0.
+
+    Under ZeRO-3 the weights are sharded, so every rank generates together
+    (``synced_gpus``); otherwise rank 0 alone generates on its full copy.
+    """
+
+    def __init__(self, tokenizer, prompts: list[tuple[str, str]], max_new_tokens: int, zero3: bool):
+        self.tokenizer, self.prompts, self.max_new_tokens, self.zero3 = tokenizer, prompts, max_new_tokens, zero3
+        self.rows: list[dict] = []
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        if not self.prompts or (not self.zero3 and not state.is_world_process_zero):
+            return
+        was_training = model.training
+        model.eval()
+        tok = self.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            enc = tok([p for p, _ in self.prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(next(model.parameters()).device)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc, max_new_tokens=self.max_new_tokens, do_sample=False, synced_gpus=self.zero3,
+                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                )
+            texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        finally:
+            tok.padding_side = side
+            model.train(was_training)
+        if state.is_world_process_zero:
+            eval_loss = (metrics or {}).get("eval_loss", math.nan)
+            for i, ((prompt, ref), text) in enumerate(zip(self.prompts, texts)):
+                self.rows.append(
+                    {"step": state.global_step, "prompt_id": i, "eval_loss": eval_loss, "prompt": prompt,
+                     "reference": ref, "generation": text.strip()}
+                )

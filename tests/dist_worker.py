@@ -1,0 +1,50 @@
+"""A torchrun worker for the multi-process tests: trains the tiny model per a JSON spec.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py spec.json
+
+spec: model_dir, out_dir, train (TrainConfig overrides), deepspeed (file name or null),
+fault: {"rank": r, "step": s, "mode": "exit" | "hang"} to make one rank die or hang.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from llm_finetune.config import DataConfig, TrainConfig, deepspeed_config_path, from_dict
+from llm_finetune.data.prepare import prepare
+from llm_finetune.model import load_tokenizer
+from llm_finetune.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Fault(TrainerCallback):
+    def __init__(self, rank: int, step: int, mode: str):
+        self.rank, self.step, self.mode = rank, step, mode
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step and int(os.environ["RANK"]) == self.rank:
+            print(f"[fault] rank {self.rank} {self.mode}s at step {self.step}", flush=True)
+            if self.mode == "exit":
+                os._exit(3)  # no cleanup, no exception: like a killed process
+            time.sleep(3600)  # hangs: the others must time out in their next collective
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = from_dict(TrainConfig, spec["train"])
+    prepared = prepare(DataConfig(), load_tokenizer(spec["model_dir"]))
+    fault = [Fault(**spec["fault"])] if spec.get("fault") else []
+    ds = deepspeed_config_path(spec.get("deepspeed") or "none", ROOT / "deepspeed_configs")
+    out = train(spec["model_dir"], prepared.train, DataConfig(), cfg, spec["out_dir"], deepspeed_config=ds,
+                eval_frame=prepared.eval, callbacks=fault)
+    if out is not None:
+        print("[summary] " + json.dumps({"steps": out.summary.steps, "first_loss": out.summary.first_loss}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
