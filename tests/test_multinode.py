@@ -115,7 +115,7 @@ def test_two_pods_run_the_serialized_pytorchjob_command(tiny_llama, train_frame,
     assert spec.template.type == "pytorch"
     ctx = FlyteContextManager.current_context()
     inputs = {"base_model": FlyteDirectory(str(tiny_llama)), "train_data": StructuredDataset(dataframe=train_frame),
-              "data": DataConfig(), "train": train}
+              "eval_data": StructuredDataset(dataframe=train_frame.head(8)), "data": DataConfig(), "train": train}
     lm = TypeEngine.dict_to_literal_map(ctx, inputs, task.python_interface.inputs)
     (tmp_path / "inputs.pb").write_bytes(lm.to_flyte_idl().SerializeToString())
 
