@@ -9,6 +9,8 @@ llama.cpp and Ollama, written by ``llm_finetune.gguf_export``.
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,10 +83,32 @@ def quantize_variant(model_dir: str | Path, out_dir: str | Path, variant: str, n
     raise ConfigError([f"quantize.variants: {variant!r} is not one of {', '.join([*BNB_VARIANTS, *GGUF_VARIANTS])}"])
 
 
+class _Once(logging.Filter):
+    """Let a repeated library warning through once instead of on every matmul."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+def _quiet_int8_cast_warning() -> None:
+    # bitsandbytes logs "MatMul8bitLt: inputs will be cast ..." on every int8 matmul (thousands per evaluation)
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Once) for f in logger.filters):
+        logger.addFilter(_Once("MatMul8bitLt: inputs will be cast"))
+
+
 def load_quantized(model_dir: str | Path, gguf_file: str = ""):
     """Load a saved variant: bitsandbytes (its config carries the settings) or a GGUF file (de-quantized by transformers)."""
     from transformers import AutoModelForCausalLM
 
+    _quiet_int8_cast_warning()
     if gguf_file:
         return AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=torch.float32).eval()
     return AutoModelForCausalLM.from_pretrained(model_dir, device_map=_device_map()).eval()
