@@ -1,9 +1,9 @@
 """Batches for the trainer: padded examples (the baseline) or packed rows.
 
-Both collators count the tokens that carry loss (labels that are not -100 after the
-causal shift), which is what tokens/s and the loss normalisation are measured in.
-Packed batches carry ``document_ids``; ``model_inputs`` turns them into the attention
-mask the model's attention implementation needs, on the model's device.
+The trainer counts the tokens that carry loss; the collator counts real (non-padding)
+tokens and token slots, so benchmarks can report the padding share. Packed batches carry
+``document_ids``; ``model_inputs`` turns them into the attention mask the model's
+attention implementation needs, on the model's device.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ class TokenCollator:
         self.pad_id = pad_id
         self.packed = packed
         self.multiple = max(1, pad_to_multiple_of)
-        self.trained_tokens = 0  # labels that carry loss, summed over batches
         self.real_tokens = 0  # non-padding tokens
         self.batch_tokens = 0  # all token slots, padding included
 
@@ -39,7 +38,6 @@ class TokenCollator:
             ids[i, :n] = torch.as_tensor(b["input_ids"], dtype=torch.long)
             labels[i, :n] = torch.as_tensor(b["labels"], dtype=torch.long)
         lens = [list(b.get("seq_lens") or [len(b["input_ids"])]) for b in batch]
-        self.trained_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
         self.real_tokens += sum(sum(x) for x in lens)
         self.batch_tokens += ids.numel()
         out = {"input_ids": ids, "labels": labels}

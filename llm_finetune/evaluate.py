@@ -17,10 +17,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from llm_finetune.collate import TokenCollator
 from llm_finetune.config import DataConfig, EvalConfig
 from llm_finetune.encoding import IGNORE_INDEX, prompt_and_reference
 from llm_finetune.model import load_tokenizer
-from llm_finetune.train import PadCollator, encode_frame
+from llm_finetune.train import encode_frame
 
 
 @dataclass
@@ -52,7 +53,7 @@ def load_model(model_dir: str | Path, gguf_file: str = ""):
 @torch.no_grad()
 def completion_loss(model, tokenizer, frame: pd.DataFrame, data_cfg: DataConfig, batch_size: int) -> float:
     examples = encode_frame(tokenizer, frame, data_cfg)
-    collate = PadCollator(tokenizer.pad_token_id)
+    collate = TokenCollator(tokenizer.pad_token_id)
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         batch = {k: v.to(model.device) for k, v in collate(examples[i : i + batch_size]).items()}

@@ -112,9 +112,6 @@ def sample_prompts(tokenizer, frame: pd.DataFrame, data_cfg: DataConfig, n: int)
     return out
 
 
-PadCollator = TokenCollator  # the padding baseline: one example per row, 2D attention mask
-
-
 def attention_implementation(packed: bool) -> str:
     """Flex attention skips the masked blocks of packed rows on GPU; SDPA elsewhere."""
     if packed and torch.cuda.is_available():

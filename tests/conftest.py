@@ -25,3 +25,15 @@ def tokenizer(base_model_dir):
     from llm_finetune.model import load_tokenizer
 
     return load_tokenizer(base_model_dir)
+
+
+@pytest.fixture
+def isolated_flyte(tmp_path, monkeypatch):
+    """A fresh local cache and deck dir, so this run trains for real and caches only here."""
+    import flytekit.core.local_cache as local_cache
+
+    monkeypatch.setattr(local_cache, "CACHE_LOCATION", str(tmp_path / "local-cache"))
+    monkeypatch.setattr(local_cache.LocalTaskCache, "_initialized", False)
+    monkeypatch.setenv("LLM_FINETUNE_DECK_DIR", str(tmp_path / "decks"))
+    yield tmp_path
+    local_cache.LocalTaskCache._initialized = False

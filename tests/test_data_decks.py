@@ -5,21 +5,9 @@ import json
 import re
 
 import pandas as pd
-import pytest
 
 from llm_finetune.config import DataConfig
 from tests.chromium import render
-
-
-@pytest.fixture
-def isolated_flyte(tmp_path, monkeypatch):
-    import flytekit.core.local_cache as local_cache
-
-    monkeypatch.setattr(local_cache, "CACHE_LOCATION", str(tmp_path / "local-cache"))
-    monkeypatch.setattr(local_cache.LocalTaskCache, "_initialized", False)
-    monkeypatch.setenv("LLM_FINETUNE_DECK_DIR", str(tmp_path / "decks"))
-    yield tmp_path
-    local_cache.LocalTaskCache._initialized = False
 
 
 def messy_rows():

@@ -9,18 +9,6 @@ from llm_finetune.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def isolated_flyte(tmp_path, monkeypatch):
-    """A fresh local cache and deck dir, so this run trains for real and caches only here."""
-    import flytekit.core.local_cache as local_cache
-
-    monkeypatch.setattr(local_cache, "CACHE_LOCATION", str(tmp_path / "local-cache"))
-    monkeypatch.setattr(local_cache.LocalTaskCache, "_initialized", False)
-    monkeypatch.setenv("LLM_FINETUNE_DECK_DIR", str(tmp_path / "decks"))
-    yield tmp_path
-    local_cache.LocalTaskCache._initialized = False
-
-
 @pytest.mark.slow
 def test_fine_tune_workflow_end_to_end(isolated_flyte, capfd):
     import torch

@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from llm_finetune.config import DataConfig, TrainConfig
 from llm_finetune.data.prepare import prepare
+from tests.tiny import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,18 +33,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory, tokenizer) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny"), tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
     )
-    out = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

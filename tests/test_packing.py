@@ -8,6 +8,7 @@ import torch
 
 from llm_finetune.collate import TokenCollator, model_inputs
 from llm_finetune.packing import IGNORE_INDEX, best_fit_decreasing, pack_examples, packing_efficiency
+from tests.tiny import tiny_llama_config
 
 
 def test_best_fit_decreasing_places_every_item_once_within_capacity():
@@ -74,12 +75,12 @@ def _packed(model, examples, width):
 
 def _tiny_model(tokenizer, impl="sdpa"):
     """A 2-layer Llama with the real tokenizer's vocabulary: same attention code, fast on CPU."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, attn_implementation=impl,
+    cfg = tiny_llama_config(
+        tokenizer, max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=None, pad_token_id=None,
+        attn_implementation=impl,
     )
     return LlamaForCausalLM(cfg)
 

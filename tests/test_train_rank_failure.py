@@ -1,6 +1,5 @@
 """One rank dying or hanging fails the whole 2-process run within a bounded time."""
 
-import json
 import time
 
 import pytest

@@ -10,17 +10,24 @@ from pathlib import Path
 import pytest
 
 
-def save_tiny_llama(out: Path, tokenizer, seed: int = 0) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(tokenizer, **overrides):
+    """A 2-layer Llama with the real tokenizer's vocabulary; ``overrides`` change any field."""
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    fields = dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def save_tiny_llama(out: Path, tokenizer, seed: int = 0, **overrides) -> Path:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(tiny_llama_config(tokenizer, **overrides)).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return Path(out)
 
