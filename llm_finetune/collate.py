@@ -2,15 +2,21 @@
 
 The trainer counts the tokens that carry loss; the collator counts real (non-padding)
 tokens and token slots, so benchmarks can report the padding share. Packed batches carry
-``document_ids``; ``model_inputs`` turns them into the attention mask the model's
-attention implementation needs, on the model's device.
+``position_ids`` (restarting at 0 per example) and ``document_ids``; ``model_inputs``
+turns them into what the model's attention implementation needs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from llm_finetune.packing import IGNORE_INDEX, attention_inputs, document_ids, position_ids
+from llm_finetune.packing import IGNORE_INDEX, document_ids, flex_block_mask, position_ids
+
+# Attention implementations that isolate packed examples. sdpa/eager: transformers 5 builds
+# the block-diagonal causal mask itself from ``position_ids`` when no attention mask and no
+# cache are passed (masking_utils.find_packed_sequence_indices). flex_attention: we pass a
+# BlockMask built from the document ids (the GPU path; see docs/training.md).
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
 class TokenCollator:
@@ -52,14 +58,41 @@ class TokenCollator:
         return out
 
 
+def unwrap(model):
+    """The ``PreTrainedModel`` inside DDP / DeepSpeed / torch.compile wrappers and a PEFT model.
+
+    The Trainer hands ``compute_loss`` the wrapped model, which has no ``config`` of its own.
+    """
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def attention_implementation(model) -> str:
+    impl = getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
+    if impl is None:
+        raise TypeError(f"cannot tell the attention implementation of {type(model).__name__}: it has no config")
+    return impl
+
+
 def model_inputs(model, batch: dict) -> dict:
-    """Replace ``document_ids`` by the attention mask this model's attention needs."""
+    """Replace ``document_ids`` by what this model's attention needs to keep packed examples apart.
+
+    ``use_cache=False`` always: with a cache, transformers skips the packed-sequence detection
+    and SDPA would attend across examples.
+    """
     if "document_ids" not in batch:
         return batch
     batch = dict(batch)
     docs = batch.pop("document_ids")
-    config = getattr(model, "config", None)
-    impl = getattr(config, "_attn_implementation", None) or "sdpa"
-    dtype = next(model.parameters()).dtype
-    batch["attention_mask"] = attention_inputs(docs, impl, dtype)
+    impl = attention_implementation(model)
+    if impl not in PACKED_ATTENTION:
+        raise ValueError(
+            f"packing needs one of {', '.join(PACKED_ATTENTION)} attention to isolate examples, not {impl!r}; "
+            "set data.packing: false or load the model with one of those"
+        )
+    batch["use_cache"] = False
+    if impl == "flex_attention":
+        batch["attention_mask"] = flex_block_mask(docs.to(batch["input_ids"].device))
     return batch

@@ -5,8 +5,10 @@ instruction data. Packing fills rows with whole examples instead (best-fit decre
 so rows are nearly full), and keeps the examples independent:
 
 - attention: a block-diagonal causal mask, so a token sees only earlier tokens of its
-  own example (SDPA/eager get a 4D mask; flex attention gets a ``BlockMask`` built from
-  the same document ids; position ids alone do NOT isolate examples in transformers 5);
+  own example. SDPA/eager: transformers 5 builds it from the restarted ``position_ids``
+  when the forward gets no attention mask and ``use_cache=False`` (with a cache it does
+  not, and examples leak into each other); flex attention gets a ``BlockMask`` built
+  from the document ids (``flex_block_mask``). ``collate.model_inputs`` picks;
 - positions: ``position_ids`` restart at 0 for every example, as if it were alone;
 - loss: the first token of every example gets label -100, so the last token of the
   previous example is never trained to predict it.
@@ -117,24 +119,8 @@ def position_ids(seq_lens: list[list[int]], width: int) -> torch.Tensor:
     return out
 
 
-def block_causal_mask(doc_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """[batch, 1, L, L] mask: query q sees key k iff same document and k <= q.
-
-    ``dtype=None`` gives a boolean mask (True = attend; SDPA). A float dtype gives the
-    additive form (0 or the dtype's minimum) that eager attention expects.
-    """
-    L = doc_ids.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=doc_ids.device).tril()
-    allowed = (doc_ids[:, :, None] == doc_ids[:, None, :]) & causal
-    allowed = allowed[:, None]
-    if dtype is None:
-        return allowed
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
 def flex_block_mask(doc_ids: torch.Tensor):
-    """The same block-diagonal causal pattern as a flex-attention ``BlockMask``.
+    """The block-diagonal causal pattern as a flex-attention ``BlockMask``.
 
     Flex attention skips fully masked blocks, so packed rows cost about what the examples
     would cost alone; this is the GPU path (flex has no backward on CPU).
@@ -148,17 +134,3 @@ def flex_block_mask(doc_ids: torch.Tensor):
 
     B, L = doc_ids.shape
     return create_block_mask(same_doc_causal, B, None, L, L, device=doc_ids.device)
-
-
-def attention_inputs(doc_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype):
-    """The ``attention_mask`` argument a model with this attention implementation needs."""
-    if attn_implementation == "flex_attention":
-        return flex_block_mask(doc_ids)
-    if attn_implementation == "sdpa":
-        return block_causal_mask(doc_ids)
-    if attn_implementation == "eager":
-        return block_causal_mask(doc_ids, dtype)
-    raise ValueError(
-        f"packing needs sdpa, eager or flex_attention to isolate examples, not {attn_implementation!r}; "
-        "set data.packing: false or load the model with one of those"
-    )

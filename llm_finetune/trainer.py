@@ -2,7 +2,8 @@
 
 - ``FineTuneTrainer`` stops at the first non-finite loss (not after the run has burnt its
   budget on NaNs), counts trained tokens (labels != -100) whatever the collator, and
-  logs trained tokens per second next to the loss.
+  logs trained tokens per second next to the loss. Its loss projects onto the vocabulary
+  only the positions that carry a label, in chunks (label_loss.py), where that is exact.
 - ``CheckpointUploader`` copies the Trainer's ``checkpoints/`` to a checkpoint store after
   every save, once every rank has finished writing (DeepSpeed shards are per rank).
 - ``SampleGenerations`` records greedy completions of a fixed set of held-out prompts at
@@ -21,6 +22,7 @@ from transformers import Trainer, TrainerCallback
 from llm_finetune.checkpoint import COMPLETE_MARKER
 from llm_finetune.collate import model_inputs
 from llm_finetune.encoding import IGNORE_INDEX
+from llm_finetune.label_loss import label_only_loss
 
 
 def all_reduce_sum(value: float) -> float:
@@ -42,6 +44,8 @@ def barrier() -> None:
 
 
 class FineTuneTrainer(Trainer):
+    label_only_loss = True  # False: the standard loss over full logits (the benchmark's reference)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.trained_tokens_local = 0  # this rank, training micro-batches only (never eval)
@@ -57,9 +61,16 @@ class FineTuneTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = model_inputs(model, inputs)  # packed rows: document ids -> block-diagonal mask
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        loss = out[0] if return_outputs else out
+        inputs = model_inputs(model, inputs)  # packed rows: examples kept apart (collate.py)
+        loss = label_only_loss(model, inputs, num_items_in_batch) if self.label_only_loss else None
+        if loss is None:  # the standard full-logits loss (this model's head cannot be chunked exactly)
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            loss = out[0] if return_outputs else out
+        else:
+            if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                # as Trainer.compute_loss: the token-normalised loss is rescaled because DDP averages gradients
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu)
+            out = (loss, {"loss": loss.detach()}) if return_outputs else loss
         if model.training and not torch.isfinite(loss.detach()).all():
             raise FloatingPointError(
                 f"training loss is {loss.item()} at step {self.state.global_step + 1} (rank {self.args.process_index}); "

@@ -34,11 +34,21 @@ class Fault(TrainerCallback):
             time.sleep(3600)  # hangs: the others must time out in their next collective
 
 
+class ReportOptimizer(TrainerCallback):
+    """Rank 0 prints the optimizer classes after the first step (DeepSpeed wraps its own)."""
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step == 1 and int(os.environ["RANK"]) == 0:
+            inner = getattr(optimizer, "optimizer", None)
+            print(f"[optimizer] {type(optimizer).__name__} {type(inner).__name__}", flush=True)
+
+
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     cfg = from_dict(TrainConfig, spec["train"])
     prepared = prepare(DataConfig(), load_tokenizer(spec["model_dir"]))
     fault = [Fault(**spec["fault"])] if spec.get("fault") else []
+    fault.append(ReportOptimizer())
     ds = deepspeed_config_path(spec.get("deepspeed") or "none", ROOT / "deepspeed_configs")
     out = train(spec["model_dir"], prepared.train, DataConfig(), cfg, spec["out_dir"], deepspeed_config=ds,
                 eval_frame=prepared.eval, callbacks=fault)

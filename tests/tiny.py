@@ -32,13 +32,13 @@ def save_tiny_llama(out: Path, tokenizer, seed: int = 0, **overrides) -> Path:
     return Path(out)
 
 
-def run_torchrun(spec: dict, tmp_path, timeout: int = 240) -> subprocess.CompletedProcess:
-    """torchrun with 2 processes; on timeout the whole process group (workers too) is killed."""
+def run_torchrun(spec: dict, tmp_path, timeout: int = 240, worker: str = "dist_worker.py") -> subprocess.CompletedProcess:
+    """torchrun with 2 processes running ``tests/<worker>``; on timeout the whole process group is killed."""
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(root / "tests" / "dist_worker.py"), str(path)]
+           str(root / "tests" / worker), str(path)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root, env=env,
                             start_new_session=True)
