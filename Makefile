@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 VERSION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup test test-fast run smoke package register register-dry-run bench bench-gpu clean-cache
+.PHONY: setup test test-fast test-gpu run smoke package register register-dry-run bench bench-gpu clean-cache
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ test:
 
 test-fast:
 	$(BIN)/python -m pytest -v -m "not slow"
+
+# CUDA-only tests (QLoRA, bf16, flex-attention training, chunked loss in bf16): run these first on
+# a lent GPU machine, with a python that has a CUDA torch and this project's dependencies:
+#   make test-gpu PYTHON=python3
+# Fails (rather than skipping everything) when torch sees no GPU.
+test-gpu:
+	$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: torch sees no CUDA GPU')"
+	$(PYTHON) -m pytest -v -m gpu
 
 # The main job on the embedded defaults (about 5 minutes on a 2-core CPU).
 run:

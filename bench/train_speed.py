@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import print_table, write_result
+from bench.common import RESULTS, device_name, print_table, write_result
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 GPU_MODEL = dict(  # TinyLlama-1.1B's shape, randomly initialised: no download
@@ -70,6 +70,7 @@ def synthetic_examples(n_rows: int, max_length: int, vocab: int, seed: int = 0) 
 
 
 # ---------------------------------------------------------------- one measured run
+
 def run_one(a: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainerCallback, TrainingArguments
@@ -79,7 +80,7 @@ def run_one(a: argparse.Namespace) -> dict:
     from llm_finetune.trainer import FineTuneTrainer
 
     cuda = a.device == "cuda"
-    ours = a.path == "ours"
+    ours, trl = a.path == "ours", a.path == "trl_best"
     torch.manual_seed(0)
     if cuda:
         examples = synthetic_examples(a.rows, a.max_length, GPU_MODEL["vocab_size"])
@@ -92,18 +93,30 @@ def run_one(a: argparse.Namespace) -> dict:
         model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32)
         model_name = "SmolLM2-135M (embedded)"
     n_params = sum(p.numel() for p in model.parameters())
-    n_lora = 0
+    lora = None
     if a.method == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
-        n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        if not trl:  # TRL wraps the model itself (after adding its fused LM head)
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora)
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad) if (lora is not None and not trl) else 0
     flops_per_token = 6 * n_params if a.method == "full" else 4 * n_params + 6 * n_lora
 
     mean_len = sum(len(e["input_ids"]) for e in examples) / len(examples)
+    packed_batch = max(1, round(a.batch_size * mean_len / a.max_length))  # same tokens per step as the baseline
     if ours:
         data = pack_examples(examples, a.max_length)
-        batch = max(1, round(a.batch_size * mean_len / a.max_length))  # same tokens per step as the baseline
+        batch = packed_batch
+    elif trl:  # TRL packs (BFD) and builds completion-only labels from this mask itself
+        from datasets import Dataset
+
+        data = Dataset.from_list([
+            {"input_ids": e["input_ids"], "completion_mask": [int(x != -100) for x in e["labels"]]} for e in examples
+        ])
+        batch = packed_batch
     else:
         data = [{"input_ids": e["input_ids"], "labels": mask_first_label(e["labels"])} for e in examples]
         batch = a.batch_size
@@ -114,13 +127,26 @@ def run_one(a: argparse.Namespace) -> dict:
 
     times: list[float] = []
     counts: list[tuple[int, int]] = []  # (trained, real) tokens of each step's batch, as trained
+    slots = [0, 0]  # (real, all) token slots of the measured system's batches
 
-    class Counting(FineTuneTrainer if ours else Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs = dict(inputs)
-            real = int(inputs.pop("n_real"))
-            counts.append((int((inputs["labels"][:, 1:] != -100).sum()), real))
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    if trl:
+        from trl import SFTConfig, SFTTrainer
+
+        class Counting(SFTTrainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                if model.training:
+                    real = int(inputs["position_ids"].numel())  # padding-free: every slot is a real token
+                    counts.append((int((inputs["labels"][:, 1:] != -100).sum()), real))
+                    slots[0] += real
+                    slots[1] += real
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    else:
+        class Counting(FineTuneTrainer if ours else Trainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                inputs = dict(inputs)
+                real = int(inputs.pop("n_real"))
+                counts.append((int((inputs["labels"][:, 1:] != -100).sum()), real))
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -134,14 +160,23 @@ def run_one(a: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - self.t)
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
+        common = dict(
             output_dir=out, max_steps=a.warmup + a.steps, per_device_train_batch_size=batch, learning_rate=1e-4,
             logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=not cuda, bf16=cuda,
-            remove_unused_columns=False, label_names=["labels"], disable_tqdm=True, dataloader_num_workers=0,
-            optim="adamw_torch_fused" if (cuda and ours) else "adamw_torch", torch_compile=cuda and ours,
-            gradient_checkpointing=a.gradient_checkpointing, seed=0,
+            disable_tqdm=True, dataloader_num_workers=0,
+            optim="adamw_torch_fused" if (cuda and not a.path == "hf_padded") else "adamw_torch",
+            torch_compile=cuda and ours, gradient_checkpointing=a.gradient_checkpointing, seed=0,
         )
-        trainer = Counting(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Clock()])
+        if trl:
+            args = SFTConfig(**common, packing=True, packing_strategy="bfd", padding_free=True,
+                             completion_only_loss=True, max_length=a.max_length)
+            trainer = Counting(model=model, args=args, train_dataset=data, peft_config=lora, callbacks=[Clock()])
+            if lora is not None:
+                n_lora = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+                flops_per_token = 4 * n_params + 6 * n_lora
+        else:
+            args = TrainingArguments(**common, remove_unused_columns=False, label_names=["labels"])
+            trainer = Counting(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Clock()])
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         profile_table = None
@@ -155,6 +190,8 @@ def run_one(a: argparse.Namespace) -> dict:
             profile_table = prof.key_averages().table(sort_by=key, row_limit=15)
         else:
             trainer.train()
+    if not trl:
+        slots = [collator.real_tokens, collator.batch_tokens]
     w = a.warmup
     assert len(counts) == len(times) == w + a.steps, (len(counts), len(times))
     dt = sum(times[w:])
@@ -168,15 +205,18 @@ def run_one(a: argparse.Namespace) -> dict:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, whole process
         device = "cpu"
+    import importlib.metadata as md
+
+    versions = {k: md.version(k) for k in ("torch", "transformers", "peft", "trl", "accelerate")}
     flops = flops_per_token * real / dt
     peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in device), None)
     return {
         "method": a.method, "path": a.path, "model": model_name, "params": n_params, "lora_params": n_lora,
         "attention": impl, "rows_per_step": batch, "max_length": a.max_length, "steps": a.steps,
         "step_s": dt / a.steps, "trained_tok_s": trained / dt, "real_tok_s": real / dt,
-        "padding_share": 1 - collator.real_tokens / max(1, collator.batch_tokens), "peak_mem_gib": peak,
+        "padding_share": 1 - slots[0] / max(1, slots[1]), "peak_mem_gib": peak,
         "model_tflop_s": flops / 1e12, "mfu": flops / peak_flops if peak_flops else None,
-        "profile": profile_table,
+        "profile": profile_table, "versions": versions,
     }
 
 
@@ -191,7 +231,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=None)
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="torch.profiler table of the 'ours' rows")
+    ap.add_argument("--systems", default="hf_padded,trl_best,ours", help="hf_padded, trl_best, ours")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table of the --profile-systems rows")
+    ap.add_argument("--profile-systems", default="ours")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     cuda = a.device == "cuda"
@@ -205,27 +247,32 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(a)), flush=True)
         return
 
+    systems = a.systems.split(",")
     rows = []
     for method in a.methods.split(","):
-        for path in ("baseline", "ours"):
+        for path in systems:
             cmd = [sys.executable, "-m", "bench.train_speed", "--one", method, path, "--device", a.device]
             for k in defaults:
                 cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
             if a.gradient_checkpointing:
                 cmd.append("--gradient-checkpointing")
-            if a.profile and path == "ours":
+            if a.profile and path in a.profile_systems.split(","):
                 cmd.append("--profile")
             print("running", method, path, flush=True)
+            t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"{method}/{path} failed:\n{proc.stderr[-4000:]}")
-            rows.append(json.loads(line[len("RESULT "):]))
+            rows.append({**json.loads(line[len("RESULT "):]), "wall_s": round(time.perf_counter() - t0, 1)})
     for method in a.methods.split(","):
-        base, ours = (next(r for r in rows if r["method"] == method and r["path"] == p) for p in ("baseline", "ours"))
-        ours["speedup_trained_tok_s"] = ours["trained_tok_s"] / base["trained_tok_s"]
+        by = {r["path"]: r for r in rows if r["method"] == method}
+        for r in by.values():
+            for ref in ("hf_padded", "trl_best"):
+                if ref in by and r["path"] != ref:
+                    r[f"x_{ref}"] = r["trained_tok_s"] / by[ref]["trained_tok_s"]
     cols = ["method", "path", "rows_per_step", "step_s", "trained_tok_s", "real_tok_s", "padding_share",
-            "peak_mem_gib", "model_tflop_s", "mfu", "speedup_trained_tok_s"]
+            "peak_mem_gib", "model_tflop_s", "mfu", "x_hf_padded", "x_trl_best", "wall_s"]
     print(f"\n{rows[0]['model']}, max_length {a.max_length}, {a.steps} measured steps after {a.warmup} warm-up")
     print_table(rows, cols)
     for r in rows:
@@ -233,6 +280,20 @@ def main() -> None:
             print(f"\nprofile: {r['method']} / {r['path']}\n{r['profile']}")
     path = write_result(f"train_speed-{a.device}", {"args": {k: getattr(a, k) for k in defaults}, "rows": rows})
     print(f"wrote {path}")
+    peers = {  # the side-by-side format, all rows from this one run
+        "machine": device_name() if a.device == "cuda" else f"{device_name()}, {_mem_gib()} GiB RAM",
+        "versions": rows[0]["versions"],
+        "rows": [{"method": r["method"], "system": r["path"], "trained_tokens_per_s": round(r["trained_tok_s"], 2),
+                  "peak_rss_mb" if a.device == "cpu" else "peak_gpu_mem_mb": round(r["peak_mem_gib"] * 1024, 1)}
+                 for r in rows],
+    }
+    out = RESULTS / f"{a.device}_peers.json"
+    out.write_text(json.dumps(peers, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def _mem_gib() -> int:
+    return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
 
 
 if __name__ == "__main__":

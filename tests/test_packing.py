@@ -142,6 +142,7 @@ def test_packing_efficiency_counts_real_tokens():
     assert packing_efficiency([[3, 4], [8]], 10) == pytest.approx(15 / 20)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU path: flex attention training needs CUDA")
 def test_gpu_flex_attention_packed_equals_per_example(base_model_dir, tokenizer):
     from transformers import AutoModelForCausalLM

@@ -1,0 +1,78 @@
+"""CUDA-only paths: QLoRA, bf16, flex-attention training on packed rows, the chunked loss in bf16.
+
+Skipped without a GPU; on a lent device run them first with ``make test-gpu``.
+"""
+
+import pytest
+import torch
+
+from llm_finetune.config import DataConfig, TrainConfig
+from llm_finetune.data.prepare import prepare
+from llm_finetune.train import train
+from tests.tiny import save_tiny_llama
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"), tokenizer, max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def packed():
+    return DataConfig(packing=True, max_length=256)
+
+
+@pytest.fixture(scope="module")
+def packed_rows(tokenizer, packed):
+    return prepare(packed, tokenizer).train_tokens
+
+
+@pytest.mark.parametrize("method,precision", [("qlora", "auto"), ("lora", "bf16"), ("full", "bf16")])
+def test_gpu_packed_training_lowers_loss_and_saves_loadable_model(method, precision, request, packed, packed_rows,
+                                                                  tmp_path):
+    """The train task's path on one GPU: packed rows -> flex attention (BlockMask), bf16 / 4-bit base."""
+    from transformers import AutoModelForCausalLM
+
+    from llm_finetune.train import attention_implementation
+
+    assert attention_implementation(True) == "flex_attention"
+    model_dir = request.getfixturevalue("base_model_dir" if method != "full" else "tiny_model_dir")
+    cfg = TrainConfig(method=method, precision=precision, max_steps=12, per_device_batch_size=2, logging_steps=1,
+                      warmup_ratio=0.0, learning_rate=1e-3 if method != "full" else 3e-3)
+    out = train(model_dir, packed_rows, packed, cfg, tmp_path)
+    s = out.summary
+    assert s.steps == 12 and s.final_loss < 0.8 * s.first_loss, s.log_history
+    model = AutoModelForCausalLM.from_pretrained(out.model_dir)
+    assert not any("lora" in k for k in model.state_dict())
+
+
+def test_gpu_label_only_loss_matches_full_logits_in_bf16(tokenizer, tmp_path):
+    """bf16 on CUDA: the chunked labelled-positions loss equals full logits + cross-entropy (bf16 tolerance)."""
+    import torch.nn.functional as F
+    from transformers import LlamaForCausalLM, TrainingArguments
+
+    from llm_finetune.collate import TokenCollator
+    from llm_finetune.trainer import FineTuneTrainer
+    from tests.test_packing import _examples
+    from tests.tiny import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, attn_implementation="flex_attention")).cuda().bfloat16()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], remove_unused_columns=False, label_names=["labels"])
+    trainer = FineTuneTrainer(model=model, args=args)
+    batch = TokenCollator(tokenizer.pad_token_id)(_examples(tokenizer, 4))
+    batch = {k: v.cuda() for k, v in batch.items()}
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(n, device="cuda"))
+    loss.backward()
+    got = {k: p.grad.float().clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), reduction="sum") / n
+    ref.backward()
+    torch.testing.assert_close(loss.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    for k, p in model.named_parameters():
+        cos = F.cosine_similarity(got[k].flatten(), p.grad.float().flatten(), dim=0)
+        assert cos > 0.99, (k, float(cos))
