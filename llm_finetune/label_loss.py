@@ -13,7 +13,9 @@ The model is still called as a whole (through DDP and the other wrappers, so the
 run): a forward pre-hook on the output embedding takes the final hidden states and hands
 the head an empty slice. ``label_only_loss`` returns None where this cannot be done
 exactly (ZeRO-3 partitioned head, a head with LoRA or a bias, logit soft-capping or
-scaling after the head); the caller then uses the standard loss.
+scaling after the head) or not measured yet (a torch.compile'd model, where adding and
+removing the hook every step would make dynamo recompile); the caller then uses the
+standard loss.
 """
 
 from __future__ import annotations
@@ -67,8 +69,19 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, target:
     return _LinearCrossEntropy.apply(hidden, weight, target, rows)
 
 
+def _compiled(model) -> bool:
+    """torch.compile'd anywhere in the wrapper chain (a per-step hook would make dynamo recompile)."""
+    while model is not None:
+        if hasattr(model, "_orig_mod"):
+            return True
+        model = getattr(model, "module", None)
+    return False
+
+
 def _head_weight(model):
     """The output projection's weight if the chunked loss is exact for this model, else None."""
+    if _compiled(model):
+        return None, None
     base = unwrap(model)
     config = getattr(base, "config", None)
     if config is None or any(getattr(config, k, None) not in (None, 1, 1.0) for k in _POST_HEAD_CONFIG):
