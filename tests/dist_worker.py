@@ -35,12 +35,15 @@ class Fault(TrainerCallback):
 
 
 class ReportOptimizer(TrainerCallback):
-    """Rank 0 prints the optimizer classes after the first step (DeepSpeed wraps its own)."""
+    """Rank 0 prints the chain of optimizer classes after the first step (accelerate and DeepSpeed wrap theirs)."""
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if state.global_step == 1 and int(os.environ["RANK"]) == 0:
-            inner = getattr(optimizer, "optimizer", None)
-            print(f"[optimizer] {type(optimizer).__name__} {type(inner).__name__}", flush=True)
+            chain = []
+            while optimizer is not None and len(chain) < 5:
+                chain.append(type(optimizer).__name__)
+                optimizer = getattr(optimizer, "optimizer", None)
+            print(f"[optimizer] {' > '.join(chain)}", flush=True)
 
 
 def main(spec_path: str) -> None:
