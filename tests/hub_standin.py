@@ -11,6 +11,10 @@ path. This threaded server implements the endpoints ``HfApi.create_repo``,
 - ``POST /{repo}.git/info/lfs/objects/batch``     LFS basic transfer: where to PUT each blob
 - ``PUT  /lfs-upload/{oid}``                      the blob
 - ``POST /api/models/{repo}/commit/{rev}``        ndjson commit: regular files inline, LFS files by oid
+- ``HEAD|GET /{repo}/resolve/{rev}/{path}``       file download (``hf_hub_download``, ``from_pretrained``);
+  404 ``EntryNotFound`` for a missing file; every request is logged, so a test can tell which files a
+  loader fetched
+- ``GET  /api/models/{repo}/tree/{rev}[/{path}]``  file listing
 
 Auth follows the hub: a Bearer token must be known (else 401) and allowed to write the
 namespace (else 403). ``fail_next(method, path_contains, status, times)`` injects
@@ -154,6 +158,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self):  # noqa: N802
         self._dispatch("PUT")
 
+    def do_HEAD(self):  # noqa: N802
+        self._dispatch("HEAD")
+
     # --- endpoints ------------------------------------------------------------------------
     def create_repo(self, body: bytes) -> None:
         req = json.loads(body)
@@ -175,6 +182,46 @@ class _Handler(BaseHTTPRequestHandler):
             "id": repo_id, "modelId": repo_id, "sha": repo.sha, "private": repo.private,
             "siblings": [{"rfilename": p} for p in sorted(repo.files)],
         })
+
+    def _readable(self, repo_id: str) -> Repo | None:
+        repo = self.server.repos.get(repo_id)
+        user = self._user()
+        if repo is None or (repo.private and (user is None or repo_id.split("/")[0] not in user[1])):
+            self._error(404, "Repository not found", "RepoNotFound")
+            return None
+        return repo
+
+    def resolve(self, body: bytes, repo_id: str, revision: str, path: str) -> None:
+        """A file at the head commit (revisions are not versioned here: a pinned sha must be the head)."""
+        repo = self._readable(repo_id)
+        if repo is None:
+            return
+        if revision not in ("main", repo.sha):
+            return self._error(404, f"Revision {revision} not found", "RevisionNotFound")
+        if path not in repo.files:
+            return self._error(404, f"{path} not found", "EntryNotFound")
+        data = repo.files[path]
+        headers = {"X-Repo-Commit": repo.sha, "ETag": f'"{repo.oid(path)}"', "Content-Type": "application/octet-stream"}
+        if path in repo.lfs:
+            headers.update({"X-Linked-Etag": f'"{repo.oid(path)}"', "X-Linked-Size": str(len(data))})
+        self.send_response(200)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def tree(self, body: bytes, repo_id: str, revision: str, path: str | None = None) -> None:
+        repo = self._readable(repo_id)
+        if repo is None:
+            return
+        prefix = (path or "").strip("/")
+        entries = [{"type": "file", "path": p, "size": len(d), "oid": repo.oid(p)} for p, d in sorted(repo.files.items())
+                   if not prefix or p.startswith(prefix + "/")]
+        if prefix and not entries:
+            return self._error(404, f"{prefix} not found", "EntryNotFound")
+        self._send(200, entries)  # type: ignore[arg-type]
 
     def validate_yaml(self, body: bytes) -> None:
         self._send(200, {"errors": [], "warnings": []})
@@ -245,8 +292,11 @@ class _Handler(BaseHTTPRequestHandler):
 _REPO = r"([^/]+/[^/]+?)"
 ROUTES = {
     "GET": [
+        (rf"/api/models/{_REPO}/tree/([^/]+)/(.+)", _Handler.tree),
+        (rf"/api/models/{_REPO}/tree/([^/]+)", _Handler.tree),
         (rf"/api/models/{_REPO}/revision/([^/]+)", _Handler.repo_info),
         (rf"/api/models/{_REPO}", _Handler.repo_info),
+        (rf"/{_REPO}/resolve/([^/]+)/(.+)", _Handler.resolve),
     ],
     "POST": [
         (r"/api/repos/create", _Handler.create_repo),
@@ -256,4 +306,5 @@ ROUTES = {
         (rf"/{_REPO}\.git/info/lfs/objects/batch", _Handler.lfs_batch),
     ],
     "PUT": [(r"/lfs-upload/([0-9a-f]{64})", _Handler.lfs_upload)],
+    "HEAD": [(rf"/{_REPO}/resolve/([^/]+)/(.+)", _Handler.resolve)],
 }
