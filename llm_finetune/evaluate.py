@@ -9,6 +9,7 @@ so ``task_metric`` is ``samples`` and the generation table is what to read.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -101,13 +102,23 @@ def evaluate(
     """Metrics plus a per-row table (prompt, reference, prediction, correct) for decks."""
     frame = eval_frame if cfg.max_samples == 0 else eval_frame.head(cfg.max_samples)
     tokenizer = _tokenizer(model_dir, gguf_file)
-    model = load_model(model_dir, gguf_file)
-    loss = completion_loss(model, tokenizer, frame, data_cfg, cfg.batch_size)
+    llm = None
+    if gguf_file and importlib.util.find_spec("llama_cpp"):  # GGUF runs in llama.cpp (llm_finetune/gguf_eval.py)
+        from llm_finetune import gguf_eval
+
+        examples = encode_frame(tokenizer, frame, data_cfg)
+        llm = gguf_eval.load(model_dir, gguf_file, n_ctx=max([len(e["input_ids"]) for e in examples] + [64]) + cfg.max_new_tokens + 16)
+        loss = gguf_eval.completion_loss(llm, examples)
+    else:
+        model = load_model(model_dir, gguf_file)
+        loss = completion_loss(model, tokenizer, frame, data_cfg, cfg.batch_size)
     rows = []
     instruction_rows = [json.loads(m) for m in frame["messages"] if m]
     if instruction_rows:
         pairs = [prompt_and_reference(tokenizer, conv, data_cfg.prompt_template) for conv in instruction_rows]
-        predictions = generate(model, tokenizer, [p for p, _ in pairs], cfg.max_new_tokens, cfg.batch_size)
+        prompts = [p for p, _ in pairs]
+        predictions = (gguf_eval.generate(llm, tokenizer, prompts, cfg.max_new_tokens) if llm is not None
+                       else generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size))
         for conv, (_, ref), pred in zip(instruction_rows, pairs, predictions):
             user = next((m["content"] for m in reversed(conv) if m["role"] == "user"), "")
             rows.append({"prompt": user, "reference": ref, "prediction": pred.strip(), "correct": pred.strip() == ref.strip()})

@@ -108,3 +108,29 @@ def test_modelfile_beside_the_gguf_names_it_and_stops_on_single_special_tokens(f
     for stop in stops:
         if fmt != "mistral" or stop == tok.eos_token:  # [INST] is plain text in Mistral v0.1-v0.2 vocabularies
             assert len(llm.tokenize(stop.encode(), add_bos=False, special=True)) == 1, stop
+
+
+def test_gguf_variants_are_scored_in_llama_cpp_like_the_hf_model(tokenizer, tmp_path, monkeypatch):
+    """evaluate(gguf_file=...) runs the file in llama.cpp (transformers' GGUF loader is made to fail) and agrees with HF."""
+    import transformers
+
+    from llm_finetune.config import DataConfig, EvalConfig
+    from llm_finetune.data.prepare import prepare
+    from llm_finetune.evaluate import evaluate
+    from llm_finetune.quantize import quantize_variant
+    from tests.tiny_families import save_family
+
+    model_dir = save_family("smollm2", tmp_path / "m", smollm_tokenizer=tokenizer)
+    data, cfg = DataConfig(), EvalConfig(max_samples=3, max_new_tokens=6, batch_size=3)
+    frame = prepare(data, tokenizer).eval
+    ref, ref_table = evaluate(model_dir, frame, data, cfg)
+    q = quantize_variant(model_dir, tmp_path / "q", "gguf_f16", name="m")
+
+    def no_dequantizing(*args, gguf_file=None, **kwargs):
+        raise AssertionError("the GGUF variant was de-quantized by transformers instead of run in llama.cpp")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_dequantizing)
+    got, table = evaluate(q.path, frame, data, cfg, gguf_file=q.gguf_file)
+    assert got.rows == ref.rows and list(table["prompt"]) == list(ref_table["prompt"])
+    assert abs(got.loss - ref.loss) < 0.01 * ref.loss, (got.loss, ref.loss)  # f16 rounding only
+    assert list(table["prediction"]) == list(ref_table["prediction"])
