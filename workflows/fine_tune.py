@@ -21,7 +21,6 @@ from tasks.train import train_model
 from tasks.validate import validate_config
 
 
-
 @workflow
 def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
     # Every cached task takes whole outputs of an upstream task, never `cfg.train`-style attribute
