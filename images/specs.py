@@ -54,6 +54,7 @@ COMMON_PACKAGES = [
     "PyYAML==6.0.3",
     "plotly==7.1.0",
     "gguf==0.19.0",
+    "sentencepiece==0.2.3",  # SentencePiece vocabularies (Mistral, Llama 2) in GGUF exports
     "bitsandbytes==0.50.2",  # QLoRA on the GPU; int8/nf4 quantization runs on its CPU backend too
     "lm_eval==0.4.13",  # evaluate.lm_eval_tasks: zero-shot benchmarks in the evaluation pods (both images evaluate)
 ]
