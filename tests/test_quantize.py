@@ -108,6 +108,6 @@ def test_gguf_for_an_unsupported_base_fails_before_training(tmp_path):
     cfg = FineTuneConfig()
     assert "gguf_q8_0" in quantize_variants(cfg.quantize)
     with pytest.raises(GGUFExportError, match=r"GGUF export: model_type 'gpt_neox'"):
-        check_outputs(base_model=FlyteDirectory(str(tmp_path)), config=cfg)
+        check_outputs(base_model=FlyteDirectory(str(tmp_path)), evaluate=cfg.evaluate, quantize=cfg.quantize)
     cfg.quantize.variants = ["int8"]
-    assert check_outputs(base_model=FlyteDirectory(str(tmp_path)), config=cfg) is True
+    assert check_outputs(base_model=FlyteDirectory(str(tmp_path)), evaluate=cfg.evaluate, quantize=cfg.quantize) is True
