@@ -60,9 +60,9 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(tiny_dir, splits, tmp_
     store = LocalCheckpointStore(tmp_path / "store")
     with pytest.raises(RuntimeError, match="injected failure at step 10"):
         train(tiny_dir, train_frame, DataConfig(), cfg, tmp_path / "attempt1", checkpoint_store=store, callbacks=[FailAt(10)])
-    stored = sorted(p.name for p in store.current.iterdir())
-    assert stored == ["checkpoint-4", "checkpoint-8"]  # the latest and one more (save_total_limit 2)
-    assert (store.current / "checkpoint-8" / COMPLETE_MARKER).is_file()
+    stored = sorted(p.name for p in store.root.iterdir())
+    assert stored == ["checkpoint-4", "checkpoint-8"]  # the newest train.keep_checkpoints (2)
+    assert (store.root / "checkpoint-8" / f"{COMPLETE_MARKER}.node0").is_file()
 
     steps = StepRecorder()
     resumed = train(tiny_dir, train_frame, DataConfig(), cfg, tmp_path / "attempt2", checkpoint_store=store,
