@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"  # prefix of the per-node manifests: CHECKPOINT_COMPLETE.node<k>
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 _MARKER = re.compile(r"^" + COMPLETE_MARKER + r"\.node(\d+)$")
+# per-rank files: DeepSpeed ZeRO shards ([bf16_]zero_pp_rank_<r>_mp_rank_..) and the Trainer's rng_state_<r>.pth
+_RANK_FILE = re.compile(r"(?:^|/)[^/]*zero_pp_rank_(\d+)_[^/]*$|(?:^|/)rng_state_(\d+)\.pth$")
 
 
 class CheckpointStore(Protocol):
@@ -67,9 +69,31 @@ def local_files(ckpt_dir: Path) -> dict[str, int]:
     return {p.relative_to(ckpt_dir).as_posix(): p.stat().st_size for p in sorted(Path(ckpt_dir).rglob("*")) if p.is_file()}
 
 
-def write_node_marker(ckpt_dir: Path, node: int, nnodes: int) -> Path:
-    """Record what this node wrote (file sizes): written once all of its ranks have finished writing."""
-    files = {rel: size for rel, size in local_files(ckpt_dir).items() if not is_marker(Path(rel).name)}
+def node_part(ckpt_dir: Path, node: int, ranks: range | list[int]) -> list[str]:
+    """The files node ``node`` contributes to a checkpoint: all of them on node 0, its ranks' shards elsewhere.
+
+    Every node writes the shared files too (trainer state, scheduler, weights), but not
+    byte-identically (the trainer state logs each node's own throughput), so only node 0's
+    copy is stored; other nodes add their ranks' ZeRO shards and RNG states.
+    """
+    files = [rel for rel in local_files(ckpt_dir) if not is_marker(Path(rel).name)]
+    if node == 0:
+        return files
+    own = []
+    for rel in files:
+        m = _RANK_FILE.search(rel)
+        if m and int(m.group(1) or m.group(2)) in ranks:
+            own.append(rel)
+    return own
+
+
+def write_node_marker(ckpt_dir: Path, node: int, nnodes: int, part: list[str] | None = None) -> Path:
+    """Record what this node contributes (file sizes): written once all of its ranks have finished writing.
+
+    ``part``: relative paths (``node_part``); None: every file in ``ckpt_dir``.
+    """
+    sizes = {rel: size for rel, size in local_files(ckpt_dir).items() if not is_marker(Path(rel).name)}
+    files = sizes if part is None else {rel: sizes[rel] for rel in part}
     marker = Path(ckpt_dir) / marker_name(node)
     _replace_text(marker, json.dumps({"step": checkpoint_step(ckpt_dir), "node": node, "nnodes": nnodes, "files": files}))
     return marker

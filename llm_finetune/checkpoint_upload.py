@@ -58,12 +58,19 @@ class BackgroundUploader:
         self._thread: threading.Thread | None = None
         self._n = 0
 
-    def submit(self, ckpt_dir: Path) -> None:
-        """Snapshot ``ckpt_dir`` now and queue its upload; returns at once."""
+    def submit(self, ckpt_dir: Path, files: list[str] | None = None) -> None:
+        """Snapshot ``ckpt_dir`` (only ``files`` and the manifests, if given) now and queue its upload; returns at once."""
         self.raise_if_failed()
         self._n += 1
         snap = self.staging_dir / f"{self._n:06d}" / Path(ckpt_dir).name
-        shutil.copytree(ckpt_dir, snap, copy_function=link_or_copy)
+        if files is None:
+            shutil.copytree(ckpt_dir, snap, copy_function=link_or_copy)
+        else:
+            from llm_finetune.checkpoint import COMPLETE_MARKER
+
+            for rel in [*files, *(p.name for p in Path(ckpt_dir).glob(f"{COMPLETE_MARKER}.node*"))]:
+                (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+                link_or_copy(Path(ckpt_dir) / rel, snap / rel)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
             self._thread.start()
@@ -98,15 +105,18 @@ class BackgroundUploader:
             raise CheckpointUploadError(f"checkpoint upload to {type(self.store).__name__} failed: "
                                         f"{type(e).__name__}: {e}") from e
 
-    def close(self) -> None:
-        """Wait for every queued upload (and, on node 0 of several, the other nodes' parts); then prune."""
+    def close(self, wait_for_nodes: bool = True) -> None:
+        """Wait for every queued upload (and, on node 0 of several, the other nodes' parts); then prune.
+
+        ``wait_for_nodes`` False (a failed run): the other nodes may be dead, do not wait for them.
+        """
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
         shutil.rmtree(self.staging_dir, ignore_errors=True)
         self.raise_if_failed()
-        if self.prune and self.uploaded and self.nnodes > 1:
+        if self.prune and self.uploaded and self.nnodes > 1 and wait_for_nodes:
             last, deadline = self.uploaded[-1], time.monotonic() + self.wait_for_nodes_s
             while not self.store.contains_complete(last):
                 if time.monotonic() > deadline:

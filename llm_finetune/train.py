@@ -389,7 +389,8 @@ def train(
     if checkpoint_store is not None and _local_rank() == 0:  # one uploader per node, node 0 prunes
         uploads = BackgroundUploader(checkpoint_store, output_dir / "upload-staging", cfg.keep_checkpoints,
                                      prune=_node_rank() == 0, nnodes=_nnodes())
-    uploader = CheckpointUploader(uploads, checkpoints_dir, _node_rank(), _nnodes())
+    node_ranks = range(_rank() - _local_rank(), _rank() - _local_rank() + int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    uploader = CheckpointUploader(uploads, checkpoints_dir, _node_rank(), _nnodes(), node_ranks)
     samples = SampleGenerations(
         tokenizer,
         sample_prompts(tokenizer, eval_frame, data_cfg, cfg.sample_prompts) if has_eval else [],
@@ -413,7 +414,7 @@ def train(
     except BaseException:
         if uploads is not None:  # a checkpoint saved just before the failure still reaches the store
             try:
-                uploads.close()
+                uploads.close(wait_for_nodes=False)
             except Exception as e:  # the training failure is the one to raise; this one is reported
                 print(f"[train] checkpoint upload after the failure also failed: {type(e).__name__}: {e}", flush=True)
         raise

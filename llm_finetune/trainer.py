@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from llm_finetune.checkpoint import write_node_marker
+from llm_finetune.checkpoint import node_part, write_node_marker
 from llm_finetune.collate import model_inputs
 from llm_finetune.encoding import IGNORE_INDEX
 
@@ -87,16 +87,18 @@ class CheckpointUploader(TrainerCallback):
     ``uploader``'s thread while training goes on. ``uploader`` None: manifests only.
     """
 
-    def __init__(self, uploader, checkpoints_dir: Path, node: int = 0, nnodes: int = 1):
-        self.uploader, self.checkpoints_dir, self.node, self.nnodes = uploader, Path(checkpoints_dir), node, nnodes
+    def __init__(self, uploader, checkpoints_dir: Path, node: int = 0, nnodes: int = 1, ranks: range = range(1)):
+        self.uploader, self.checkpoints_dir = uploader, Path(checkpoints_dir)
+        self.node, self.nnodes, self.ranks = node, nnodes, ranks  # ranks: this node's global ranks
 
     def on_save(self, args, state, control, **kwargs):
         barrier()  # every rank has written its optimizer/RNG shard
         if args.local_process_index == 0:
             ckpt = self.checkpoints_dir / f"checkpoint-{state.global_step}"
-            write_node_marker(ckpt, self.node, self.nnodes)
+            part = node_part(ckpt, self.node, self.ranks)
+            write_node_marker(ckpt, self.node, self.nnodes, part)
             if self.uploader is not None:
-                self.uploader.submit(ckpt)
+                self.uploader.submit(ckpt, part)
 
 
 class SampleGenerations(TrainerCallback):

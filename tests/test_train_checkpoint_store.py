@@ -13,7 +13,7 @@ import pytest
 from flytekit.core.checkpointer import SyncCheckpoint
 
 from llm_finetune.checkpoint import (
-    COMPLETE_MARKER, LocalCheckpointStore, latest_complete_checkpoint, relocate, write_node_marker,
+    COMPLETE_MARKER, LocalCheckpointStore, latest_complete_checkpoint, node_part, relocate, write_node_marker,
 )
 from llm_finetune.checkpoint_upload import BackgroundUploader, CheckpointUploadError
 from tasks.checkpoint import FlyteCheckpointStore
@@ -72,21 +72,33 @@ def test_a_partial_or_corrupt_newest_checkpoint_is_skipped_with_a_warning(damage
 
 
 def test_checkpoints_of_two_nodes_complete_one_checkpoint(tmp_path):
-    """Each node uploads its own shards into the same checkpoint; complete only with both manifests."""
+    """Each node uploads its own ranks' shards into the same checkpoint; complete only with both manifests.
+
+    Both nodes write a trainer state, not byte-identical (each logs its own throughput):
+    only node 0's is stored, so the two manifests never disagree about it.
+    """
     store = LocalCheckpointStore(tmp_path / "store")
     for node in (0, 1):
         d = tmp_path / f"node{node}" / "checkpoint-6"
         (d / "global_step6").mkdir(parents=True)
-        (d / "trainer_state.json").write_text("{}")  # written on each node (save_on_each_node)
+        (d / "trainer_state.json").write_text('{"tokens_per_s": %d}' % (100 + 7 * node))
+        (d / "global_step6" / "mp_rank_00_model_states.pt").write_bytes(b"m" * (20 + node))
         (d / "global_step6" / f"zero_pp_rank_{node}_mp_rank_00_optim_states.pt").write_bytes(b"s" * (10 + node))
-        write_node_marker(d, node, 2)
-        store.save(d)
+        (d / f"rng_state_{node}.pth").write_bytes(b"r")
+        part = node_part(d, node, range(node, node + 1))
+        if node == 1:
+            assert part == ["global_step6/zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_state_1.pth"]
+        write_node_marker(d, node, 2, part)
+        up = BackgroundUploader(store, tmp_path / f"staging{node}", keep=2, prune=node == 0)
+        up.submit(d, part)
+        up.close(wait_for_nodes=False)
         assert store.contains_complete("checkpoint-6") is (node == 1)  # node 0's part alone is not enough
     restored = tmp_path / "restored"
     store.restore(restored)
     assert latest_complete_checkpoint(restored) == restored / "checkpoint-6"
-    shards = sorted(p.name for p in (restored / "checkpoint-6" / "global_step6").iterdir())
+    shards = sorted(p.name for p in (restored / "checkpoint-6" / "global_step6").glob("zero_*"))
     assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert (restored / "checkpoint-6" / "trainer_state.json").read_text() == '{"tokens_per_s": 100}'
 
 
 @pytest.mark.parametrize("kind", ["local", "flyte"])
