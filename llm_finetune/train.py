@@ -218,10 +218,12 @@ def _init_distributed(timeout_s: int, deepspeed: bool = False) -> None:
 
 
 def _shared_output_dir(output_dir: str | Path | None) -> Path:
-    """The training directory, the same path on every rank.
+    """The training directory, the same path on every rank of a node.
 
     Given: used as is (a node's ranks must share it: DeepSpeed writes per-rank shards into
-    it; other nodes have their own disks). None: a fresh temporary directory named by rank 0.
+    it; other nodes have their own disks). None: a fresh temporary directory named by rank 0,
+    with ``-node<k>`` on node k > 0 (each node saves its own checkpoints, even where two
+    "nodes" share a disk).
     """
     import torch.distributed as dist
 
@@ -232,7 +234,7 @@ def _shared_output_dir(output_dir: str | Path | None) -> Path:
         if dist.is_available() and dist.is_initialized():
             box = [path]
             dist.broadcast_object_list(box, src=0)
-            path = box[0]
+            path = box[0] + (f"-node{_node_rank()}" if _node_rank() else "")
     Path(path).mkdir(parents=True, exist_ok=True)
     return Path(path)
 
