@@ -178,13 +178,13 @@ def train_elastic(
     )
 
 
-def _configured_copy(cfg: TrainConfig) -> PytorchElasticFunctionTask:
-    """A copy of ``train_elastic`` with the config's Elastic settings, for local runs."""
+def _configured_copy(cfg: TrainConfig, base: PytorchElasticFunctionTask | None = None) -> PytorchElasticFunctionTask:
+    """A copy of ``train_elastic`` (or ``base``) with the config's Elastic settings, for local runs."""
     if cfg.nnodes > 1:
         raise ConfigError(
             [f"train.nnodes: {cfg.nnodes} nodes need a cluster; run with pyflyte run --remote, or set nnodes: 1 locally"]
         )
-    local = copy.copy(train_elastic)
+    local = copy.copy(base or train_elastic)
     local._task_config = elastic_config(cfg)
     local.min_nodes = local.max_nodes = 1
     return local
@@ -196,7 +196,8 @@ def train_model(
 ) -> TrainResult:
     """Launch the Elastic training task at the scale and on the hardware the config asks for."""
     # configure_elastic, not with_overrides(task_config=...): see tasks/elastic.py
-    task_fn = _configured_copy(train) if is_local() else configure_elastic(train_elastic, elastic_config(train))
+    base = preference_train.dpo_elastic if train.method == "dpo" else train_elastic  # DPO: tasks/preference_train.py
+    task_fn = _configured_copy(train, base) if is_local() else configure_elastic(base, elastic_config(train))
     result = task_fn(base_model=base_model, train_data=train_data, eval_data=eval_data, data=data, train=train)
     return result.with_overrides(
         requests=resources(train),
@@ -205,3 +206,7 @@ def train_model(
         retries=train.retries,
         interruptible=train.interruptible,
     )
+
+
+# At the end on purpose: tasks/preference_train.py builds on this module's TrainResult and deck helpers.
+import tasks.preference_train as preference_train  # noqa: E402
