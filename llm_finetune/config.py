@@ -58,6 +58,9 @@ class DataConfig:
     min_train_rows: int = 16  # never train on fewer rows than this
     train_on_prompt: bool = False  # False: loss on completions only
     prompt_template: str = "alpaca"  # used when the tokenizer has no chat template
+    # hub datasets: a branch, tag or commit. validate_config resolves it (and, for files, a content
+    # fingerprint) before the run, so the data cache key changes exactly when the data does
+    revision: str = ""
 
 
 @dataclass
@@ -65,7 +68,7 @@ class ModelConfig:
     """The base model: a hub id, a local HF directory, or the embedded default."""
 
     base_model: str = EMBEDDED_MODEL
-    revision: str = "main"
+    revision: str = "main"  # hub branch, tag or commit; validate_config resolves it to a commit sha
 
 
 @dataclass
@@ -124,6 +127,53 @@ class TrainConfig:
     interruptible: bool = True
     retries: int = 2
     dpo: DPOSettings = field(default_factory=DPOSettings)  # used when method is dpo
+
+
+# TrainConfig keys that change how a run executes or is watched, never the weights it returns.
+# validate_config moves them into TrainOps, an input the training cache key ignores, so raising
+# train.memory or train.retries reruns nothing. A key not listed here keys the cache (the safe side).
+OPERATIONAL_TRAIN_KEYS = (
+    "gradient_checkpointing",  # recomputes activations: same math, less memory
+    "logging_steps",
+    "sample_prompts",
+    "sample_max_new_tokens",
+    "collective_timeout_s",
+    "profile_interval_s",
+    "accelerator",
+    "cpu",
+    "memory",
+    "interruptible",
+    "retries",
+)
+
+
+@dataclass
+class TrainOps:
+    """The operational part of ``TrainConfig`` (same keys, same defaults): see OPERATIONAL_TRAIN_KEYS."""
+
+    gradient_checkpointing: bool = False
+    logging_steps: int = 5
+    sample_prompts: int = 4
+    sample_max_new_tokens: int = 24
+    collective_timeout_s: int = 600
+    profile_interval_s: float = 2.0
+    accelerator: str = ""
+    cpu: str = "2"
+    memory: str = "8Gi"
+    interruptible: bool = True
+    retries: int = 2
+
+
+def split_train(cfg: TrainConfig) -> tuple[TrainConfig, TrainOps]:
+    """(weight-affecting TrainConfig with operational keys at their defaults, the operational keys)."""
+    ops = TrainOps(**{k: getattr(cfg, k) for k in OPERATIONAL_TRAIN_KEYS})
+    keyed = dataclasses.replace(cfg, **{k: getattr(TrainOps(), k) for k in OPERATIONAL_TRAIN_KEYS})
+    return keyed, ops
+
+
+def join_train(train: TrainConfig, ops: TrainOps) -> TrainConfig:
+    """The full TrainConfig a run uses: ``split_train``'s two halves put back together."""
+    return dataclasses.replace(train, **{k: getattr(ops, k) for k in OPERATIONAL_TRAIN_KEYS})
 
 
 @dataclass

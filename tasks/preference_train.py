@@ -16,10 +16,10 @@ from flytekit.types.file import FlyteFile
 from flytekit.types.structured import StructuredDataset
 
 from images.specs import gpu_image
-from llm_finetune.config import DataConfig, TrainConfig, deepspeed_config_path
+from llm_finetune.config import DataConfig, TrainConfig, TrainOps, deepspeed_config_path, join_train
 from llm_finetune.preference import REWARD_METRICS, train_dpo
 from tasks.checkpoint import FlyteCheckpointStore
-from tasks.common import CACHE_TRAIN, DEEPSPEED_DIR, publish_deck, table_html
+from tasks.common import CACHE_TRAIN_IGNORING_OPS, DEEPSPEED_DIR, publish_deck, recoverable, table_html
 from tasks.train import TrainResult, _curves, _resource_profile, _samples_table, elastic_config, resources
 
 
@@ -48,7 +48,7 @@ def reward_curves(log_history: list[dict]) -> str:
 @task(
     task_config=elastic_config(TrainConfig()),
     container_image=gpu_image,
-    cache=CACHE_TRAIN,
+    cache=CACHE_TRAIN_IGNORING_OPS,
     requests=resources(TrainConfig()),
     retries=2,
     interruptible=True,
@@ -61,13 +61,16 @@ def dpo_elastic(
     eval_data: StructuredDataset,
     data: DataConfig,
     train: TrainConfig,
+    train_ops: TrainOps,
 ) -> TrainResult:
-    """Runs on every worker process; global rank 0's return value is the task's output."""
+    """Runs on every worker process; global rank 0's return value is the task's output (as train_elastic)."""
+    train = join_train(train, train_ops)
     ds_path = deepspeed_config_path(train.deepspeed, DEEPSPEED_DIR)
-    outputs = train_dpo(
-        base_model.download(), train_data.open(pd.DataFrame).all(), data, train, None, deepspeed_config=ds_path,
-        eval_frame=eval_data.open(pd.DataFrame).all(), checkpoint_store=FlyteCheckpointStore.current(),
-    )
+    with recoverable():
+        outputs = train_dpo(
+            base_model.download(), train_data.open(pd.DataFrame).all(), data, train, None, deepspeed_config=ds_path,
+            eval_frame=eval_data.open(pd.DataFrame).all(), checkpoint_store=FlyteCheckpointStore.current(),
+        )
     if outputs is None:  # not rank 0: Flyte ignores this value
         return None  # type: ignore[return-value]
     s = outputs.summary
