@@ -536,6 +536,9 @@ def preference_problems(config: FineTuneConfig, deepspeed_dir: Path | None = Non
         if t.method == "dpo":
             p.append("preference.enabled: the preference stage runs DPO after the first stage, so train.method must be "
                      "lora, qlora or full (supervised); for DPO alone set train.method: dpo and preference.enabled: false")
+        if stage.data.prompt_template != d.prompt_template:
+            p.append(f"preference.data.prompt_template: {stage.data.prompt_template!r} differs from data.prompt_template "
+                     f"{d.prompt_template!r}; DPO must see prompts rendered as the first stage trained them")
         if stage.train.method != "dpo":
             p.append(f"preference.train.method: must be dpo (the preference stage is DPO), got {stage.train.method!r}")
         inner = FineTuneConfig(data=stage.data, train=stage.train, model=config.model, evaluate=config.evaluate,

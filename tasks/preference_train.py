@@ -19,8 +19,8 @@ from images.specs import gpu_image
 from llm_finetune.config import DataConfig, TrainConfig, TrainOps, deepspeed_config_path, join_train
 from llm_finetune.preference import REWARD_METRICS, train_dpo
 from tasks.checkpoint import FlyteCheckpointStore
-from tasks.common import CACHE_TRAIN_IGNORING_OPS, DEEPSPEED_DIR, publish_deck, recoverable, table_html
-from tasks.train import TrainResult, _curves, _resource_profile, _samples_table, elastic_config, resources
+from tasks.common import DEEPSPEED_DIR, publish_deck, recoverable, table_html
+from tasks.train import CACHE_TRAIN_IGNORING_OPS, TrainResult, _curves, _resource_profile, _samples_table, elastic_config, resources
 
 
 def reward_curves(log_history: list[dict]) -> str:
