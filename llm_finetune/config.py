@@ -31,6 +31,8 @@ QUANTIZE_VARIANTS = ("int8", "nf4", "gguf_q8_0", "gguf_f16")
 PROMPT_TEMPLATES = ("alpaca", "plain")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# accelerator names of GPUs older than Turing (sm_75): the CUDA 12.8 torch wheels dropped them
+UNSUPPORTED_GPUS = ("k80", "m60", "p4", "p100", "v100")
 # preference tuning (llm_finetune/preference.py, TRL's DPOTrainer)
 PREFERENCE_METHODS = ("dpo",)
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sigmoid_norm", "nca_pair", "bco_pair",
@@ -451,6 +453,12 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
             p.append(f"train.lora.dropout: must be in [0, 1), got {t.lora.dropout}")
         if not t.lora.target_modules:
             p.append("train.lora.target_modules: empty; use [all-linear] or name the modules, e.g. [q_proj, v_proj]")
+    if any(old in t.accelerator.lower() for old in UNSUPPORTED_GPUS):
+        p.append(
+            f"train.accelerator: {t.accelerator!r} is a GPU generation (Kepler/Maxwell/Pascal/Volta) that the GPU image's "
+            "torch 2.13 CUDA 12.8 wheels do not support; choose nvidia-tesla-t4, nvidia-l4, nvidia-tesla-a100, "
+            "nvidia-a100-80gb, nvidia-h100 or newer"
+        )
     if t.method == "qlora" and t.gpus_per_node == 0:
         p.append(
             "train.method: qlora quantizes the base model to 4-bit with bitsandbytes CUDA kernels and needs a GPU; "

@@ -82,7 +82,7 @@ def _is_transient_one(e: BaseException) -> bool:
                 "NewConnectionError", "MaxRetryError", "ClientConnectionError", "ClientConnectorError",
                 "ServerDisconnectedError", "ClientPayloadError", "EndpointConnectionError", "ConnectTimeoutError",
                 "ReadTimeoutError", "ConnectionClosedError", "IncompleteRead", "ChunkedEncodingError",
-                "LocalEntryNotFoundError"):
+                "ConnectionError", "Timeout", "LocalEntryNotFoundError"):
         return name != "LocalEntryNotFoundError" or "offline" not in str(e).lower()
     if module.startswith("torch.distributed") or name in ("DistBackendError", "DistNetworkError", "DistStoreError"):
         return True

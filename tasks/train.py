@@ -229,7 +229,13 @@ def train_model(
         accelerator=GPUAccelerator(full.accelerator) if full.accelerator else None,
         retries=full.retries,
         interruptible=full.interruptible,
+        container_image=training_image(full).image_name(),  # the override takes an image URI
     )
+
+
+def training_image(cfg: TrainConfig):
+    """The CUDA image (several GB, with DeepSpeed) only where it is used: GPUs or DeepSpeed; else the CPU image."""
+    return gpu_image if cfg.gpus_per_node > 0 or deepspeed_config_path(cfg.deepspeed, DEEPSPEED_DIR) else cpu_image
 
 
 # At the end on purpose: tasks/preference_train.py builds on this module's TrainResult and deck helpers.

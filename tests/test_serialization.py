@@ -229,8 +229,11 @@ def test_dynamic_compiles_the_configured_elastic_task(package, tmp_path, train):
     assert node["metadata"]["retries"].get("retries", 0) == train.retries
     assert node["metadata"].get("interruptible", False) == train.interruptible
     assert task["extendedResources"]["sharedMemory"]["mountPath"] == "/dev/shm"
-    # the pod recomputes the ImageSpec and must land on the image registration built
+    # the pod recomputes the ImageSpec and must land on the image registration built; CPU training
+    # runs on the CPU image (no multi-GB CUDA image pulled for nothing)
     assert task["container"]["image"] == _task(package, "tasks.train.train_elastic")["container"]["image"]
+    want_image = "tasks.train.train_elastic" if train.gpus_per_node else "tasks.validate.validate_config"
+    assert node["taskNode"]["overrides"]["containerImage"] == _task(package, want_image)["container"]["image"]
 
     # inside each pod the task is rebuilt from the container args with the same scale, so
     # torchrun's launch config matches the PyTorchJob (the default resolver would re-import
