@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 
 from llm_finetune.checkpoint import checkpoint_step
+from llm_finetune.checkpoint_upload import BackgroundUploader
 from llm_finetune.config import DataConfig, TrainConfig
 from llm_finetune.data.preference import encode_pairs
 from llm_finetune.encoding import prompt_and_reference
@@ -48,9 +49,12 @@ from llm_finetune.train import (
     _check_hardware,
     _init_distributed,
     _local_rank,
+    _nnodes,
+    _node_rank,
     _rank,
     _restore,
     _shared_output_dir,
+    _training_deepspeed_config,
     _use_bf16,
     _world_size,
     _zero_stage,
@@ -241,7 +245,8 @@ def train_dpo(
         ddp_timeout=cfg.collective_timeout_s,
         dataloader_pin_memory=not on_cpu,
         remove_unused_columns=False,
-        deepspeed=str(deepspeed_config) if deepspeed_config else None,
+        deepspeed=_training_deepspeed_config(deepspeed_config, _nnodes() > 1),
+        save_on_each_node=_nnodes() > 1,  # every node's disk holds a full checkpoint (its own shards)
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
         # DPO
@@ -253,7 +258,13 @@ def train_dpo(
         disable_dropout=True,
     )
     model, peft_config = _load_policy(base_model_dir, wcfg, bf16)
-    uploader = CheckpointUploader(checkpoint_store, checkpoints_dir)
+    # checkpoints reach the store exactly as in train.py: one background uploader per node, node 0 prunes
+    uploads = None
+    if checkpoint_store is not None and _local_rank() == 0:
+        uploads = BackgroundUploader(checkpoint_store, output_dir / "upload-staging", cfg.keep_checkpoints,
+                                     prune=_node_rank() == 0, nnodes=_nnodes())
+    node_ranks = range(_rank() - _local_rank(), _rank() - _local_rank() + int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    uploader = CheckpointUploader(uploads, checkpoints_dir, _node_rank(), _nnodes(), node_ranks)
     samples = SampleGenerations(
         tokenizer,
         sample_prompts(tokenizer, eval_frame, data_cfg, cfg.sample_prompts) if has_eval and "prompt" in eval_frame else [],
@@ -267,10 +278,20 @@ def train_dpo(
     resume = _restore(checkpoint_store, checkpoints_dir)
     if resume is not None and _rank() == 0:
         print(f"[train_dpo] resuming from {resume.name} (checkpoint store)", flush=True)
+    if resume is not None and uploads is not None and uploads.prune and not checkpoint_store.contains_complete(resume.name):
+        uploads.submit(resume)  # carried into this attempt's store prefix, in case this attempt saves none
     sampler = ResourceSampler(cfg.profile_interval_s) if _rank() == 0 else contextlib.nullcontext()
     start = time.perf_counter()
-    with sampler:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        with sampler:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except BaseException:
+        if uploads is not None:  # a checkpoint saved just before the failure still reaches the store
+            try:
+                uploads.close(wait_for_nodes=False)
+            except Exception as e:
+                print(f"[train_dpo] checkpoint upload after the failure also failed: {type(e).__name__}: {e}", flush=True)
+        raise
     runtime = time.perf_counter() - start
 
     state = trainer.state
@@ -309,6 +330,8 @@ def train_dpo(
             merge_adapter(base_model_dir, adapter_out, model_out, bf16=bf16)
         (output_dir / "train_summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str))
     barrier()
+    if uploads is not None:  # after the last collective: the other ranks need not wait for the store
+        uploads.close()
     if _rank() != 0:
         return None
     return TrainOutputs(model_out, adapter_out, summary)
