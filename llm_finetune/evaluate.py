@@ -20,6 +20,7 @@ import torch
 
 from llm_finetune.collate import TokenCollator
 from llm_finetune.config import DataConfig, EvalConfig
+from llm_finetune.data.preference import is_preference_frame
 from llm_finetune.encoding import IGNORE_INDEX, prompt_and_reference
 from llm_finetune.model import load_tokenizer
 from llm_finetune.train import encode_frame
@@ -34,6 +35,12 @@ class EvalMetrics:
     exact_match_rows: int = 0  # rows with a reference completion (0 for raw text data)
     task_metric: str = "exact_match"  # exact_match (short answers) or samples (free text: read the table)
     median_reference_words: float = 0.0
+    # preference pairs (preference_eval.py): share of held-out pairs whose chosen answer the model
+    # gives more log-probability than the rejected one, with its bootstrap 95% interval
+    preference_accuracy: float = 0.0
+    preference_ci_low: float = 0.0
+    preference_ci_high: float = 0.0
+    mean_logp_margin: float = 0.0  # mean log p(chosen) - log p(rejected)
 
 
 def load_model(model_dir: str | Path, gguf_file: str = ""):
@@ -100,6 +107,10 @@ def evaluate(
     model_dir: str | Path, eval_frame: pd.DataFrame, data_cfg: DataConfig, cfg: EvalConfig, gguf_file: str = ""
 ) -> tuple[EvalMetrics, pd.DataFrame]:
     """Metrics plus a per-row table (prompt, reference, prediction, correct) for decks."""
+    if is_preference_frame(eval_frame):  # held-out chosen/rejected pairs: preference accuracy
+        from llm_finetune.preference_eval import evaluate_preference
+
+        return evaluate_preference(model_dir, eval_frame, data_cfg, cfg, gguf_file)
     frame = eval_frame if cfg.max_samples == 0 else eval_frame.head(cfg.max_samples)
     tokenizer = _tokenizer(model_dir, gguf_file)
     llm = None

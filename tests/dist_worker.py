@@ -5,7 +5,8 @@
 spec: model_dir, out_dir, train (TrainConfig overrides), deepspeed (file name or null),
 fault: {"rank": r, "step": s, "mode": "exit" | "hang"} to make one rank die or hang,
 store: {"root": dir, "delay_s": t} a LocalCheckpointStore whose every save first sleeps t seconds
-(a slow object store; the real store code runs after the sleep).
+(a slow object store; the real store code runs after the sleep),
+dpo: true to run DPO (llm_finetune/preference.py) on the embedded preference pairs,
 """
 
 import json
@@ -51,6 +52,8 @@ class SlowStore(LocalCheckpointStore):
 
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("dpo"):
+        return dpo(spec)
     cfg = from_dict(TrainConfig, spec["train"])
     prepared = prepare(DataConfig(), load_tokenizer(spec["model_dir"]))
     fault = [Fault(**spec["fault"])] if spec.get("fault") else []
@@ -58,6 +61,19 @@ def main(spec_path: str) -> None:
     store = SlowStore(**spec["store"]) if spec.get("store") else None
     out = train(spec["model_dir"], prepared.train, DataConfig(), cfg, spec["out_dir"], deepspeed_config=ds,
                 eval_frame=prepared.eval, callbacks=fault, checkpoint_store=store)
+    if out is not None:
+        print("[summary] " + json.dumps({"steps": out.summary.steps, "first_loss": out.summary.first_loss}), flush=True)
+
+
+def dpo(spec: dict) -> None:
+    from llm_finetune.config import DPOTrainConfig, PreferenceDataConfig
+    from llm_finetune.preference import train_dpo
+
+    data = PreferenceDataConfig()
+    prepared = prepare(data, load_tokenizer(spec["model_dir"]))
+    ds = deepspeed_config_path(spec.get("deepspeed") or "none", ROOT / "deepspeed_configs")
+    out = train_dpo(spec["model_dir"], prepared.train_tokens, data, from_dict(DPOTrainConfig, spec["train"]), spec["out_dir"],
+                    deepspeed_config=ds, eval_frame=prepared.eval)
     if out is not None:
         print("[summary] " + json.dumps({"steps": out.summary.steps, "first_loss": out.summary.first_loss}), flush=True)
 

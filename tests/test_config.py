@@ -45,7 +45,7 @@ def test_wrong_types_are_reported_with_key_path():
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ({"train": {"method": "lorra"}}, "train.method: 'lorra' is not one of lora, qlora, full (did you mean 'lora'?)"),
+        ({"train": {"method": "lorra"}}, "train.method: 'lorra' is not one of lora, qlora, full, dpo (did you mean 'lora'?)"),
         ({"train": {"method": "qlora"}}, "train.method: qlora quantizes the base model to 4-bit"),
         ({"train": {"deepspeed": "zero4"}}, "train.deepspeed: no file zero4.json in deepspeed_configs/"),
         ({"quantize": {"bits": 3}}, "quantize.bits: 3 is not one of 0, 4, 8"),
