@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 VERSION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup test test-fast test-gpu run smoke package register register-dry-run check-cluster bench bench-gpu clean-cache
+.PHONY: setup test test-fast test-gpu run smoke dpo-smoke package register register-dry-run check-cluster bench bench-gpu clean-cache
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ run:
 
 smoke:
 	$(BIN)/pyflyte run workflows/fine_tune.py fine_tune --config configs/smoke.yaml
+
+# DPO on the embedded preference pairs (README: Preference tuning)
+dpo-smoke:
+	$(BIN)/pyflyte run workflows/fine_tune.py fine_tune --config configs/dpo_smoke.yaml
 
 package:
 	$(BIN)/pyflyte --pkgs workflows package --output flyte-package.tgz --force

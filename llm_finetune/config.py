@@ -21,10 +21,11 @@ from llm_finetune.errors import ConfigError
 
 EMBEDDED_MODEL = "embedded://SmolLM2-135M-Instruct"
 EMBEDDED_DATASET = "embedded://iso_dates"
+EMBEDDED_PREFERENCE_DATASET = "embedded://iso_dates_preference"
 
-DATA_FORMATS = ("auto", "alpaca", "dolly", "chat", "text")
+DATA_FORMATS = ("auto", "alpaca", "dolly", "chat", "text", "preference")
 INVALID_ROW_POLICIES = ("drop", "fail")
-TRAIN_METHODS = ("lora", "qlora", "full")
+TRAIN_METHODS = ("lora", "qlora", "full", "dpo")
 QUANTIZE_BITS = (0, 4, 8)
 QUANTIZE_VARIANTS = ("int8", "nf4", "gguf_q8_0", "gguf_f16")
 PROMPT_TEMPLATES = ("alpaca", "plain")
@@ -32,6 +33,12 @@ LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # accelerator names of GPUs older than Turing (sm_75): the CUDA 12.8 torch wheels dropped them
 UNSUPPORTED_GPUS = ("k80", "m60", "p4", "p100", "v100")
+# preference tuning (llm_finetune/preference.py, TRL's DPOTrainer)
+PREFERENCE_METHODS = ("dpo",)
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sigmoid_norm", "nca_pair", "bco_pair",
+                  "sppo_hard", "discopop", "exo_pair")
+DPO_REFERENCES = ("auto",)
+DPO_WEIGHTS = ("lora", "qlora", "full")
 
 
 @dataclass
@@ -75,6 +82,19 @@ class LoraSettings:
 
 
 @dataclass
+class DPOSettings:
+    """Direct preference optimisation (TRL's DPOTrainer) when ``train.method`` is ``dpo``."""
+
+    beta: float = 0.1  # how far the policy may move from the reference (higher = closer); IPO's tau
+    loss_type: str = "sigmoid"  # sigmoid (DPO), ipo, hinge, robust, apo_zero, apo_down, ... (TRL's loss_type)
+    # auto: LoRA/QLoRA use the adapter-disabled base as the reference (no second copy of the weights);
+    # full fine-tuning loads a frozen copy of the starting model
+    reference: str = "auto"
+    weights: str = "lora"  # which weights DPO trains: lora | qlora (adapters, settings in train.lora) | full
+    label_smoothing: float = 0.0  # robust / exo_pair only: assumed share of flipped preference labels
+
+
+@dataclass
 class TrainConfig:
     """How to train, and on what hardware (the resources are declarative, see tasks/train.py)."""
 
@@ -108,6 +128,8 @@ class TrainConfig:
     memory: str = "8Gi"
     interruptible: bool = True
     retries: int = 2
+    keep_checkpoints: int = 2  # newest complete checkpoints kept in the checkpoint store (plus the best one they name)
+    dpo: DPOSettings = field(default_factory=DPOSettings)  # used when method is dpo
 
 
 # TrainConfig keys that change how a run executes or is watched, never the weights it returns.
@@ -125,6 +147,7 @@ OPERATIONAL_TRAIN_KEYS = (
     "memory",
     "interruptible",
     "retries",
+    "keep_checkpoints",  # how many checkpoints the store retains, not what is trained
 )
 
 
@@ -143,6 +166,7 @@ class TrainOps:
     memory: str = "8Gi"
     interruptible: bool = True
     retries: int = 2
+    keep_checkpoints: int = 2
 
 
 def split_train(cfg: TrainConfig) -> tuple[TrainConfig, TrainOps]:
@@ -204,6 +228,37 @@ class HubConfig:
 
 
 @dataclass
+class PreferenceDataConfig(DataConfig):
+    """DataConfig whose defaults are the embedded preference pairs (defaults of a partial YAML section)."""
+
+    source: str = EMBEDDED_PREFERENCE_DATASET
+    format: str = "preference"
+
+
+@dataclass
+class DPOTrainConfig(TrainConfig):
+    """TrainConfig with DPO defaults: a lower learning rate, fewer steps."""
+
+    method: str = "dpo"
+    max_steps: int = 40
+    learning_rate: float = 2e-4
+
+
+@dataclass
+class PreferenceStage:
+    """Optional second stage: DPO on preference data, starting from the model the first stage trained.
+
+    The first stage is the top-level ``data`` / ``train`` (usually SFT). The stage's tasks take
+    the first stage's output model as their base, so they are cached separately: re-running
+    with a new ``preference.train.dpo.beta`` re-trains only this stage.
+    """
+
+    enabled: bool = False
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+
+
+@dataclass
 class FineTuneConfig:
     """Single input of the ``fine_tune`` workflow."""
 
@@ -213,6 +268,7 @@ class FineTuneConfig:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    preference: PreferenceStage = field(default_factory=PreferenceStage)  # SFT then DPO in one execution
 
     @classmethod
     def from_json(cls, text: str) -> "FineTuneConfig":
@@ -388,6 +444,11 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
         )
     positive("train.sample_max_new_tokens", t.sample_max_new_tokens)
     positive("train.collective_timeout_s", t.collective_timeout_s)
+    if t.keep_checkpoints < 1:
+        p.append(
+            f"train.keep_checkpoints: must be >= 1 (the newest checkpoint is what a retry resumes from), got "
+            f"{t.keep_checkpoints}; to turn checkpoints off set train.save_steps: 0"
+        )
     positive("train.profile_interval_s", t.profile_interval_s)
     if not 0.0 <= t.warmup_ratio < 1.0:
         p.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
@@ -444,6 +505,62 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
     if h.repo_id and not _REPO_ID.match(h.repo_id):
         p.append(f"hub.repo_id: {h.repo_id!r} is not of the form owner/name (leave it empty to skip publishing)")
 
+    p += preference_problems(config, deepspeed_dir)
     if p:
         raise ConfigError(p)
     return config
+
+
+def preference_problems(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> list[str]:
+    """Problems of the DPO settings (``train.method: dpo``) and of the optional ``preference`` stage."""
+    p: list[str] = []
+    d, t = config.data, config.train
+    if t.method == "dpo":
+        o = t.dpo
+        for key, value, allowed in (("loss_type", o.loss_type, DPO_LOSS_TYPES), ("reference", o.reference, DPO_REFERENCES),
+                                    ("weights", o.weights, DPO_WEIGHTS)):
+            if value not in allowed:
+                close = difflib.get_close_matches(str(value), allowed, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                p.append(f"train.dpo.{key}: {value!r} is not one of {', '.join(allowed)}{hint}")
+        if o.beta <= 0:
+            p.append(f"train.dpo.beta: must be > 0 (typical 0.01 to 0.5), got {o.beta}")
+        if not 0.0 <= o.label_smoothing < 0.5:
+            p.append(f"train.dpo.label_smoothing: must be in [0, 0.5), got {o.label_smoothing}")
+        if o.loss_type == "exo_pair" and o.label_smoothing == 0.0:
+            p.append("train.dpo.label_smoothing: loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 0.001)")
+        if d.format not in ("auto", "preference"):
+            p.append(f"data.format: {d.format!r} holds no preference pairs; train.method: dpo needs data.format: preference "
+                     "(prompt/chosen/rejected columns or chosen/rejected message lists) or auto")
+        if d.packing:
+            p.append("data.packing: DPO trains on padded chosen/rejected pairs and cannot pack them; set data.packing: false")
+        if o.weights in ("lora", "qlora"):
+            if t.lora.r <= 0 or t.lora.alpha <= 0:
+                p.append(f"train.lora: r and alpha must be > 0, got r={t.lora.r}, alpha={t.lora.alpha}")
+            if not t.lora.target_modules:
+                p.append("train.lora.target_modules: empty; use [all-linear] or name the modules, e.g. [q_proj, v_proj]")
+        if o.weights == "qlora" and t.gpus_per_node == 0:
+            p.append("train.dpo.weights: qlora needs a GPU (4-bit bitsandbytes kernels); set train.gpus_per_node >= 1, "
+                     "or use train.dpo.weights: lora on CPU")
+        if o.weights == "qlora" and deepspeed_config_path(t.deepspeed, deepspeed_dir or Path("deepspeed_configs")):
+            p.append("train.deepspeed: QLoRA with DeepSpeed ZeRO is not supported here; set train.deepspeed: none")
+    elif d.format == "preference":
+        p.append(f"data.format: preference pairs train with train.method: dpo, but train.method is {t.method!r}; "
+                 "set train.method: dpo, or use the preference section to run DPO after this stage")
+    stage = config.preference
+    if stage.enabled:
+        if t.method == "dpo":
+            p.append("preference.enabled: the preference stage runs DPO after the first stage, so train.method must be "
+                     "lora, qlora or full (supervised); for DPO alone set train.method: dpo and preference.enabled: false")
+        if stage.data.prompt_template != d.prompt_template:
+            p.append(f"preference.data.prompt_template: {stage.data.prompt_template!r} differs from data.prompt_template "
+                     f"{d.prompt_template!r}; DPO must see prompts rendered as the first stage trained them")
+        if stage.train.method != "dpo":
+            p.append(f"preference.train.method: must be dpo (the preference stage is DPO), got {stage.train.method!r}")
+        inner = FineTuneConfig(data=stage.data, train=stage.train, model=config.model, evaluate=config.evaluate,
+                               quantize=QuantizeConfig(variants=[]), hub=HubConfig())
+        try:
+            validate(inner, deepspeed_dir)
+        except ConfigError as e:
+            p += [f"preference.{problem}" for problem in e.problems]
+    return p

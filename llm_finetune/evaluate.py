@@ -9,6 +9,7 @@ so ``task_metric`` is ``samples`` and the generation table is what to read.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 
 from llm_finetune.collate import TokenCollator
 from llm_finetune.config import DataConfig, EvalConfig
+from llm_finetune.data.preference import is_preference_frame
 from llm_finetune.encoding import IGNORE_INDEX, prompt_and_reference
 from llm_finetune.model import load_tokenizer
 from llm_finetune.train import encode_frame
@@ -33,6 +35,12 @@ class EvalMetrics:
     exact_match_rows: int = 0  # rows with a reference completion (0 for raw text data)
     task_metric: str = "exact_match"  # exact_match (short answers) or samples (free text: read the table)
     median_reference_words: float = 0.0
+    # preference pairs (preference_eval.py): share of held-out pairs whose chosen answer the model
+    # gives more log-probability than the rejected one, with its bootstrap 95% interval
+    preference_accuracy: float = 0.0
+    preference_ci_low: float = 0.0
+    preference_ci_high: float = 0.0
+    mean_logp_margin: float = 0.0  # mean log p(chosen) - log p(rejected)
 
 
 def load_model(model_dir: str | Path, gguf_file: str = ""):
@@ -99,15 +107,29 @@ def evaluate(
     model_dir: str | Path, eval_frame: pd.DataFrame, data_cfg: DataConfig, cfg: EvalConfig, gguf_file: str = ""
 ) -> tuple[EvalMetrics, pd.DataFrame]:
     """Metrics plus a per-row table (prompt, reference, prediction, correct) for decks."""
+    if is_preference_frame(eval_frame):  # held-out chosen/rejected pairs: preference accuracy
+        from llm_finetune.preference_eval import evaluate_preference
+
+        return evaluate_preference(model_dir, eval_frame, data_cfg, cfg, gguf_file)
     frame = eval_frame if cfg.max_samples == 0 else eval_frame.head(cfg.max_samples)
     tokenizer = _tokenizer(model_dir, gguf_file)
-    model = load_model(model_dir, gguf_file)
-    loss = completion_loss(model, tokenizer, frame, data_cfg, cfg.batch_size)
+    llm = None
+    if gguf_file and importlib.util.find_spec("llama_cpp"):  # GGUF runs in llama.cpp (llm_finetune/gguf_eval.py)
+        from llm_finetune import gguf_eval
+
+        examples = encode_frame(tokenizer, frame, data_cfg)
+        llm = gguf_eval.load(model_dir, gguf_file, n_ctx=max([len(e["input_ids"]) for e in examples] + [64]) + cfg.max_new_tokens + 16)
+        loss = gguf_eval.completion_loss(llm, examples)
+    else:
+        model = load_model(model_dir, gguf_file)
+        loss = completion_loss(model, tokenizer, frame, data_cfg, cfg.batch_size)
     rows = []
     instruction_rows = [json.loads(m) for m in frame["messages"] if m]
     if instruction_rows:
         pairs = [prompt_and_reference(tokenizer, conv, data_cfg.prompt_template) for conv in instruction_rows]
-        predictions = generate(model, tokenizer, [p for p, _ in pairs], cfg.max_new_tokens, cfg.batch_size)
+        prompts = [p for p, _ in pairs]
+        predictions = (gguf_eval.generate(llm, tokenizer, prompts, cfg.max_new_tokens) if llm is not None
+                       else generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size))
         for conv, (_, ref), pred in zip(instruction_rows, pairs, predictions):
             user = next((m["content"] for m in reversed(conv) if m["role"] == "user"), "")
             rows.append({"prompt": user, "reference": ref, "prediction": pred.strip(), "correct": pred.strip() == ref.strip()})

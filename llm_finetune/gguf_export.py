@@ -1,44 +1,53 @@
-"""Export a merged Hugging Face Llama-architecture model as one GGUF file for llama.cpp / Ollama.
+"""Export a merged Hugging Face model as one GGUF file for llama.cpp / Ollama.
 
-Written with the ``gguf`` package (``GGUFWriter`` + ``gguf.quants``) instead of shelling out
-to llama.cpp's ``convert_hf_to_gguf.py``, which is not pip-installable and would pull a C++
-build into the image. It follows that script's conventions for the Llama architecture:
-tensor names (``blk.N.attn_q.weight`` ...), the rotary Q/K row permutation llama.cpp
-expects, metadata keys, and GPT-2 style BPE tokenizer metadata (tokens, types, merges,
-special ids, chat template). The embedded SmolLM2 GGUF, written by llama.cpp, has exactly
-these keys; ``transformers`` reads the exported file back (the tests compare logits).
+Built from the ``gguf`` package's own pieces (the Python half of llama.cpp): tensor names
+from ``gguf.get_tensor_name_map``, special tokens / ``add_bos`` / chat template / merges from
+``gguf.SpecialVocab``, the SentencePiece vocabulary from the same code path as llama.cpp's
+converter, and ``gguf.quants`` for q8_0. What stays ours mirrors llama.cpp's
+``convert_hf_to_gguf.py`` (the ``conversion/`` package of the llama.cpp that
+llama-cpp-python 0.3.36 vendors) for the families below:
 
-Supported: ``LlamaForCausalLM`` (model_type ``llama``: Llama 2/3 with a byte-level BPE
-tokenizer, SmolLM, TinyLlama-style BPE models) without rope scaling. Other architectures
-raise ``GGUFExportError`` saying so, before any work is done.
+- the rotary Q/K row permutation of the ``llama`` architecture (Llama, Mistral, SmolLM);
+  ``qwen2`` keeps HF's layout and has q/k/v biases;
+- ``head_dim`` from the config (``key_length`` / ``value_length`` / rope dimension);
+- Llama-3.1 ``llama3`` rope scaling as the ``rope_freqs.weight`` factors llama.cpp reads,
+  ``linear`` rope scaling as scaling type + factor;
+- the BPE pre-tokenizer name. llama.cpp's converter identifies it by hashing the token ids
+  of a test string, which only recognises unchanged published tokenizers; here it is read
+  from the tokenizer's own pre-tokenizer definition (the regex llama.cpp implements under
+  that name), so a re-trained or extended vocabulary is still written correctly.
+
+We do not run ``convert_hf_to_gguf.py`` itself: no wheel ships it (only the llama-cpp-python
+sdist and the llama.cpp repo), it needs the ``gguf-py`` of its own commit (different files
+from PyPI's gguf 0.19.0 under the same version number) and it refuses any BPE tokenizer
+whose hash is not in its table. Tensors are streamed one at a time (a model never sits in
+memory twice). ``tests/test_gguf_llamacpp.py`` checks every family in llama.cpp itself.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from llm_finetune.errors import FineTuneError
 
-SUPPORTED_MODEL_TYPES = ("llama",)
 GGUF_TYPES = ("q8_0", "f16", "f32")
+# HF model_type -> (llama.cpp architecture name, Q/K rows permuted for llama.cpp's rope)
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
+ROPE_TYPES = ("default", "llama3", "linear")
 
-# llama.cpp picks its pre-tokenizer regex by this name; unknown models get the GPT-2 default.
-_PRE_TOKENIZERS = {"smollm": "smollm", "llama-3": "llama-bpe", "llama3": "llama-bpe", "meta-llama-3": "llama-bpe"}
-
-_LAYER_TENSORS = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
+# BPE pre-tokenizer regexes (tokenizer.json "Split" patterns) and the llama.cpp pre-tokenizer
+# implementing each (llama.cpp src/llama-vocab.cpp)
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+SPLIT_PRE_TOKENIZERS = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
 
 
 class GGUFExportError(FineTuneError):
@@ -47,31 +56,82 @@ class GGUFExportError(FineTuneError):
 
 def _unsupported(what: str) -> GGUFExportError:
     return GGUFExportError(
-        f"GGUF export: {what}. This exporter supports Llama-architecture models (model_type 'llama', "
-        "LlamaForCausalLM) with a byte-level BPE tokenizer.json and no rope scaling, e.g. SmolLM2, Llama 3 8B. "
+        f"GGUF export: {what}. This exporter supports model_type {', '.join(SUPPORTED_MODEL_TYPES)} "
+        f"(Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5) with rope scaling {', '.join(ROPE_TYPES)}, and a byte-level BPE "
+        "tokenizer.json (Llama 3, Qwen2, SmolLM, GPT-2 pre-tokenizers) or a SentencePiece tokenizer.model. "
         "Remove gguf_* from quantize.variants for this model, or convert it with llama.cpp's convert_hf_to_gguf.py."
     )
 
 
+def rope_parameters(config: dict) -> dict:
+    """rope type, theta and scaling factors, from transformers 5 ``rope_parameters`` or the older ``rope_scaling``."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and params:
+        params = params.get("full_attention", params)
+    else:
+        params = dict(config.get("rope_scaling") or {})
+    out = dict(params)
+    out["rope_type"] = out.get("rope_type", out.get("type")) or "default"
+    out["rope_theta"] = float(out.get("rope_theta", config.get("rope_theta", 10000.0)))
+    return out
+
+
+@dataclass
+class Tokenizer:
+    kind: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    pre: str  # llama.cpp pre-tokenizer name ("default" for SentencePiece)
+
+
+def _bpe_pre_tokenizer(pre: dict | None) -> str | None:
+    """The llama.cpp pre-tokenizer whose regex is the one in tokenizer.json, or None."""
+    if not pre:
+        return None
+    steps = pre["pretokenizers"] if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    splits = [s for s in steps if s.get("type") == "Split"]
+    if kinds in (["Split", "ByteLevel"], ["Split"]) and len(splits) == 1:
+        pattern = splits[0].get("pattern", {}).get("Regex")
+        return SPLIT_PRE_TOKENIZERS.get(pattern)
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    return None
+
+
+def detect_tokenizer(model_dir: Path) -> Tokenizer:
+    tok_file, spm_file = model_dir / "tokenizer.json", model_dir / "tokenizer.model"
+    data = json.loads(tok_file.read_text()) if tok_file.is_file() else {}
+    model = data.get("model", {})
+    if spm_file.is_file() and (not data or model.get("byte_fallback") or model.get("type") == "Unigram"):
+        return Tokenizer("llama", "default")
+    if not data:
+        raise _unsupported(f"{model_dir} has neither tokenizer.json nor tokenizer.model")
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise _unsupported(
+            f"{model_dir}/tokenizer.json is a {model.get('type')} tokenizer with byte_fallback={model.get('byte_fallback')} "
+            "(SentencePiece style) but tokenizer.model is missing; save the model with its tokenizer.model"
+        )
+    pre = _bpe_pre_tokenizer(data.get("pre_tokenizer"))
+    if pre is None:
+        raise _unsupported(
+            f"the BPE pre-tokenizer in {model_dir}/tokenizer.json is not one llama.cpp implements under a known name: "
+            f"{json.dumps(data.get('pre_tokenizer'))[:300]}"
+        )
+    return Tokenizer("gpt2", pre)
+
+
 def check_exportable(model_dir: str | Path) -> dict:
-    """The model's config.json if this exporter can handle it; otherwise a GGUFExportError."""
+    """The model's config.json if this exporter can handle it (reads only config and tokenizer files)."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in ARCHITECTURES:
         raise _unsupported(f"model_type {model_type!r} ({', '.join(config.get('architectures') or [])}) is not supported")
-    rope = config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
-    params = config.get("rope_parameters") or {}
-    rope_type = params.get("rope_type", rope_type) if isinstance(params, dict) else rope_type
-    if rope_type not in (None, "default"):
+    rope_type = rope_parameters(config)["rope_type"]
+    if rope_type not in ROPE_TYPES:
         raise _unsupported(f"rope scaling {rope_type!r} is not supported")
-    tok_file = model_dir / "tokenizer.json"
-    if not tok_file.is_file():
-        raise _unsupported(f"{model_dir} has no tokenizer.json")
-    tok_model = json.loads(tok_file.read_text()).get("model", {})
-    if tok_model.get("type") != "BPE" or tok_model.get("byte_fallback"):
-        raise _unsupported("the tokenizer is not a byte-level (GPT-2 style) BPE; SentencePiece-style tokenizers are not supported")
+    detect_tokenizer(model_dir)
     return config
 
 
@@ -80,144 +140,199 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _rope_theta(config: dict) -> float:
-    params = config.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"])
-    return float(config.get("rope_theta", 10000.0))
+def llama3_rope_factors(params: dict, head_dim: int) -> np.ndarray:
+    """Per-frequency divisors of Llama 3.1 rope scaling, as llama.cpp's converter writes them (rope_freqs.weight)."""
+    base = params["rope_theta"]
+    factor = params.get("factor", 8.0)
+    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    old_ctx = params.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * base ** (i / head_dim)
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def _vocab(model_dir: Path, tok: Tokenizer, vocab_size: int) -> tuple[list[bytes], list[float] | None, list[int]]:
+    """Token strings, SentencePiece scores (None for BPE) and types, padded to the model's vocab_size."""
+    from gguf import TokenType
+
+    tokens: list[bytes] = [f"[PAD{i}]".encode() for i in range(vocab_size)]
+    types = [int(TokenType.UNUSED)] * vocab_size
+    if tok.kind == "llama":
+        from gguf import SentencePieceVocab
+
+        scores = [-10000.0] * vocab_size
+        for i, (text, score, ttype) in enumerate(SentencePieceVocab(model_dir).all_tokens()):
+            if i < vocab_size:
+                tokens[i], scores[i], types[i] = text, score, int(ttype)
+        added = json.loads((model_dir / "tokenizer_config.json").read_text()).get("added_tokens_decoder", {}) \
+            if (model_dir / "tokenizer_config.json").is_file() else {}
+        for i, t in ((int(k), v) for k, v in added.items()):
+            if i < vocab_size:
+                tokens[i], scores[i] = t["content"].encode(), -1000.0
+                types[i] = int(TokenType.CONTROL if t.get("special") else TokenType.USER_DEFINED)
+        return tokens, scores, types
+    data = json.loads((model_dir / "tokenizer.json").read_text())
+    for s, i in data["model"]["vocab"].items():
+        if i < vocab_size:
+            tokens[i], types[i] = s.encode(), int(TokenType.NORMAL)
+    for t in data.get("added_tokens", []):
+        if t["id"] < vocab_size:
+            tokens[t["id"]] = t["content"].encode()
+            types[t["id"]] = int(TokenType.CONTROL if t.get("special") else TokenType.USER_DEFINED)
+    return tokens, None, types
+
+
+def _add_space_prefix(model_dir: Path) -> bool:
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((model_dir / "tokenizer.model").read_bytes())
+    return bool(proto.normalizer_spec.add_dummy_prefix)
 
 
 def _tokenizer_metadata(writer, model_dir: Path, vocab_size: int) -> None:
-    from gguf import TokenType
-    from transformers import AutoTokenizer
+    import gguf
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    data = json.loads((model_dir / "tokenizer.json").read_text())
-    vocab: dict[str, int] = dict(data["model"]["vocab"])
-    added = {t["content"]: t for t in data.get("added_tokens", [])}
-    for content, t in added.items():
-        vocab[content] = t["id"]
-    by_id = {i: s for s, i in vocab.items()}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
-            continue
-        s = by_id[i]
-        tokens.append(s)
-        if s in added:
-            types.append(TokenType.CONTROL if added[s].get("special") else TokenType.USER_DEFINED)
-        else:
-            types.append(TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
-    name = str(json.loads((model_dir / "config.json").read_text()).get("_name_or_path", "")).lower()
-    pre = next((v for k, v in _PRE_TOKENIZERS.items() if k in name or k in str(model_dir).lower()), None)
-    if pre is None and "smollm" in (tok.chat_template or "").lower():
-        pre = "smollm"
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre or ("smollm" if tok.vocab_size == 49152 else "default"))
+    tok = detect_tokenizer(model_dir)
+    tokens, scores, types = _vocab(model_dir, tok, vocab_size)
+    writer.add_tokenizer_model(tok.kind)
+    writer.add_tokenizer_pre(tok.pre)
     writer.add_token_list(tokens)
-    writer.add_token_types([int(t) for t in types])
-    writer.add_token_merges(merges)
-    for add, token_id in (
-        (writer.add_bos_token_id, tok.bos_token_id),
-        (writer.add_eos_token_id, tok.eos_token_id),
-        (writer.add_unk_token_id, tok.unk_token_id),
-        (writer.add_pad_token_id, tok.pad_token_id),
-    ):
-        if token_id is not None:
-            add(int(token_id))
-    writer.add_add_bos_token(False)  # chat templates in these models add their own markers
-    writer.add_add_space_prefix(False)
-    if tok.chat_template:
-        writer.add_chat_template(tok.chat_template)
+    if scores is not None:
+        writer.add_token_scores(scores)
+        writer.add_add_space_prefix(_add_space_prefix(model_dir))
+    writer.add_token_types(types)
+    # merges, bos/eos/unk/pad ids, add_bos/add_eos (tokenizer_config or the post-processor), chat template
+    gguf.SpecialVocab(model_dir, load_merges=tok.kind == "gpt2", n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+
+
+def _read_weights(model_dir: Path) -> dict[str, tuple[Path, str]]:
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise GGUFExportError(f"GGUF export: {model_dir} has no *.safetensors weights; save the merged model with save_pretrained")
+    where: dict[str, tuple[Path, str]] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for k in st.keys():
+                where[k] = (f, k)
+    return where
+
+
+def _shape(where: tuple[Path, str]) -> tuple[int, ...]:
+    from safetensors import safe_open
+
+    with safe_open(where[0], framework="pt") as st:
+        return tuple(st.get_slice(where[1]).get_shape())
+
+
+def _load(where: tuple[Path, str]) -> np.ndarray:
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(where[0], framework="pt") as st:
+        return st.get_tensor(where[1]).to(torch.float32).numpy()
 
 
 def export_gguf(model_dir: str | Path, out_file: str | Path, gguf_type: str = "q8_0", name: str = "") -> Path:
-    """Write ``model_dir`` (merged HF Llama model + tokenizer) as ``out_file`` in ``gguf_type``.
+    """Write ``model_dir`` (merged HF model + tokenizer) as ``out_file`` in ``gguf_type``.
 
     q8_0 quantizes every 2-D weight whose rows split into 32-value blocks (as llama.cpp
-    does); norms stay float32.
+    does, embeddings and output included); norms, biases and rope factors stay float32.
     """
     import gguf
-    import torch
-    from safetensors import safe_open
 
     if gguf_type not in GGUF_TYPES:
         raise GGUFExportError(f"GGUF export: type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
     model_dir, out_file = Path(model_dir), Path(out_file)
     config = check_exportable(model_dir)
+    arch_name, permute = ARCHITECTURES[config["model_type"]]
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    n_layers = int(config["num_hidden_layers"])
     n_head = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_head)
     hidden = int(config["hidden_size"])
     head_dim = int(config.get("head_dim") or hidden // n_head)
     vocab_size = int(config["vocab_size"])
-
-    weights: dict[str, torch.Tensor] = {}
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise GGUFExportError(f"GGUF export: {model_dir} has no *.safetensors weights; save the merged model with save_pretrained")
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            for k in st.keys():
-                weights[k] = st.get_tensor(k)
+    rope = rope_parameters(config)
 
     qtype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32}[gguf_type]
     file_type = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32}[gguf_type]
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(out_file), "llama")
+    writer = gguf.GGUFWriter(str(out_file), arch_name)
     writer.add_type("model")
     writer.add_name(name or model_dir.name)
-    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_block_count(n_layers)
     writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
     writer.add_embedding_length(hidden)
     writer.add_feed_forward_length(int(config["intermediate_size"]))
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
-    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
     writer.add_vocab_size(vocab_size)
-    writer.add_rope_dimension_count(head_dim)
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer_metadata(writer, model_dir, vocab_size)
 
-    def put(name: str, t: torch.Tensor) -> None:
-        data = t.detach().to(torch.float32).numpy()
-        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(name, data.astype(np.float32))
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(name, data.astype(np.float16))
-        elif data.shape[-1] % 32 == 0:
-            q = gguf.quants.quantize(data, qtype)
-            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
-        else:  # rows that do not split into Q8_0 blocks stay f16, as in llama.cpp
-            writer.add_tensor(name, data.astype(np.float16))
+    # plan: (gguf name, loader) in file order; tensor infos first, data streamed after the header
+    names = gguf.get_tensor_name_map(arch, n_layers)
+    weights = _read_weights(model_dir)
+    tied = bool(config.get("tie_word_embeddings", False)) or "lm_head.weight" not in weights
+    plan: list[tuple[str, tuple[int, ...], object]] = []
+    for key in weights:
+        if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and tied):
+            continue
+        gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise _unsupported(f"tensor {key} has no GGUF name for architecture {arch_name}")
+        n_rows = n_head if key.endswith(("q_proj.weight", "q_proj.bias")) else n_kv if key.endswith(("k_proj.weight", "k_proj.bias")) else 0
+        load = (lambda key=key, n=n_rows: _permute(_load(weights[key]), n)) if permute and n_rows else (lambda key=key: _load(weights[key]))
+        plan.append((gname, _shape(weights[key]), load))
+    if rope["rope_type"] == "llama3":
+        plan.append(("rope_freqs.weight", (head_dim // 2,), lambda: llama3_rope_factors(rope, head_dim)))
+    plan.sort(key=lambda p: (p[0] != "token_embd.weight", p[0].startswith("output"), p[0]))
 
-    put("token_embd.weight", weights.pop("model.embed_tokens.weight"))
-    for i in range(int(config["num_hidden_layers"])):
-        for hf, gg in _LAYER_TENSORS.items():
-            key = f"model.layers.{i}.{hf}"
-            if key not in weights:
-                raise _unsupported(f"tensor {key} is missing (not a plain Llama layout)")
-            t = weights.pop(key)
-            if hf == "self_attn.q_proj.weight":
-                t = torch.from_numpy(_permute(t.float().numpy(), n_head))
-            elif hf == "self_attn.k_proj.weight":
-                t = torch.from_numpy(_permute(t.float().numpy(), n_kv))
-            put(f"blk.{i}.{gg}", t)
-    put("output_norm.weight", weights.pop("model.norm.weight"))
-    lm_head = weights.pop("lm_head.weight", None)
-    if lm_head is not None and not config.get("tie_word_embeddings", False):
-        put("output.weight", lm_head)
-    leftover = [k for k in weights if not k.endswith("rotary_emb.inv_freq")]
-    if leftover:
-        raise _unsupported(f"tensors without a GGUF mapping: {', '.join(leftover[:5])}")
+    def stored_type(gname: str, shape: tuple[int, ...]):
+        if len(shape) == 1 or qtype == gguf.GGMLQuantizationType.F32 or gname == "rope_freqs.weight":
+            return gguf.GGMLQuantizationType.F32
+        if qtype == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32 == 0:
+            return qtype
+        return gguf.GGMLQuantizationType.F16  # f16, or rows that do not split into q8_0 blocks (as in llama.cpp)
 
+    def encode(gname: str, data: np.ndarray) -> np.ndarray:
+        kind = stored_type(gname, data.shape)
+        if kind == gguf.GGMLQuantizationType.Q8_0:
+            return gguf.quants.quantize(data, kind)
+        return data.astype(np.float16 if kind == gguf.GGMLQuantizationType.F16 else np.float32)
+
+    for gname, shape in ((g, s) for g, s, _ in plan):
+        kind = stored_type(gname, shape)
+        nbytes = gguf.quants.quant_shape_to_byte_shape(shape, kind) if kind == gguf.GGMLQuantizationType.Q8_0 else shape
+        dtype = {gguf.GGMLQuantizationType.Q8_0: np.uint8, gguf.GGMLQuantizationType.F16: np.float16}.get(kind, np.float32)
+        writer.add_tensor_info(gname, nbytes, np.dtype(dtype), int(np.prod(nbytes)) * np.dtype(dtype).itemsize,
+                               raw_dtype=kind if kind == gguf.GGMLQuantizationType.Q8_0 else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for gname, shape, load in plan:
+        writer.write_tensor_data(encode(gname, load()))
     writer.close()
     return out_file

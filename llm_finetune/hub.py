@@ -41,6 +41,71 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def hub_id(name: str) -> str:
+    """The hub repo id a base model or dataset name stands for ("" for a local path or an embedded dataset)."""
+    name = EMBEDDED_ORIGIN.get(name, name)
+    is_id = "://" not in name and not name.startswith(("/", ".", "~")) and name.count("/") == 1
+    return name if is_id else ""
+
+
+def hub_revision(revision: str) -> str:
+    """A revision the hub can resolve: a commit sha or branch/tag; "" for content fingerprints (sha256:..., etag:...)."""
+    return "" if not revision or ":" in revision else revision
+
+
+def adapter_for_hub(adapter_dir: str | Path, out_dir: str | Path, base_model: str, revision: str) -> Path:
+    """A copy of a PEFT adapter folder whose adapter_config.json names the base by hub id and revision.
+
+    PEFT writes the local path the base was loaded from (a pod's temporary folder); whoever
+    loads the adapter from the hub needs the hub id instead. The cached adapter is not modified.
+    """
+    import shutil
+
+    out = Path(out_dir)
+    shutil.copytree(adapter_dir, out, dirs_exist_ok=True)
+    cfg_file = out / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    base_id = hub_id(base_model)
+    if base_id:
+        cfg["base_model_name_or_path"] = base_id
+        cfg["revision"] = hub_revision(revision) or None
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def adapter_snippet(repo_id: str, base_model: str, revision: str, prompt: str, max_new_tokens: int = 32) -> str:
+    """Python that loads the base by hub id, applies the adapter from ``repo_id`` and generates (the card's example)."""
+    base_id = hub_id(base_model) or base_model
+    rev = hub_revision(revision)
+    at = f", revision={rev!r}" if rev else ""
+    return (
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"base = AutoModelForCausalLM.from_pretrained({base_id!r}{at})\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({base_id!r}{at})\n"
+        f"model = PeftModel.from_pretrained(base, {repo_id!r})\n"
+        f"messages = [{{\"role\": \"user\", \"content\": {prompt!r}}}]\n"
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)\n"
+        f"output = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=False)\n"
+        "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n"
+    )
+
+
+def code_blocks(card: str, language: str = "python") -> list[str]:
+    """The fenced ``language`` blocks of a card, in order (tests run the card's own example)."""
+    import re
+
+    return re.findall(rf"```{language}\n(.*?)```", card, flags=re.S)
+
+
+INTENDED_USE = (
+    "Intended use: the task of the training data (see the dataset and the sample generations in the run's decks), "
+    "evaluated only on its held-out split. Limits: a small fine-tune inherits the base model's limitations and "
+    "biases; it is not evaluated for safety, factuality outside the task, or other languages and domains; check "
+    "the metrics' intervals before relying on small differences."
+)
+
+
 def model_card(
     repo_id: str,
     base_model: str,
@@ -51,44 +116,65 @@ def model_card(
     license: str = "apache-2.0",
     quantization: str = "",
     relation: str = "finetune",
+    base_revision: str = "",
+    dataset_revision: str = "",
+    example_prompt: str = "Rewrite 5 March 2021 in ISO 8601.",
+    files: str = "",
 ) -> str:
-    """README.md with hub metadata (base model, dataset, licence, tags) and the run's evidence.
+    """README.md (``huggingface_hub.ModelCard``) with hub metadata and the run's evidence.
 
-    ``metrics`` maps a model name (base, tuned, int8, ...) to its metric values; the card
-    shows them side by side so the improvement and the quantization cost are visible.
+    Metadata: base model (hub id) and relation, its resolved revision, dataset and its
+    revision, licence, tags, the training config. ``metrics`` maps a model name (base, tuned,
+    int8, ...) to its values (a value may be a (low, high) interval, shown after it); the card
+    shows them side by side, plus how to load the artifact, intended use and limits.
     """
-    base_model = EMBEDDED_ORIGIN.get(base_model, base_model)
-    hub_id = lambda s: "://" not in s and not s.startswith(("/", ".")) and s.count("/") == 1  # noqa: E731
-    front = ["---", f"license: {license}", "library_name: transformers" if relation != "gguf" else "library_name: gguf"]
-    if hub_id(base_model):
-        front += ["base_model:", f"- {base_model}", f"base_model_relation: {'quantized' if relation in ('quantized', 'gguf') else relation if relation == 'adapter' else 'finetune'}"]
-    if hub_id(dataset):
-        front += ["datasets:", f"- {dataset}"]
-    front += ["pipeline_tag: text-generation", "tags:", "- fine-tuned", "- flyte", f"- {variant.replace(' ', '-')}"]
-    if relation == "gguf":
-        front.append("- gguf")
-    front.append("---")
-    names = list(metrics)
-    keys = list(dict.fromkeys(k for m in metrics.values() for k in m))
-    table = "| metric | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
-    table += "\n".join(f"| {k} | " + " | ".join(_fmt(metrics[n].get(k, "")) for n in names) + " |" for k in keys)
-    load = (
-        f"```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(\"{repo_id}\")\n```"
-        if relation != "gguf"
-        else f"```bash\nllama-cli -hf {repo_id}\nollama run hf.co/{repo_id}\n```"
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base_id, data_id = hub_id(base_model), hub_id(dataset)
+    rel = "quantized" if relation in ("quantized", "gguf") else "adapter" if relation == "adapter" else "finetune"
+    data = ModelCardData(
+        license=license,
+        library_name={"gguf": "gguf", "adapter": "peft"}.get(relation, "transformers"),
+        base_model=[base_id] if base_id else None,
+        base_model_relation=rel if base_id else None,
+        datasets=[data_id] if data_id else None,
+        pipeline_tag="text-generation",
+        tags=["fine-tuned", "flyte", variant.replace(" ", "-")] + (["gguf"] if relation == "gguf" else []),
+        base_model_revision=hub_revision(base_revision) or base_revision or None,
+        dataset_revision=dataset_revision or None,
+        training_config=config,
     )
+    names = list(metrics)
+    keys = list(dict.fromkeys(k for m in metrics.values() for k in m if not k.endswith(" interval")))
+
+    def cell(n: str, k: str) -> str:
+        v, ci = metrics[n].get(k, ""), metrics[n].get(f"{k} interval")
+        return _fmt(v) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+
+    table = "| metric | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
+    table += "\n".join(f"| {k} | " + " | ".join(cell(n, k) for n in names) + " |" for k in keys)
     if relation == "adapter":
-        load = f"```python\nfrom peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(\"{repo_id}\")\n```"
-    return (
-        "\n".join(front)
-        + f"\n\n# {repo_id.split('/')[-1]}\n\n{variant} of `{base_model}` fine-tuned on `{dataset}` with the "
-        "flyte-llm-finetune pipeline.\n\n"
+        load = f"```python\n{adapter_snippet(repo_id, base_model, base_revision, example_prompt)}```"
+    elif relation == "gguf":
+        load = (f"```bash\nllama-cli -hf {repo_id}\n```\n\nOllama, with the `Modelfile` in this repo "
+                f"(chat template and stop tokens):\n\n```bash\nollama create {repo_id.split('/')[-1]} -f Modelfile\n"
+                f"ollama run {repo_id.split('/')[-1]}\n```")
+    else:
+        load = (f"```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                f"model = AutoModelForCausalLM.from_pretrained({repo_id!r})\ntokenizer = AutoTokenizer.from_pretrained({repo_id!r})\n```")
+    base_line = f"`{base_id or base_model}`" + (f" (revision `{base_revision}`)" if base_revision else "")
+    data_line = f"`{data_id or dataset}`" + (f" (revision `{dataset_revision}`)" if dataset_revision else "")
+    content = (
+        f"---\n{data.to_yaml()}\n---\n\n# {repo_id.split('/')[-1]}\n\n{variant} of {base_line} fine-tuned on {data_line} "
+        "with the flyte-llm-finetune pipeline.\n\n"
         f"## Evaluation (held-out split)\n\n{table}\n\n"
         + (f"## Quantization\n\n{quantization}\n\n" if quantization else "")
-        + f"## Use\n\n{load}\n\n"
+        + f"## Use\n\n{load}\n\n" + (f"{files}\n\n" if files else "")
+        + f"## Intended use and limits\n\n{INTENDED_USE}\n\n"
         f"## Licence\n\n{license}; the base model's licence and the dataset's terms also apply.\n\n"
         f"## Training config\n\n```json\n{json.dumps(config, indent=2, sort_keys=True)}\n```\n"
     )
+    return str(ModelCard(content))
 
 
 def _scrub(text: str, token: str) -> str:

@@ -78,7 +78,10 @@ def quantize_variant(model_dir: str | Path, out_dir: str | Path, variant: str, n
 
         gguf_type = GGUF_VARIANTS[variant]
         file = f"{name or 'model'}-{gguf_type}.gguf"
+        from llm_finetune.modelfile import write_modelfile
+
         export_gguf(model_dir, out / file, gguf_type, name=name)
+        write_modelfile(model_dir, out / file)  # `ollama create NAME -f Modelfile` in this folder
         return Quantized(variant, out, file, weights_mb(out))
     raise ConfigError([f"quantize.variants: {variant!r} is not one of {', '.join([*BNB_VARIANTS, *GGUF_VARIANTS])}"])
 

@@ -24,10 +24,10 @@ Assessment = typing.NamedTuple(
 )
 
 
-def repo_name(config: FineTuneConfig) -> str:
-    """File name stem for GGUF exports: the hub repo name, else the base model's name."""
-    stem = config.hub.repo_id or config.model.base_model
-    return stem.rstrip("/").split("/")[-1] or "model"
+def gguf_stem(config: FineTuneConfig) -> str:
+    """File name stem for GGUF exports: the base model's name. Never a publishing setting (hub.*): the
+    quantize task's cache key holds it, and renaming the hub repo must not re-run quantization."""
+    return config.model.base_model.rstrip("/").split("/")[-1] or "model"
 
 
 @dynamic(container_image=cpu_image)
@@ -41,7 +41,7 @@ def assess(base_model: FlyteDirectory, tuned_model: FlyteDirectory, eval_data: S
     )
     base = evaluate_model(model=base_model, eval_data=eval_data, data=config.data, evaluate=config.evaluate, label="base").with_overrides(**over)
     tuned = evaluate_model(model=tuned_model, eval_data=eval_data, data=config.data, evaluate=config.evaluate, label="tuned").with_overrides(**over)
-    quantized = quantize_model(model=tuned_model, quantize_cfg=config.quantize, name=repo_name(config)).with_overrides(**over)
+    quantized = quantize_model(model=tuned_model, quantize_cfg=config.quantize, name=gguf_stem(config)).with_overrides(**over)
     size = model_size_mb(model=tuned_model)
     variants = []
     if config.quantize.evaluate:

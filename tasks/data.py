@@ -15,6 +15,7 @@ from llm_finetune.data.validation import RULES
 from llm_finetune.encoding import IGNORE_INDEX, encode_row
 from llm_finetune.model import load_tokenizer
 from tasks.common import CACHE_DATA, HF_TOKEN_ENV_SECRET, publish_deck, recoverable, table_html
+from tasks.preference_data import preference_decks
 
 
 class DataSplits(typing.NamedTuple):
@@ -103,7 +104,8 @@ def get_data(data: DataConfig, base_model: FlyteDirectory) -> DataSplits:
     """Validated, deterministic train/eval splits as parquet, plus validation/profile/sample decks."""
     tokenizer = load_tokenizer(base_model.download())
     prepared = prepare(data, tokenizer)
-    publish_deck("get_data", _decks(prepared, tokenizer, data))
+    decks = preference_decks(prepared, data) if prepared.format == "preference" else _decks(prepared, tokenizer, data)
+    publish_deck("get_data", decks)
     return DataSplits(
         train=StructuredDataset(dataframe=prepared.train),
         train_tokens=StructuredDataset(dataframe=prepared.train_tokens),

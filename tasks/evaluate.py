@@ -51,6 +51,10 @@ def metrics_html(label: str, m: EvalMetrics) -> str:
         else f"free-text answers (median {m.median_reference_words:.0f} words): read the generation table; "
         f"exact match {m.exact_match:.1%} for reference"
     )
+    if m.task_metric == "preference_accuracy":  # held-out preference pairs (llm_finetune/preference_eval.py)
+        metric = (f"preference accuracy {m.preference_accuracy:.1%} (95% interval {m.preference_ci_low:.1%} to "
+                  f"{m.preference_ci_high:.1%}; chosen answer more likely than rejected), greedy answer equals chosen "
+                  f"{m.exact_match:.1%}")
     return f"<p>{html.escape(label)}: {m.rows} held-out rows, loss {m.loss:.4f}, perplexity {m.perplexity:.3f}, {metric}.</p>"
 
 

@@ -12,7 +12,9 @@ from flytekit.types.directory import FlyteDirectory
 
 from images.specs import cpu_image
 from llm_finetune.config import FineTuneConfig
-from llm_finetune.hub import HUB_TOKEN_ENV, model_card, push_folder
+import tempfile
+
+from llm_finetune.hub import HUB_TOKEN_ENV, adapter_for_hub, model_card, push_folder
 from tasks.evaluate import EvalReport, VariantMetrics
 from tasks.common import recoverable
 from tasks.quantize import QuantizedModel
@@ -68,13 +70,17 @@ def push_to_hub(
     token = hub_token()
     before_after = {"base": _metrics(base), "tuned": _metrics(tuned)}
     by_variant = {v.variant: v for v in variants}
-    common = dict(base_model=config.model.base_model, dataset=config.data.source, config=config.to_dict(), license=h.license)
+    m = config.model
+    common = dict(base_model=m.base_model, dataset=config.data.source, config=config.to_dict(), license=h.license,
+                  base_revision=m.revision, dataset_revision=config.data.revision)
     push = dict(token=token, private=h.private, endpoint=h.endpoint or None, max_retries=h.max_retries)
 
     targets = [(model.download(), h.repo_id, model_card(h.repo_id, metrics=before_after, variant="merged model", **common))]
     if adapter is not None:
         name = f"{h.repo_id}-lora"
-        targets.append((adapter.download(), name, model_card(name, metrics=before_after, variant="LoRA adapter", relation="adapter", **common)))
+        # adapter_config.json names the base by hub id + revision, not the pod's temporary folder
+        folder = adapter_for_hub(adapter.download(), tempfile.mkdtemp(prefix="adapter-hub-"), m.base_model, m.revision)
+        targets.append((folder, name, model_card(name, metrics=before_after, variant="LoRA adapter", relation="adapter", **common)))
     for q in quantized:
         name = variant_repo(h.repo_id, q.variant)
         metrics = dict(before_after)

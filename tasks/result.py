@@ -1,7 +1,7 @@
 """The typed result of a fine-tuning run, and the task that assembles and reports it."""
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import pandas as pd
@@ -12,6 +12,7 @@ from images.specs import cpu_image
 from llm_finetune.evaluate import EvalMetrics
 from tasks.common import is_local, local_deck_dir, publish_deck, table_html
 from tasks.evaluate import EvalReport, VariantMetrics, metrics_html, variants_table
+from tasks.preference_data import preference_summary
 from tasks.quantize import QuantizedModel
 
 
@@ -27,6 +28,9 @@ class FineTuneResult:
     quantized_metrics: list[VariantMetrics]  # each variant on the held-out split, with deltas vs tuned
     benchmarks: dict[str, dict[str, float]]  # lm-eval-harness: {"base": {...}, "tuned": {...}}; empty when off
     hub_urls: list[str]  # every pushed repo
+    # preference pairs (train.method: dpo): tuned minus base preference accuracy on the same held-out
+    # pairs with its paired-bootstrap 95% interval, [gain, low, high]; empty for supervised data
+    preference_gain: list[float] = field(default_factory=list)
 
 
 def side_by_side(base: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
@@ -57,16 +61,20 @@ def summarize(
         ("perplexity", f"{b.perplexity:.3f}", f"{t.perplexity:.3f}"),
     ] + [(k, f"{base.benchmarks.get(k, float('nan')):.3f}", f"{v:.3f}") for k, v in tuned.benchmarks.items()]
     table = "".join(f"<tr><td>{html.escape(a)}</td><td>{x}</td><td>{y}</td></tr>" for a, x, y in rows)
-    samples = side_by_side(base.samples.open(pd.DataFrame).all(), tuned.samples.open(pd.DataFrame).all())
+    base_table, tuned_table = base.samples.open(pd.DataFrame).all(), tuned.samples.open(pd.DataFrame).all()
+    samples = side_by_side(base_table, tuned_table)
+    preference_lines, preference_gain = preference_summary(b, t, base_table, tuned_table)
     sections = {
         "Base vs tuned": f"<table><tr><th>metric</th><th>base</th><th>tuned</th></tr>{table}</table>"
         + metrics_html("base", b) + metrics_html("tuned", t),
         "Generations side by side": table_html(samples, max_rows=100),
     }
+    if preference_lines:
+        sections["Preference accuracy"] = "<pre>" + html.escape("\n".join(preference_lines)) + "</pre>"
     if variants:
         sections["Quantized vs tuned"] = table_html(variants_table(variants, t, tuned_mb), max_rows=20)
     publish_deck("summary", sections)
-    lines = [f"  {name:<12} base {x:>8}   tuned {y:>8}" for name, x, y in rows]
+    lines = preference_lines + [f"  {name:<12} base {x:>8}   tuned {y:>8}" for name, x, y in rows]
     for v in variants:
         lines.append(f"  {v.variant:<12} loss {v.metrics.loss:.4f} ({v.loss_delta:+.4f})   exact match "
                      f"{v.metrics.exact_match:.1%} ({v.exact_match_delta:+.1%})   {v.size_mb:.0f} MB (tuned {tuned_mb:.0f} MB)")
@@ -92,4 +100,5 @@ def summarize(
         quantized_metrics=variants,
         benchmarks={"base": base.benchmarks, "tuned": tuned.benchmarks} if tuned.benchmarks else {},
         hub_urls=hub_urls,
+        preference_gain=preference_gain,
     )

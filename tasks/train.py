@@ -37,6 +37,7 @@ from llm_finetune.errors import ConfigError
 from llm_finetune.train import train as run_training
 from tasks.checkpoint import FlyteCheckpointStore
 from tasks.elastic import configure_elastic
+from tasks.node_inputs import node_local_directory, node_local_frame
 from tasks.common import CACHE_TRAIN, DEEPSPEED_DIR, is_local, publish_deck, recoverable, table_html
 
 
@@ -154,10 +155,9 @@ def train_elastic(
     train = join_train(train, train_ops)
     ds_path = deepspeed_config_path(train.deepspeed, DEEPSPEED_DIR)
     with recoverable():
-        frame = train_data.open(pd.DataFrame).all()
-        heldout = eval_data.open(pd.DataFrame).all()
+        frame, heldout = node_local_frame(train_data), node_local_frame(eval_data)  # one download per node
         outputs = run_training(
-            base_model.download(), frame, data, train, None, deepspeed_config=ds_path, eval_frame=heldout,
+            node_local_directory(base_model), frame, data, train, None, deepspeed_config=ds_path, eval_frame=heldout,
             checkpoint_store=FlyteCheckpointStore.current(),
         )
     if outputs is None:  # not rank 0: Flyte ignores this value
@@ -194,13 +194,13 @@ def train_elastic(
     )
 
 
-def _configured_copy(cfg: TrainConfig) -> PytorchElasticFunctionTask:
-    """A copy of ``train_elastic`` with the config's Elastic settings, for local runs."""
+def _configured_copy(cfg: TrainConfig, base: PytorchElasticFunctionTask | None = None) -> PytorchElasticFunctionTask:
+    """A copy of ``train_elastic`` (or ``base``) with the config's Elastic settings, for local runs."""
     if cfg.nnodes > 1:
         raise ConfigError(
             [f"train.nnodes: {cfg.nnodes} nodes need a cluster; run with pyflyte run --remote, or set nnodes: 1 locally"]
         )
-    local = copy.copy(train_elastic)
+    local = copy.copy(base or train_elastic)
     local._task_config = elastic_config(cfg)
     local.min_nodes = local.max_nodes = 1
     return local
@@ -218,7 +218,8 @@ def train_model(
     """Launch the Elastic training task at the scale and on the hardware the config asks for."""
     full = join_train(train, train_ops)
     # configure_elastic, not with_overrides(task_config=...): see tasks/elastic.py
-    task_fn = _configured_copy(full) if is_local() else configure_elastic(train_elastic, elastic_config(full))
+    base = preference_train.dpo_elastic if train.method == "dpo" else train_elastic  # DPO: tasks/preference_train.py
+    task_fn = _configured_copy(full, base) if is_local() else configure_elastic(base, elastic_config(full))
     result = task_fn(
         base_model=base_model, train_data=train_data, eval_data=eval_data, data=data, train=train, train_ops=train_ops
     )
@@ -235,3 +236,7 @@ def train_model(
 def training_image(cfg: TrainConfig):
     """The CUDA image (several GB, with DeepSpeed) only where it is used: GPUs or DeepSpeed; else the CPU image."""
     return gpu_image if cfg.gpus_per_node > 0 or deepspeed_config_path(cfg.deepspeed, DEEPSPEED_DIR) else cpu_image
+
+
+# At the end on purpose: tasks/preference_train.py builds on this module's TrainResult and deck helpers.
+import tasks.preference_train as preference_train  # noqa: E402

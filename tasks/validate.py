@@ -14,6 +14,7 @@ or the hub model changed misses the cache, and an identical rerun hits it. The o
 train keys travel as ``train_ops``, which the training cache key ignores.
 """
 
+import dataclasses
 import typing
 
 from flytekit import task
@@ -45,6 +46,11 @@ Sections = typing.NamedTuple(
         ("evaluate", EvalConfig),
         ("quantize", QuantizeConfig),
         ("hub", HubConfig),
+        # the optional DPO stage after the first (preference: in the config; tasks/preference_stage.py)
+        ("preference_enabled", bool),
+        ("preference_data", DataConfig),
+        ("preference_train", TrainConfig),
+        ("preference_train_ops", TrainOps),
     ],
 )
 
@@ -66,7 +72,13 @@ def sections(config: FineTuneConfig) -> Sections:
     """Validate, pin revisions, and split the config into the literals downstream tasks take."""
     config = pin_revisions(validate(config, deepspeed_dir=DEEPSPEED_DIR))
     train, ops = split_train(config.train)
-    return Sections(config, config.data, config.model, train, ops, config.evaluate, config.quantize, config.hub)
+    stage = config.preference
+    stage_data = stage.data
+    if stage.enabled:
+        stage_data = dataclasses.replace(stage_data, revision=data_revision(stage_data.source, stage_data.revision))
+    stage_train, stage_ops = split_train(stage.train)
+    return Sections(config, config.data, config.model, train, ops, config.evaluate, config.quantize, config.hub,
+                    stage.enabled, stage_data, stage_train, stage_ops)
 
 
 @task(container_image=cpu_image, retries=2, secret_requests=[HF_TOKEN_ENV_SECRET])

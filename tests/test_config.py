@@ -45,7 +45,7 @@ def test_wrong_types_are_reported_with_key_path():
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ({"train": {"method": "lorra"}}, "train.method: 'lorra' is not one of lora, qlora, full (did you mean 'lora'?)"),
+        ({"train": {"method": "lorra"}}, "train.method: 'lorra' is not one of lora, qlora, full, dpo (did you mean 'lora'?)"),
         ({"train": {"method": "qlora"}}, "train.method: qlora quantizes the base model to 4-bit"),
         ({"train": {"deepspeed": "zero4"}}, "train.deepspeed: no file zero4.json in deepspeed_configs/"),
         ({"quantize": {"bits": 3}}, "quantize.bits: 3 is not one of 0, 4, 8"),
@@ -53,6 +53,7 @@ def test_wrong_types_are_reported_with_key_path():
         ({"data": {"eval_fraction": 0.9}}, "data.eval_fraction: must be in (0, 0.5]"),
         ({"train": {"nproc_per_node": 4, "gpus_per_node": 2}}, "train.nproc_per_node: 4 processes but only 2 GPUs"),
         ({"data": {"format": "sharegpt"}}, "data.format: 'sharegpt' is not one of"),
+        ({"train": {"keep_checkpoints": 0}}, "train.keep_checkpoints: must be >= 1 (the newest checkpoint is what a retry"),
     ],
 )
 def test_validation_names_key_and_fix(override, needle):

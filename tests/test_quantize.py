@@ -45,7 +45,7 @@ def test_gguf_export_refuses_unsupported_architectures_by_name(tmp_path):
     from llm_finetune.gguf_export import GGUFExportError, check_exportable
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
-    with pytest.raises(GGUFExportError, match="model_type 'gpt_neox'.*supports Llama-architecture.*quantize.variants"):
+    with pytest.raises(GGUFExportError, match="model_type 'gpt_neox'.*supports model_type llama, mistral, qwen2.*quantize.variants"):
         check_exportable(tmp_path)
 
 
@@ -108,6 +108,6 @@ def test_gguf_for_an_unsupported_base_fails_before_training(tmp_path):
     cfg = FineTuneConfig()
     assert "gguf_q8_0" in quantize_variants(cfg.quantize)
     with pytest.raises(GGUFExportError, match=r"GGUF export: model_type 'gpt_neox'"):
-        check_outputs(base_model=FlyteDirectory(str(tmp_path)), config=cfg)
+        check_outputs(base_model=FlyteDirectory(str(tmp_path)), evaluate=cfg.evaluate, quantize=cfg.quantize)
     cfg.quantize.variants = ["int8"]
-    assert check_outputs(base_model=FlyteDirectory(str(tmp_path)), config=cfg) is True
+    assert check_outputs(base_model=FlyteDirectory(str(tmp_path)), evaluate=cfg.evaluate, quantize=cfg.quantize) is True

@@ -80,7 +80,10 @@ EXPECTED = {
     "tasks.evaluate.evaluate_quantized": (CPU, common.CACHE_EVAL.version, 1, {"CPU": "2", "MEMORY": "8Gi"}),
     "tasks.quantize.check_outputs": (CPU, common.CACHE_QUANTIZE.version, 0, {"CPU": "1", "MEMORY": "2Gi"}),
     "tasks.quantize.model_size_mb": (CPU, common.CACHE_QUANTIZE.version, 0, {"CPU": "1", "MEMORY": "1Gi"}),
+    "tasks.preference_train.dpo_elastic": (GPU, common.CACHE_TRAIN.version, 2, {"CPU": "2", "MEMORY": "8Gi"}),
+    "tasks.preference_stage.preference_stage": (CPU, None, 0, {}),
 }
+TRAINING_TASKS = ("tasks.train.train_elastic", "tasks.preference_train.dpo_elastic")
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -100,9 +103,9 @@ def test_task_image_cache_retries_resources(package, name):
 def test_training_task_is_interruptible_with_shared_memory_and_only_it_is(package):
     for name in EXPECTED:
         t = _task(package, name)
-        assert bool(t["metadata"].get("interruptible")) == (name == "tasks.train.train_elastic"), name
-    shm = _task(package, "tasks.train.train_elastic")["extendedResources"]["sharedMemory"]
-    assert shm["mountPath"] == "/dev/shm"
+        assert bool(t["metadata"].get("interruptible")) == (name in TRAINING_TASKS), name
+    for name in TRAINING_TASKS:
+        assert _task(package, name)["extendedResources"]["sharedMemory"]["mountPath"] == "/dev/shm"
 
 
 def test_hf_secret_requests(package):
@@ -244,6 +247,20 @@ def test_dynamic_compiles_the_configured_elastic_task(package, tmp_path, train):
     assert (loaded.min_nodes, loaded.max_nodes) == (train.nnodes, train.nnodes)
     assert loaded.task_config.nproc_per_node == train.nproc_per_node
     assert loaded.task_type == task["type"]
+
+
+def test_dynamic_compiles_dpo_to_the_dpo_elastic_task(package, tmp_path):
+    """train.method: dpo launches tasks.preference_train.dpo_elastic, on the image registration built."""
+    spec = _compile_train_model(package, tmp_path, TrainConfig(method="dpo"))
+    (node,) = spec["nodes"]
+    (task,) = spec["tasks"]
+    assert node["taskNode"]["referenceId"]["name"] == task["id"]["name"] == "tasks.preference_train.dpo_elastic"
+    assert task["container"]["image"] == _task(package, "tasks.preference_train.dpo_elastic")["container"]["image"]
+    args = task["container"]["args"]
+    from flytekit.tools.module_loader import load_object_from_module
+
+    loaded = load_object_from_module(args[args.index("--resolver") + 1]).load_task(args[args.index("--") + 1 :])
+    assert loaded.name == "tasks.preference_train.dpo_elastic"
 
 
 def test_copy_all_bundle_ships_the_files_tasks_read_at_runtime():

@@ -4,26 +4,22 @@
     pyflyte run workflows/fine_tune.py fine_tune --config configs/x.yaml
     pyflyte run --remote workflows/fine_tune.py fine_tune --config configs/x.yaml
 
-validate_config -> prepare_base_model (cached) -> check_outputs -> get_data -> train_model (Elastic)
--> assess (evaluate base and tuned, quantize, evaluate the variants) -> push_to_hub -> summarize
+validate_config -> prepare_base_model (cached) -> check_outputs -> get_data -> train_model (Elastic: SFT, or DPO
+with train.method: dpo) -> preference_stage (optional DPO after SFT) -> assess (evaluate base and tuned, quantize, evaluate the variants) -> push_to_hub -> summarize
 """
 
 from flytekit import workflow
 
 from llm_finetune.config import FineTuneConfig
+from tasks.assess import assess
 from tasks.data import get_data
 from tasks.hub import push_to_hub
 from tasks.model import prepare_base_model
+from tasks.preference_stage import preference_stage
 from tasks.quantize import check_outputs
 from tasks.result import FineTuneResult, summarize
 from tasks.train import train_model
 from tasks.validate import validate_config
-
-# Imported after tasks.train on purpose. Observed: with tasks.assess imported first, the GPU
-# ImageSpec tag in `pyflyte package` differs from the one the train_model pod recomputes
-# (LOADED_MODULES copy mode hashes the repo modules loaded when the tag is first computed),
-# so the pod would ask for an image that was never built (tests/test_serialization.py).
-from tasks.assess import assess  # noqa: E402,I001
 
 
 @workflow
@@ -44,19 +40,24 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
         train_ops=s.train_ops,
     )
     checked >> trained.model  # orders the train node after the checks (any of its outputs names the node)
-    a = assess(base_model=base, tuned_model=trained.model, eval_data=splits.heldout, config=s.config)
+    # SFT then DPO (config section `preference`); hands the first stage's outputs through when disabled
+    final = preference_stage(
+        enabled=s.preference_enabled, model=trained.model, adapter=trained.adapter, heldout=splits.heldout,
+        preference_data=s.preference_data, preference_train=s.preference_train, preference_train_ops=s.preference_train_ops,
+    )
+    a = assess(base_model=base, tuned_model=final.model, eval_data=final.heldout, config=s.config)
     hub_urls = push_to_hub(
         config=s.config,
-        model=trained.model,
-        adapter=trained.adapter,
+        model=final.model,
+        adapter=final.adapter,
         quantized=a.quantized,
         base=a.base,
         tuned=a.tuned,
         variants=a.variants,
     )
     return summarize(
-        tuned_model=trained.model,
-        adapter=trained.adapter,
+        tuned_model=final.model,
+        adapter=final.adapter,
         quantized=a.quantized,
         base=a.base,
         tuned=a.tuned,

@@ -24,6 +24,7 @@ FORMAT_COLUMNS = {
     "dolly": (("instruction", "response"), ("context",)),
     "chat": (("messages",), ()),
     "text": (("text",), ()),
+    "preference": (("chosen", "rejected"), ("prompt",)),  # handled by data/preference.py
 }
 ROLES = ("system", "user", "assistant")
 

@@ -14,6 +14,7 @@ import pandas as pd
 
 from llm_finetune.config import DataConfig
 from llm_finetune.data.formats import apply_column_mapping, detect_format, explode_records, to_canonical
+from llm_finetune.data.preference import detect_preference, prepare_preference
 from llm_finetune.data.sources import load_raw
 from llm_finetune.data.validation import RULES, ValidationReport, validate_rows
 from llm_finetune.encoding import IGNORE_INDEX, Encoded, encode_many, encode_row, encode_text
@@ -131,6 +132,9 @@ def prepare(cfg: DataConfig, tokenizer) -> PreparedData:
         raw = explode_records(raw, cfg.explode.strip())
     if cfg.columns:
         raw = apply_column_mapping(raw, cfg.columns)
+    preference = detect_preference(list(map(str, raw.columns)), cfg.format)
+    if preference is not None:  # chosen/rejected pairs for DPO: data/preference.py
+        return prepare_preference(raw, cfg, tokenizer, preference)
     detected = detect_format(list(map(str, raw.columns)), cfg.format)
     canon = to_canonical(raw, detected.format)
     is_text = detected.format == "text"

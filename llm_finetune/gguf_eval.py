@@ -1,0 +1,62 @@
+"""Score a GGUF variant in llama.cpp, the runtime its users run, instead of de-quantizing it.
+
+transformers can load a GGUF only by de-quantizing every weight to float32 (32 GB for an 8B
+model), and then measures the rounding, not llama.cpp's kernels. Here the file runs in
+llama.cpp (``llm_finetune.gguf_runtime``); the token ids come from the same HF tokenizer the
+other models are scored with (the tests check llama.cpp tokenizes identically), so the loss
+counts the same answer tokens and the generations answer the same prompts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from llm_finetune.encoding import IGNORE_INDEX
+
+
+def _logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.asarray(llm.scores[: len(ids)], dtype=np.float64)
+
+
+def completion_loss(llm, examples: list[dict]) -> float:
+    """Mean NLL per trained token (labels != IGNORE_INDEX), as ``evaluate.completion_loss`` computes it."""
+    total, count = 0.0, 0
+    for ex in examples:
+        ids, labels = list(ex["input_ids"]), list(ex["labels"])
+        logits = _logits(llm, ids)[:-1]
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        for t, label in enumerate(labels[1:]):
+            if label != IGNORE_INDEX:
+                total -= logp[t, label]
+                count += 1
+    return total / max(count, 1)
+
+
+def generate(llm, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy completions (stop at EOS), decoded with the HF tokenizer."""
+    stop = {tokenizer.eos_token_id, llm.token_eos()}
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        llm.reset()
+        llm.eval(ids)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if token in stop:
+                break
+            new.append(token)
+            llm.eval([token])
+        out.append(tokenizer.decode(new, skip_special_tokens=True))
+    return out
+
+
+def load(model_dir: str | Path, gguf_file: str, n_ctx: int):
+    from llm_finetune.gguf_runtime import load_gguf
+
+    return load_gguf(Path(model_dir) / gguf_file, n_ctx=n_ctx)

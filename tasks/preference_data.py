@@ -1,0 +1,62 @@
+"""get_data's decks for preference pairs: the same validation page as SFT data, a pair profile, sample pairs."""
+
+from __future__ import annotations
+
+import html
+
+import pandas as pd
+
+from llm_finetune.config import DataConfig
+from llm_finetune.data.preference import PREFERENCE_RULES, prompt_text
+from tasks.common import table_html
+
+
+def preference_decks(prepared, data: DataConfig) -> dict[str, str]:
+    from tasks.data import _length_histogram  # tasks.data imports this module
+
+    r = prepared.report
+    rules = pd.DataFrame(
+        [{"rule": k, "meaning": PREFERENCE_RULES.get(k, k), "rows dropped": v} for k, v in sorted(r.dropped.items())],
+        columns=["rule", "meaning", "rows dropped"],
+    )
+    validation = (
+        f"<p>Source <code>{html.escape(data.source)}</code>: {html.escape(prepared.format_reason)} (chosen/rejected pairs "
+        f"for DPO).</p><p>Pairs in: <b>{r.rows_in}</b>, kept: <b>{r.rows_kept}</b>, dropped: <b>{r.rows_in - r.rows_kept}</b> "
+        f"(policy <code>{data.on_invalid}</code>).</p>{table_html(rules)}"
+        f"<h3>Failure cases</h3>{table_html(r.failure_cases) if len(r.failure_cases) else '<p>none</p>'}"
+    )
+    tokens = prepared.train_tokens
+    profile = (
+        f"<p>Format: <b>preference</b>; train pairs {len(prepared.train)}, held-out pairs {len(prepared.eval)}; "
+        f"max_length {data.max_length} tokens (prompt + the longer answer); pairs truncated: {prepared.truncated_rows}.</p>"
+        f"<p>Tokens per pair (train): prompt mean {tokens['prompt_ids'].map(len).mean():.1f}, chosen mean "
+        f"{tokens['chosen_ids'].map(len).mean():.1f}, rejected mean {tokens['rejected_ids'].map(len).mean():.1f}.</p>"
+        + _length_histogram(prepared.lengths, data.max_length, data.truncation)
+    )
+    sample = prepared.train.head(10).assign(prompt=lambda f: f["prompt"].map(prompt_text))
+    return {
+        "Validation": validation,
+        "Data profile": profile,
+        "Sample pairs": table_html(sample[["source_row", "prompt", "chosen", "rejected"]], max_rows=10),
+    }
+
+
+def preference_summary(base, tuned, base_table: pd.DataFrame, tuned_table: pd.DataFrame) -> tuple[list[str], list[float]]:
+    """Summary lines for preference accuracy, and [gain, low, high] of tuned minus base on the same pairs."""
+    from llm_finetune.preference_eval import paired_difference
+
+    if tuned.task_metric != "preference_accuracy" or len(base_table) != len(tuned_table):
+        return [], []
+    gain, low, high = paired_difference(tuned_table["correct"].astype(float), base_table["correct"].astype(float))
+
+    def acc(m) -> str:
+        return f"{m.preference_accuracy:.1%} [{m.preference_ci_low:.1%}, {m.preference_ci_high:.1%}]"
+
+    verdict = "above base by more than the interval" if low > 0 else "not clearly above base (the interval includes 0)"
+    lines = [
+        f"  preference accuracy ({tuned.rows} held-out pairs, bootstrap 95% intervals)",
+        f"    base {acc(base)}   tuned {acc(tuned)}",
+        f"    gain {gain:+.1%} [{low:+.1%}, {high:+.1%}]: tuned is {verdict}",
+        f"    mean log-prob margin chosen - rejected: base {base.mean_logp_margin:+.2f}   tuned {tuned.mean_logp_margin:+.2f}",
+    ]
+    return lines, [gain, low, high]

@@ -1,0 +1,50 @@
+"""preference_stage: SFT then DPO in one execution (the ``preference`` section of the config).
+
+A dynamic workflow after the first training stage. With ``preference.enabled`` it prepares
+the preference pairs with the first stage's tokenizer and launches ``train_model`` (hence
+``dpo_elastic``) with the first stage's output model as the base; otherwise it hands the
+first stage's outputs through untouched. Its tasks are cached on their own inputs: the
+stage-1 model directory (the same URI when stage 1 is served from the cache), the stage's
+data and train sections. So re-running with a new ``preference.train.dpo.beta`` re-trains
+only the DPO stage, and a new first-stage setting re-trains both.
+"""
+
+import typing
+from typing import Optional
+
+from flytekit import dynamic
+from flytekit.types.directory import FlyteDirectory
+from flytekit.types.structured import StructuredDataset
+
+from images.specs import cpu_image
+from llm_finetune.config import DataConfig, TrainConfig, TrainOps
+from tasks.data import get_data
+from tasks.train import train_model
+
+StageOutputs = typing.NamedTuple(
+    "StageOutputs",
+    [("model", FlyteDirectory), ("adapter", Optional[FlyteDirectory]), ("heldout", StructuredDataset)],
+)
+
+
+@dynamic(container_image=cpu_image)
+def preference_stage(
+    enabled: bool,
+    model: FlyteDirectory,
+    adapter: Optional[FlyteDirectory],
+    heldout: StructuredDataset,
+    preference_data: DataConfig,
+    preference_train: TrainConfig,
+    preference_train_ops: TrainOps,
+) -> StageOutputs:
+    """The final model, its adapter, and the held-out split assess scores it on (the pairs, after DPO)."""
+    if not enabled:
+        return model, adapter, heldout
+    print(f"[preference_stage] DPO ({preference_train.dpo.loss_type}, beta {preference_train.dpo.beta}) on "
+          f"{preference_data.source}, starting from the first stage's model", flush=True)
+    splits = get_data(data=preference_data, base_model=model)
+    trained = train_model(
+        base_model=model, train_data=splits.train_tokens, eval_data=splits.heldout, data=preference_data,
+        train=preference_train, train_ops=preference_train_ops,
+    )
+    return trained.model, trained.adapter, splits.heldout

@@ -1,0 +1,151 @@
+"""GGUF exports run in llama.cpp (llama-cpp-python) the way the HF model runs in transformers.
+
+For a tiny random model of each family users tune (built offline by tests/tiny_families.py),
+export f16 and q8_0 through the production path (``quantize_variant``), load the file in
+llama.cpp and compare with the HF model: token ids (pre-tokenizer, BOS rule, special tokens),
+top-1 logits at every position, and greedy continuations. A wrong Q/K permutation, a
+dropped bias, a missing rope factor, a wrong head_dim or tied/untied mix-up changes the
+logits far beyond f16 / q8_0 rounding.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="install the gguf-check extra: pip install -c constraints.txt '.[gguf-check]'")
+
+FAMILIES = ["llama3", "qwen2", "mistral", "smollm2"]
+TEXTS = [
+    "Rewrite 5 March 2021 in ISO 8601: 2021-03-05.",
+    "I've been told he's there, you're sure?\n\n  def add(a, b):\n\treturn a + b  # 12345",
+    "Le café coûte 3,50 € — 東京 2020 🚀",
+]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory, tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.tiny_families import save_family
+
+    out = save_family(request.param, tmp_path_factory.mktemp(request.param), smollm_tokenizer=tokenizer)
+    return request.param, out, AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(out)
+
+
+def _llama(path):
+    from llm_finetune.gguf_runtime import load_gguf
+
+    return load_gguf(path, n_ctx=256, n_threads=2)
+
+
+def _reference_ids(name, model_dir, tok, text: str) -> list[int]:
+    """What the model's own tokenizer gives: for SentencePiece models that is tokenizer.model (transformers'
+    conversion of a locally trained SentencePiece model splits whitespace runs differently), else tokenizer.json."""
+    if name != "mistral":
+        return tok(text)["input_ids"]
+    import sentencepiece as spm
+
+    return [tok.bos_token_id] + spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model")).encode(text)
+
+
+def _llama_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
+
+
+def _llama_greedy(llm, ids: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return out
+
+
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+def test_gguf_runs_in_llama_cpp_like_the_hf_model(family, gguf_type, tmp_path):
+    from llm_finetune.quantize import quantize_variant
+
+    name, model_dir, model, tok = family
+    q = quantize_variant(model_dir, tmp_path, f"gguf_{gguf_type}", name=name)
+    llm = _llama(q.path / q.gguf_file)
+
+    # tokenization: pre-tokenizer regex, BOS rule (Llama 3 / Mistral add it, Qwen2 / SmolLM2 do not), special tokens
+    chat = tok.apply_chat_template([{"role": "user", "content": TEXTS[0]}], tokenize=False, add_generation_prompt=True)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == _reference_ids(name, model_dir, tok, text), (name, text)
+    chat_ids = tok(chat, add_special_tokens=False)["input_ids"]
+    # the chat prompt with its special tokens parsed (SentencePiece: tokenizer.model after the leading <s>)
+    expected = chat_ids if name != "mistral" else _reference_ids(name, model_dir, tok, chat.removeprefix(tok.bos_token))
+    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == expected
+    assert llm.token_eos() == tok.eos_token_id
+    if tok.bos_token_id is not None:
+        assert llm.token_bos() == tok.bos_token_id
+
+    # logits at every position of a prompt, then greedy decoding
+    ids = tok(TEXTS[1])["input_ids"]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    got = _llama_logits(llm, ids)
+    assert got.shape == ref.shape
+    top1 = (got.argmax(-1) == ref.argmax(-1)).mean()
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    # f16 rounding only; q8_0 flips a few near-ties of these random models. A wrong tensor map,
+    # permutation, bias, head_dim or rope factor gives top-1 agreement near 1/vocab and errors near 1.
+    assert top1 >= (1.0 if gguf_type == "f16" else 0.8), (name, top1, err)
+    assert err < (0.02 if gguf_type == "f16" else 0.15), (name, err)
+
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([chat_ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                            pad_token_id=tok.pad_token_id or 0)[0, len(chat_ids):].tolist()
+    n = 8 if gguf_type == "f16" else 1  # q8_0 flips near-ties of these random models, then continuations diverge
+    assert _llama_greedy(llm, chat_ids, 8)[:n] == hf[:n], name
+
+
+def test_modelfile_beside_the_gguf_names_it_and_stops_on_single_special_tokens(family, tmp_path):
+    """The Ollama Modelfile: FROM the file, the family's chat format, stop strings that are one token each."""
+    from llm_finetune.modelfile import chat_format
+    from llm_finetune.quantize import quantize_variant
+
+    name, model_dir, _, tok = family
+    q = quantize_variant(model_dir, tmp_path, "gguf_q8_0", name=name)
+    text = (q.path / "Modelfile").read_text()
+    assert text.startswith(f"FROM ./{q.gguf_file}\n")
+    fmt = {"llama3": "llama3", "qwen2": "chatml", "smollm2": "chatml", "mistral": "mistral"}[name]
+    assert chat_format(tok.chat_template) == fmt and 'TEMPLATE """' in text
+    stops = [json.loads(line.split(" ", 2)[2]) for line in text.splitlines() if line.startswith("PARAMETER stop ")]
+    assert tok.eos_token in stops
+    llm = _llama(q.path / q.gguf_file)
+    for stop in stops:
+        if fmt != "mistral" or stop == tok.eos_token:  # [INST] is plain text in Mistral v0.1-v0.2 vocabularies
+            assert len(llm.tokenize(stop.encode(), add_bos=False, special=True)) == 1, stop
+
+
+def test_gguf_variants_are_scored_in_llama_cpp_like_the_hf_model(tokenizer, tmp_path, monkeypatch):
+    """evaluate(gguf_file=...) runs the file in llama.cpp (transformers' GGUF loader is made to fail) and agrees with HF."""
+    import transformers
+
+    from llm_finetune.config import DataConfig, EvalConfig
+    from llm_finetune.data.prepare import prepare
+    from llm_finetune.evaluate import evaluate
+    from llm_finetune.quantize import quantize_variant
+    from tests.tiny_families import save_family
+
+    model_dir = save_family("smollm2", tmp_path / "m", smollm_tokenizer=tokenizer)
+    data, cfg = DataConfig(), EvalConfig(max_samples=3, max_new_tokens=6, batch_size=3)
+    frame = prepare(data, tokenizer).eval
+    ref, ref_table = evaluate(model_dir, frame, data, cfg)
+    q = quantize_variant(model_dir, tmp_path / "q", "gguf_f16", name="m")
+
+    def no_dequantizing(*args, gguf_file=None, **kwargs):
+        raise AssertionError("the GGUF variant was de-quantized by transformers instead of run in llama.cpp")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_dequantizing)
+    got, table = evaluate(q.path, frame, data, cfg, gguf_file=q.gguf_file)
+    assert got.rows == ref.rows and list(table["prompt"]) == list(ref_table["prompt"])
+    assert abs(got.loss - ref.loss) < 0.01 * ref.loss, (got.loss, ref.loss)  # f16 rounding only
+    assert list(table["prediction"]) == list(ref_table["prediction"])

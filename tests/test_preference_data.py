@@ -1,0 +1,140 @@
+"""Preference pairs: the accepted shapes, the pandera rules, malformed data refused by row and column."""
+
+import datetime as dt
+import json
+
+import pandas as pd
+import pytest
+
+from llm_finetune.config import DataConfig
+from llm_finetune.data import iso_dates_preference as gen
+from llm_finetune.data.prepare import prepare
+from llm_finetune.errors import DataError
+
+PAIRS = [("Rewrite 5 March 2021 in ISO 8601.", "2021-03-05", "March 5, 2021"),
+         ("Rewrite 7 June 1999 in ISO 8601.", "1999-06-07", "06/07/1999")]
+
+
+def _user(q):
+    return {"role": "user", "content": q}
+
+
+def _bot(a):
+    return {"role": "assistant", "content": a}
+
+
+SHAPES = {
+    "flat": lambda q, c, r: {"prompt": q, "chosen": c, "rejected": r},
+    "ultrafeedback": lambda q, c, r: {"prompt": q, "chosen": [_user(q), _bot(c)], "rejected": [_user(q), _bot(r)]},
+    "explicit-prompt": lambda q, c, r: {"prompt": [_user(q)], "chosen": [_bot(c)], "rejected": [_bot(r)]},
+    "hh-rlhf": lambda q, c, r: {"chosen": [_user(q), _bot(c)], "rejected": [_user(q), _bot(r)]},
+    "hh-raw": lambda q, c, r: {"chosen": f"\n\nHuman: {q}\n\nAssistant: {c}", "rejected": f"\n\nHuman: {q}\n\nAssistant: {r}"},
+}
+
+
+def _write(tmp_path, rows, name="pairs.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _cfg(source, **kw):
+    return DataConfig(source=source, **{"eval_fraction": 0.5, "min_train_rows": 1, **kw})
+
+
+def _canonical(prepared) -> list[tuple]:
+    both = pd.concat([prepared.train, prepared.eval]).sort_values("source_row")
+    return [(json.loads(r.prompt), r.chosen, r.rejected) for r in both.itertuples()]
+
+
+def test_embedded_pairs_are_the_generator_output_and_correct():
+    assert gen.SHIPPED_FILE.read_text(encoding="utf-8") == gen.to_jsonl(gen.generate())
+    rows = [json.loads(line) for line in gen.SHIPPED_FILE.read_text().splitlines()]
+    assert len(rows) == 1000 and len({r["chosen"] for r in rows}) == len(rows)
+    for r in rows:
+        date = dt.date.fromisoformat(r["chosen"])  # the chosen answer is a real ISO date ...
+        assert str(date.year) in r["prompt"].split("\n\n")[-1]  # ... of the date in the prompt
+        assert r["rejected"] != r["chosen"]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_auto_recognises_every_shape(shape, tokenizer, tmp_path):
+    source = _write(tmp_path, [SHAPES[shape](*p) for p in PAIRS])
+    prepared = prepare(_cfg(source), tokenizer)
+    assert prepared.format == "preference" and "auto-detected" in prepared.format_reason
+    assert _canonical(prepared) == [([_user(q)], c, r) for q, c, r in PAIRS]
+    assert len(prepared.train_tokens) == 1 and len(prepared.eval) == 1
+
+
+def test_token_rows_are_the_chat_template_rendering(tokenizer, tmp_path):
+    prepared = prepare(_cfg(_write(tmp_path, [SHAPES["flat"](*p) for p in PAIRS])), tokenizer)
+    row = prepared.train_tokens.iloc[0]
+    q, c, r = next(p for p in PAIRS if p[1] == prepared.train.iloc[0]["chosen"])
+    prompt = tokenizer.apply_chat_template([_user(q)], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(row["prompt_ids"]) == prompt
+    assert tokenizer.decode(list(row["prompt_ids"]) + list(row["chosen_ids"])) == tokenizer.apply_chat_template(
+        [_user(q), _bot(c)], tokenize=False)
+    assert tokenizer.decode(list(row["prompt_ids"]) + list(row["rejected_ids"])) == tokenizer.apply_chat_template(
+        [_user(q), _bot(r)], tokenize=False)
+
+
+BROKEN = [
+    ({"prompt": " ", "chosen": "a", "rejected": "b"}, "empty_prompt", "prompt"),
+    ({"prompt": "q3", "chosen": "", "rejected": "b"}, "empty_chosen", "chosen"),
+    ({"prompt": "q4", "chosen": "a", "rejected": None}, "empty_rejected", "rejected"),
+    ({"prompt": "q5", "chosen": "same", "rejected": "same "}, "chosen_equals_rejected", "chosen, rejected"),
+    ({"prompt": "q6", "chosen": [_user("q6"), _bot("a")], "rejected": [_user("another question"), _bot("b")]},
+     "prompt_not_shared", "prompt, chosen, rejected"),
+    ({"prompt": "q7 " + "long " * 300, "chosen": "a", "rejected": "b"}, "too_long", "prompt, chosen, rejected"),
+]
+
+
+def _broken_source(tmp_path):
+    good = [SHAPES["flat"](*p) for p in PAIRS]
+    rows = [good[0], *[b for b, _, _ in BROKEN], good[1], good[0]]  # the last row duplicates the first
+    return _write(tmp_path, rows)
+
+
+def test_rules_drop_and_count_rows_like_sft(tokenizer, tmp_path):
+    prepared = prepare(_cfg(_broken_source(tmp_path), max_length=256), tokenizer)
+    r = prepared.report
+    assert (r.rows_in, r.rows_kept) == (9, 2)
+    assert r.dropped == {rule: 1 for _, rule, _ in BROKEN} | {"duplicate": 1}
+    cases = r.failure_cases.set_index("source_row")
+    for i, (_, rule, column) in enumerate(BROKEN, start=2):
+        assert (cases.loc[i, "rule"], cases.loc[i, "column"]) == (rule, column)
+    assert cases.loc[9, "rule"] == "duplicate"
+
+
+def test_fail_policy_names_row_column_and_rule(tokenizer, tmp_path):
+    with pytest.raises(DataError) as e:
+        prepare(_cfg(_broken_source(tmp_path), max_length=256, on_invalid="fail"), tokenizer)
+    msg = str(e.value)
+    assert "7 of 9 preference pairs" in msg and "set data.on_invalid: drop" in msg
+    assert "row 5, column chosen, rejected: chosen_equals_rejected" in msg
+    assert "row 6, column prompt, chosen, rejected: prompt_not_shared" in msg
+    assert "row 2, column prompt: empty_prompt" in msg
+
+
+@pytest.mark.parametrize(
+    "rows, needle",
+    [
+        ([{"prompt": "q", "chosen": [{"role": "bot", "content": "a"}], "rejected": "b"}],
+         "row 1, column chosen, message 0: unknown role 'bot'"),
+        ([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": [_user("q"), _user("x")]}],
+         "row 2, column rejected: the last message must be the assistant's answer"),
+        ([{"prompt": "q", "chosen": [{"text": "a"}], "rejected": "b"}], "row 1, column chosen, message 0: expected an object with 'role'"),
+        ([{"prompt": "q", "chosen": 5, "rejected": "b"}], "row 1, column chosen: expected a string or a list"),
+        ([{"chosen": "a", "rejected": "b"}], "row 1, column prompt: missing"),
+    ],
+    ids=["unknown-role", "last-turn-not-assistant", "not-a-message", "not-text", "no-prompt"],
+)
+def test_malformed_pairs_are_refused_with_row_and_column(rows, needle, tokenizer, tmp_path):
+    with pytest.raises(DataError, match=None) as e:
+        prepare(_cfg(_write(tmp_path, rows)), tokenizer)
+    assert needle in str(e.value)
+
+
+def test_format_preference_without_pairs_names_missing_column(tokenizer, tmp_path):
+    with pytest.raises(DataError, match="needs columns chosen and rejected .* rejected missing"):
+        prepare(_cfg(_write(tmp_path, [{"prompt": "q", "chosen": "a"}]), format="preference"), tokenizer)
