@@ -31,12 +31,12 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
     cfg = validate_config(config=config)
     base = prepare_base_model(model=cfg.model)
     checked = check_outputs(base_model=base, config=cfg)  # GGUF / lm-eval prerequisites, before any training
-    splits = get_data(data=cfg.data, base_model=base)
-    trained = train_model(
-        base_model=base, train_data=splits.train_tokens, eval_data=splits.heldout, data=cfg.data, train=cfg.train
+    splits = get_data(data=cfg.data, base_model=base, train=cfg.train)  # train: sizes max_length auto to the hardware
+    trained = train_model(  # validation rows choose the checkpoint and stop early; test rows only score
+        base_model=base, train_data=splits.train_tokens, eval_data=splits.validation, data=cfg.data, train=cfg.train
     )
     checked >> trained
-    a = assess(base_model=base, tuned_model=trained.model, eval_data=splits.heldout, config=cfg)
+    a = assess(base_model=base, tuned_model=trained.model, eval_data=splits.test, config=cfg)
     hub_urls = push_to_hub(
         config=cfg,
         model=trained.model,
@@ -55,4 +55,6 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
         variants=a.variants,
         tuned_mb=a.tuned_mb,
         hub_urls=hub_urls,
+        splits=splits,
+        training=trained,
     )
