@@ -50,6 +50,7 @@ class LengthChoice:
     device: str  # what the memory estimate assumed
     bytes_per_token: float
     activation_gib: float  # estimated activation memory of one micro-batch at max_length
+    batch_size: int = 1  # train.per_device_batch_size the estimate assumed
 
     def describe(self) -> str:
         how = "auto" if self.auto else "set by data.max_length"
@@ -121,7 +122,8 @@ def activation_bytes_per_token(model_config: dict, train: TrainConfig, length: i
         layer_bytes = layers * h * width + per_layer
     else:
         layer_bytes = layers * per_layer
-    attention = 0.0 if train.gpus_per_node > 0 else 1.5 * layers * heads * length * 4  # CPU SDPA keeps probabilities
+    kept_layers = 1 if train.gradient_checkpointing else layers
+    attention = 0.0 if train.gpus_per_node > 0 else 1.5 * kept_layers * heads * length * 4  # CPU SDPA keeps probabilities
     return layer_bytes + attention + 3 * vocab * 4
 
 
@@ -166,4 +168,5 @@ def choose_max_length(
         max_length=int(length), auto=requested <= 0, coverage_length=cover, context_limit=context, memory_limit=mem,
         limited_by=by, device=device, bytes_per_token=per_token,
         activation_gib=max(train.per_device_batch_size, 1) * length * per_token / GiB,
+        batch_size=max(train.per_device_batch_size, 1),
     )

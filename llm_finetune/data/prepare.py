@@ -184,13 +184,20 @@ def _describe_case(case, cfg: DataConfig, max_length: int) -> str:
     return f"{where} in column {case.column}"
 
 
-def check_drop_fraction(report: ValidationReport, cfg: DataConfig, max_length: int) -> None:
+def check_drop_fraction(report: ValidationReport, cfg: DataConfig, max_length: int, length: LengthChoice | None = None) -> None:
     """Fail before training when more rows than ``data.max_drop_fraction`` are dropped, naming each rule."""
     dropped = report.rows_in - report.rows_kept
     if not report.rows_in or dropped / report.rows_in <= cfg.max_drop_fraction:
         return
+    fixes = dict(FIXES)
+    if length is not None and length.limited_by == "memory":
+        fixes["too_long"] = (
+            f"max_length was capped at {max_length} by the memory estimate ({length.device}, "
+            f"train.per_device_batch_size {length.batch_size}); raise train.memory or use GPUs, lower "
+            "train.per_device_batch_size, set train.gradient_checkpointing: true, or set data.overlong: truncate_prompt"
+        )
     rules = "\n".join(
-        f"  {rule}: {count} rows ({RULES.get(rule, rule)}); fix: {FIXES.get(rule, 'see the validation deck')}"
+        f"  {rule}: {count} rows ({RULES.get(rule, rule)}); fix: {fixes.get(rule, 'see the validation deck')}"
         for rule, count in sorted(report.dropped.items(), key=lambda kv: -kv[1])
     )
     raise DataError(
@@ -285,7 +292,7 @@ def prepare(cfg: DataConfig, tokenizer, choose_length: Callable[[list[int], int]
             f"data.source: all {report.rows_in} rows of {cfg.source} are invalid: {report.dropped} "
             f"({'; '.join(f'{k}: {RULES.get(k, k)}' for k in report.dropped)}). The validation deck lists each row."
         )
-    check_drop_fraction(report, cfg, n)
+    check_drop_fraction(report, cfg, n, length)
     train, validation, test = split_frame(
         kept, cfg.validation_fraction, effective_test_fraction(cfg), cfg.seed, group_keys(kept, is_text)
     )
