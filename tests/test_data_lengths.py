@@ -24,11 +24,13 @@ def write_jsonl(path, rows):
 
 
 def chat_lengths(tokenizer, rows):
-    """Tokens per row with the chat template, computed here without the pipeline's encoder."""
+    """Tokens per row with the chat template up to the last end-of-turn, computed without the pipeline's encoder."""
     out = []
     for r in rows:
         conv = [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}, {"role": "assistant", "content": r["output"]}]
-        out.append(len(tokenizer(tokenizer.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"]))
+        text = tokenizer.apply_chat_template(conv, tokenize=False)
+        text = text[: text.rindex("<|im_end|>") + len("<|im_end|>")]  # SmolLM2's end of turn; the newline after it is not trained
+        out.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return np.array(out)
 
 
