@@ -3,7 +3,8 @@
 - ``cpu_image``: every task that requests no GPU (validation, base-model preparation,
   data, the ``train_model`` launcher, evaluation, quantization, publishing). CPU torch
   wheels on flytekit's default slim Python base; no CUDA, no DeepSpeed.
-- ``gpu_image``: the Elastic training task. CUDA torch wheels on a CUDA *devel* base, so
+- ``gpu_image``: the Elastic training task when it trains on GPUs or with DeepSpeed (CPU
+  training runs on ``cpu_image``, see ``tasks.train.training_image``). CUDA torch wheels on a CUDA *devel* base, so
   DeepSpeed can JIT-compile its ops (nvcc, ninja, a C++ compiler, Python headers) and
   Triton can compile FlexAttention / torch.compile kernels (a C compiler). SDPA's
   FlashAttention-2 backend ships inside the CUDA torch wheel.
@@ -46,8 +47,10 @@ COMMON_PACKAGES = [
     "fsspec==2026.9.0",
     "PyYAML==6.0.3",
     "plotly==7.1.0",
+    "sacrebleu==2.6.0",  # chrF for free-text answers (llm_finetune/metrics.py)
     "gguf==0.19.0",
     "bitsandbytes==0.50.2",  # QLoRA on the GPU; int8/nf4 quantization runs on its CPU backend too
+    "lm_eval==0.4.13",  # evaluate.lm_eval_tasks: zero-shot benchmarks in the evaluation pods (both images evaluate)
 ]
 
 NVML = "nvidia-ml-py==13.615.71"  # pynvml: GPU utilisation/memory for the train deck's resource profile

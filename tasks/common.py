@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import secrets
@@ -11,6 +12,9 @@ from pathlib import Path
 import flytekit
 from flytekit import Cache, Secret
 from flytekit.core.context_manager import FlyteContextManager
+from flytekit.exceptions.user import FlyteRecoverableException
+
+from llm_finetune.errors import is_transient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED_DIR = REPO_ROOT / "deepspeed_configs"
@@ -30,6 +34,28 @@ RUN_ID_ENV = "LLM_FINETUNE_RUN_ID"  # the current local execution, inherited by 
 # Gated or private hub models and datasets: the cluster secret huggingface/token, exposed as
 # the HF_TOKEN that huggingface_hub reads by itself (locally, export HF_TOKEN instead).
 HF_TOKEN_ENV_SECRET = Secret(group="huggingface", key="token", env_var="HF_TOKEN", mount_requirement=Secret.MountType.ENV_VAR)
+
+
+@contextlib.contextmanager
+def recoverable():
+    """Let Flyte retry transient faults, and only those.
+
+    flytekit marks every user exception NON_RECOVERABLE except ``FlyteRecoverableException``
+    (``flytekit/bin/entrypoint.py``), and propeller spends a task's ``retries`` only on
+    RECOVERABLE errors, so without this a ``retries: 2`` never retries anything. Transient
+    faults (``llm_finetune.errors.is_transient``: network, hub/object-store 408/429/5xx, a
+    collective that lost its peer) are re-raised as ``FlyteRecoverableException``; config,
+    data and out-of-memory errors pass through unchanged and fail the run at once with their
+    message. In an Elastic worker the plugin records the recoverable kind for the launcher.
+    """
+    try:
+        yield
+    except FlyteRecoverableException:
+        raise
+    except Exception as e:
+        if is_transient(e):
+            raise FlyteRecoverableException(f"transient failure, Flyte will retry: {type(e).__name__}: {e}") from e
+        raise
 
 
 def is_local() -> bool:

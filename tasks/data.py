@@ -2,27 +2,46 @@
 
 import html
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from flytekit import Resources, task
+from flytekit import Cache, Resources, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.structured import StructuredDataset
 
 from images.specs import cpu_image
-from llm_finetune.config import DataConfig, TrainConfig, deepspeed_config_path, overlong_policy
+from llm_finetune.config import DataConfig, TrainConfig, TrainOps, deepspeed_config_path, join_train, overlong_policy
 from llm_finetune.data.lengths import choose_max_length
 from llm_finetune.data.prepare import PreparedData, prepare
 from llm_finetune.data.validation import RULES
 from llm_finetune.encoding import IGNORE_INDEX, encode_row
 from llm_finetune.model import load_tokenizer
 from llm_finetune.fit import count_parameters, deepspeed_offload
-from tasks.common import CACHE_DATA, DEEPSPEED_DIR, HF_TOKEN_ENV_SECRET, publish_deck, table_html
+from tasks.common import CACHE_DATA, DEEPSPEED_DIR, HF_TOKEN_ENV_SECRET, publish_deck, recoverable, table_html
 
 
 @dataclass
-class DataSplits:
+class DataReport:
+    """The data facts the run summary reports: counts, the length used and why, dropped rows."""
+
+    rows_in: int
+    train_rows: int
+    validation_rows: int
+    test_rows: int
+    dropped_rows: int
+    truncated_rows: int
+    max_length: int  # the length used (data.max_length, or fitted when auto)
+    length_note: str  # how max_length was chosen and what it costs
+    drop_note: str  # non-empty when more than 1% of the rows were dropped: the summary leads with it
+
+
+class DataSplits(typing.NamedTuple):
+    """get_data's outputs, each its own Flyte output (not one dataclass): downstream tasks bind
+    to ``splits.train_tokens`` as an output reference, which propeller passes on byte for byte,
+    where a dataclass field would be an attribute path it re-encodes (see tasks/validate.py)."""
+
     train: StructuredDataset  # canonical rows (messages/text), for decks and inspection
     train_tokens: StructuredDataset  # model-ready rows: input_ids, labels, seq_lens (packed when data.packing)
     validation: StructuredDataset  # canonical + token rows: checkpoint choice and early stopping, never scored
@@ -34,10 +53,7 @@ class DataSplits:
     dropped_rows: int
     truncated_rows: int
     token_rows: int  # rows of train_tokens (fewer than train_rows when packed)
-    rows_in: int
-    max_length: int  # the length used (data.max_length, or fitted when auto)
-    length_note: str  # how max_length was chosen and what it costs
-    drop_note: str  # non-empty when more than 1% of the rows were dropped: the summary leads with it
+    report: DataReport  # what the run summary says about the data (one output, passed whole)
 
 
 def _length_histogram(lengths: pd.Series, max_length: int, truncation: bool) -> str:
@@ -104,6 +120,10 @@ def _decks(prepared: PreparedData, tokenizer, data: DataConfig) -> dict[str, str
     return {"Validation": validation, "Data profile": profile, "Sample prompts": legend + samples}
 
 
+# like the training task: operational keys (memory, accelerator, ...) stay out of the cache key
+CACHE_DATA_IGNORING_OPS = Cache(version=CACHE_DATA.version, ignored_inputs=("train_ops",))
+
+
 def length_chooser(model_dir: Path, train: TrainConfig):
     """``prepare``'s length fitting with this model's context and size and the configured hardware."""
     model_config = json.loads((model_dir / "config.json").read_text())
@@ -120,20 +140,26 @@ def length_chooser(model_dir: Path, train: TrainConfig):
 
 @task(
     container_image=cpu_image,
-    cache=CACHE_DATA,
+    cache=CACHE_DATA_IGNORING_OPS,
     retries=2,
     secret_requests=[HF_TOKEN_ENV_SECRET],
     requests=Resources(cpu="2", mem="8Gi"),
     enable_deck=True,
 )
-def get_data(data: DataConfig, base_model: FlyteDirectory, train: TrainConfig = TrainConfig()) -> DataSplits:
+@recoverable()
+def get_data(
+    data: DataConfig, base_model: FlyteDirectory, train: TrainConfig = TrainConfig(), train_ops: TrainOps = TrainOps()
+) -> DataSplits:
     """Validated, deterministic train/validation/test splits as parquet, plus validation/profile/sample decks.
 
-    ``train`` sizes ``data.max_length: auto`` to the training hardware (per_device_batch_size, memory, GPUs).
+    ``train`` and ``train_ops`` size ``data.max_length: auto`` to the training hardware (batch size,
+    method, GPUs; memory, accelerator, gradient checkpointing). ``train_ops`` is left out of the
+    cache key like the training task's: changing only train.memory reuses the cached data and the
+    length fitted before (set data.max_length, or clear the cache, to fit it again).
     """
     model_dir = Path(base_model.download())
     tokenizer = load_tokenizer(model_dir)
-    prepared = prepare(data, tokenizer, length_chooser(model_dir, train))
+    prepared = prepare(data, tokenizer, length_chooser(model_dir, join_train(train, train_ops)))
     note = prepared.drop_note()
     if note:
         print(f"[get_data] WARNING: {note}", flush=True)
@@ -150,8 +176,15 @@ def get_data(data: DataConfig, base_model: FlyteDirectory, train: TrainConfig = 
         dropped_rows=prepared.report.rows_in - prepared.report.rows_kept,
         truncated_rows=prepared.truncated_rows,
         token_rows=len(prepared.train_tokens),
-        rows_in=prepared.report.rows_in,
-        max_length=prepared.max_length,
-        length_note=prepared.length.describe(),
-        drop_note=note,
+        report=DataReport(
+            rows_in=prepared.report.rows_in,
+            train_rows=len(prepared.train),
+            validation_rows=len(prepared.validation),
+            test_rows=len(prepared.test),
+            dropped_rows=prepared.report.rows_in - prepared.report.rows_kept,
+            truncated_rows=prepared.truncated_rows,
+            max_length=prepared.max_length,
+            length_note=prepared.length.describe(),
+            drop_note=note,
+        ),
     )

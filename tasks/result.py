@@ -13,10 +13,9 @@ from flytekit.types.directory import FlyteDirectory
 from images.specs import cpu_image
 from llm_finetune.evaluate import EvalMetrics
 from tasks.common import is_local, local_deck_dir, publish_deck, run_dir, table_html, write_run_file
-from tasks.data import DataSplits
+from tasks.data import DataReport
 from tasks.evaluate import EvalReport, VariantMetrics, metric_cell, metrics_html, task_metrics_table, variants_table
 from tasks.quantize import QuantizedModel
-from tasks.train import TrainResult
 
 
 @dataclass
@@ -42,15 +41,15 @@ def side_by_side(base: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def selection_line(training: Optional[TrainResult], splits: Optional[DataSplits]) -> str:
+def selection_line(train_steps: int, best_step: int, best_eval_loss: float, report: Optional[DataReport]) -> str:
     """Which checkpoint was returned and on what it was chosen (validation rows, never test rows)."""
-    if training is None:
+    if train_steps <= 0:
         return ""
-    rows = f" on {splits.validation_rows} validation rows" if splits is not None else ""
-    if training.best_step >= 0:
-        return (f"checkpoint: step {training.best_step} of {training.steps}, best validation loss "
-                f"{training.best_eval_loss:.4f}{rows} (test rows are used for scores only)")
-    return f"checkpoint: the last step ({training.steps}); no validation-based selection (train.eval_steps or save_steps is 0)"
+    rows = f" on {report.validation_rows} validation rows" if report is not None else ""
+    if best_step >= 0:
+        return (f"checkpoint: step {best_step} of {train_steps}, best validation loss "
+                f"{best_eval_loss:.4f}{rows} (test rows are used for scores only)")
+    return f"checkpoint: the last step ({train_steps}); no validation-based selection (train.eval_steps or save_steps is 0)"
 
 
 @task(container_image=cpu_image, enable_deck=True)
@@ -63,8 +62,10 @@ def summarize(
     variants: list[VariantMetrics],
     tuned_mb: float,
     hub_urls: list[str],
-    splits: Optional[DataSplits] = None,
-    training: Optional[TrainResult] = None,
+    data_report: Optional[DataReport] = None,
+    train_steps: int = 0,  # 0: not given (no checkpoint line)
+    best_step: int = -1,
+    best_eval_loss: float = 0.0,
 ) -> FineTuneResult:
     """Compare base, tuned and quantized models side by side, and say where every output is.
 
@@ -83,8 +84,9 @@ def summarize(
         rows = [r for r in rows if r[0] != "exact match"]
     table = "".join(f"<tr><td>{html.escape(a)}</td><td>{x}</td><td>{y}</td></tr>" for a, x, y in rows)
     samples = side_by_side(base.samples.open(pd.DataFrame).all(), tuned.samples.open(pd.DataFrame).all())
+    splits = data_report
     drop_note = splits.drop_note if splits is not None else ""
-    selection = selection_line(training, splits)
+    selection = selection_line(train_steps, best_step, best_eval_loss, splits)
     lead = (f"<p style='color:#b00'><b>{html.escape(drop_note)}</b></p>" if drop_note else "") + (
         f"<p>{html.escape(selection)}</p>" if selection else "")
     if splits is not None:
@@ -132,10 +134,8 @@ def summarize(
         summary = {
             "warnings": [drop_note] if drop_note else [],
             "checkpoint": selection,
-            "data": {k: getattr(splits, k) for k in ("rows_in", "train_rows", "validation_rows", "test_rows", "dropped_rows",
-                                                      "truncated_rows", "max_length", "length_note")} if splits else {},
-            "training": {k: getattr(training, k) for k in ("steps", "best_step", "best_eval_loss", "first_loss",
-                                                                     "final_loss", "runtime_s")} if training else {},
+            "data": asdict(splits) if splits is not None else {},
+            "training": {"steps": train_steps, "best_step": best_step, "best_eval_loss": best_eval_loss} if train_steps else {},
             "base": asdict(b), "tuned": asdict(t),
             "quantized": {v.variant: {**asdict(v.metrics), "size_mb": v.size_mb} for v in variants},
             "outputs": {"tuned_model": str(tuned_model.path), "adapter": str(adapter.path) if adapter else "",

@@ -125,3 +125,21 @@ def test_deprecated_data_keys_map_to_their_replacements():
     assert effective_test_fraction(cfg.data) == 0.2 and overlong_policy(cfg.data) == "truncate_prompt"
     with pytest.raises(ConfigError, match="data.eval_fraction: deprecated alias of data.test_fraction and conflicts"):
         validate(from_dict(FineTuneConfig, {"data": {"eval_fraction": 0.2, "test_fraction": 0.3}}), DS)
+
+
+def test_gpus_the_cuda_image_cannot_run_are_refused():
+    from llm_finetune.config import FineTuneConfig, TrainConfig, validate
+    from llm_finetune.errors import ConfigError
+
+    cfg = FineTuneConfig(train=TrainConfig(gpus_per_node=8, nproc_per_node=8, accelerator="nvidia-tesla-v100"))
+    with pytest.raises(ConfigError, match="train.accelerator: 'nvidia-tesla-v100' is a GPU generation"):
+        validate(cfg)
+    validate(FineTuneConfig(train=TrainConfig(gpus_per_node=1, nproc_per_node=1, accelerator="nvidia-tesla-t4")))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_config_validates(name):
+    from llm_finetune.config import load_config, validate
+
+    root = Path(__file__).resolve().parents[1]
+    validate(load_config(root / "configs" / name), deepspeed_dir=root / "deepspeed_configs")

@@ -4,7 +4,6 @@ import json
 
 import pandas as pd
 from flytekit.types.directory import FlyteDirectory
-from flytekit.types.file import FlyteFile
 from flytekit.types.structured import StructuredDataset
 
 from llm_finetune.evaluate import EvalMetrics
@@ -20,25 +19,19 @@ def _report(em, low, high):
 
 
 def test_summary_leads_with_dropped_rows_and_names_the_checkpoint(tmp_path, monkeypatch, capfd):
-    from tasks.data import DataSplits
+    from tasks.data import DataReport
     from tasks.result import summarize
-    from tasks.train import TrainResult
 
     monkeypatch.delenv("LLM_FINETUNE_DECK_DIR", raising=False)
     monkeypatch.setenv("LLM_FINETUNE_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.delenv("LLM_FINETUNE_RUN_ID", raising=False)
-    empty = StructuredDataset(dataframe=pd.DataFrame({"x": [1]}))
     note = "30 of 1000 rows (3.0%) were dropped (too_long 30) at max_length 512; the get_data deck lists them"
-    splits = DataSplits(train=empty, train_tokens=empty, validation=empty, test=empty, format="alpaca", train_rows=820,
-                        validation_rows=50, test_rows=100, dropped_rows=30, truncated_rows=0, token_rows=820, rows_in=1000,
+    report = DataReport(rows_in=1000, train_rows=820, validation_rows=50, test_rows=100, dropped_rows=30, truncated_rows=0,
                         max_length=512, length_note="max_length 512 (set by data.max_length)", drop_note=note)
     (tmp_path / "m").mkdir()
-    (tmp_path / "s.json").write_text("{}")
-    training = TrainResult(model=FlyteDirectory(str(tmp_path / "m")), adapter=None, steps=60, first_loss=1.0, final_loss=0.1,
-                           trained_tokens=1, tokens_per_s=1.0, runtime_s=1.0, world_size=2, best_step=40,
-                           best_eval_loss=0.0123, resumed_from_step=0, metrics=FlyteFile(str(tmp_path / "s.json")))
     summarize(tuned_model=FlyteDirectory(str(tmp_path / "m")), adapter=None, quantized=[], base=_report(0.05, 0.0, 0.125),
-              tuned=_report(0.975, 0.925, 1.0), variants=[], tuned_mb=1.0, hub_urls=[], splits=splits, training=training)
+              tuned=_report(0.975, 0.925, 1.0), variants=[], tuned_mb=1.0, hub_urls=[], data_report=report,
+              train_steps=60, best_step=40, best_eval_loss=0.0123)
     lines = capfd.readouterr().out.split("[summary] fine-tune results\n", 1)[1].splitlines()
     assert lines[0] == f"  WARNING: {note}"
     assert lines[1] == "  checkpoint: step 40 of 60, best validation loss 0.0123 on 50 validation rows (test rows are used for scores only)"

@@ -28,17 +28,26 @@ from tasks.assess import assess  # noqa: E402,I001
 
 @workflow
 def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
-    cfg = validate_config(config=config)
-    base = prepare_base_model(model=cfg.model)
-    checked = check_outputs(base_model=base, config=cfg)  # GGUF / lm-eval prerequisites, before any training
-    splits = get_data(data=cfg.data, base_model=base, train=cfg.train)  # train: sizes max_length auto to the hardware
+    # Every cached task takes whole outputs of an upstream task, never `cfg.train`-style attribute
+    # paths: propeller would re-encode those with random key order and the cache would miss at
+    # random (tasks/validate.py). tests/test_cache_keys.py holds the compiled workflow to that.
+    s = validate_config(config=config)
+    base = prepare_base_model(model=s.model)
+    checked = check_outputs(base_model=base, evaluate=s.evaluate, quantize=s.quantize)  # before any training
+    # train / train_ops size data.max_length: auto to the training hardware
+    splits = get_data(data=s.data, base_model=base, train=s.train, train_ops=s.train_ops)
     trained = train_model(  # validation rows choose the checkpoint and stop early; test rows only score
-        base_model=base, train_data=splits.train_tokens, eval_data=splits.validation, data=cfg.data, train=cfg.train
+        base_model=base,
+        train_data=splits.train_tokens,
+        eval_data=splits.validation,
+        data=s.data,
+        train=s.train,
+        train_ops=s.train_ops,
     )
-    checked >> trained
-    a = assess(base_model=base, tuned_model=trained.model, eval_data=splits.test, config=cfg)
+    checked >> trained.model  # orders the train node after the checks (any of its outputs names the node)
+    a = assess(base_model=base, tuned_model=trained.model, eval_data=splits.test, config=s.config)
     hub_urls = push_to_hub(
-        config=cfg,
+        config=s.config,
         model=trained.model,
         adapter=trained.adapter,
         quantized=a.quantized,
@@ -55,6 +64,8 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
         variants=a.variants,
         tuned_mb=a.tuned_mb,
         hub_urls=hub_urls,
-        splits=splits,
-        training=trained,
+        data_report=splits.report,
+        train_steps=trained.steps,
+        best_step=trained.best_step,
+        best_eval_loss=trained.best_eval_loss,
     )

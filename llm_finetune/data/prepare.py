@@ -237,7 +237,7 @@ def encode_canonical(tokenizer, canon: pd.DataFrame, cfg: DataConfig, chunk: int
 def prepare(cfg: DataConfig, tokenizer, choose_length: Callable[[list[int], int], LengthChoice] | None = None) -> PreparedData:
     """``choose_length(lengths, requested)`` fits ``data.max_length`` (the task passes the model and
     hardware, see lengths.choose_max_length); by default only the data and the request count."""
-    raw = load_raw(cfg.source, cfg.subset, cfg.split)
+    raw = load_raw(cfg.source, cfg.subset, cfg.split, cfg.revision)
     if len(raw) == 0:
         raise DataError(f"data.source: {cfg.source} holds no rows")
     if cfg.explode.strip():
