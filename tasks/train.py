@@ -37,6 +37,7 @@ from llm_finetune.errors import ConfigError
 from llm_finetune.train import train as run_training
 from tasks.checkpoint import FlyteCheckpointStore
 from tasks.elastic import configure_elastic
+from tasks.node_inputs import node_local_directory, node_local_frame
 from tasks.common import CACHE_TRAIN, DEEPSPEED_DIR, is_local, publish_deck, recoverable, table_html
 
 
@@ -154,10 +155,9 @@ def train_elastic(
     train = join_train(train, train_ops)
     ds_path = deepspeed_config_path(train.deepspeed, DEEPSPEED_DIR)
     with recoverable():
-        frame = train_data.open(pd.DataFrame).all()
-        heldout = eval_data.open(pd.DataFrame).all()
+        frame, heldout = node_local_frame(train_data), node_local_frame(eval_data)  # one download per node
         outputs = run_training(
-            base_model.download(), frame, data, train, None, deepspeed_config=ds_path, eval_frame=heldout,
+            node_local_directory(base_model), frame, data, train, None, deepspeed_config=ds_path, eval_frame=heldout,
             checkpoint_store=FlyteCheckpointStore.current(),
         )
     if outputs is None:  # not rank 0: Flyte ignores this value

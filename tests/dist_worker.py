@@ -3,7 +3,9 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py spec.json
 
 spec: model_dir, out_dir, train (TrainConfig overrides), deepspeed (file name or null),
-fault: {"rank": r, "step": s, "mode": "exit" | "hang"} to make one rank die or hang.
+fault: {"rank": r, "step": s, "mode": "exit" | "hang"} to make one rank die or hang,
+store: {"root": dir, "delay_s": t} a LocalCheckpointStore whose every save first sleeps t seconds
+(a slow object store; the real store code runs after the sleep).
 """
 
 import json
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from llm_finetune.checkpoint import LocalCheckpointStore
 from llm_finetune.config import DataConfig, TrainConfig, deepspeed_config_path, from_dict
 from llm_finetune.data.prepare import prepare
 from llm_finetune.model import load_tokenizer
@@ -34,14 +37,27 @@ class Fault(TrainerCallback):
             time.sleep(3600)  # hangs: the others must time out in their next collective
 
 
+class SlowStore(LocalCheckpointStore):
+    def __init__(self, root: str, delay_s: float):
+        super().__init__(root)
+        self.delay_s = delay_s
+
+    def save(self, ckpt_dir):
+        print(f"[store] rank {os.environ['RANK']} uploading {Path(ckpt_dir).name} (takes {self.delay_s}s)", flush=True)
+        time.sleep(self.delay_s)
+        super().save(ckpt_dir)
+        print(f"[store] rank {os.environ['RANK']} uploaded {Path(ckpt_dir).name}", flush=True)
+
+
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     cfg = from_dict(TrainConfig, spec["train"])
     prepared = prepare(DataConfig(), load_tokenizer(spec["model_dir"]))
     fault = [Fault(**spec["fault"])] if spec.get("fault") else []
     ds = deepspeed_config_path(spec.get("deepspeed") or "none", ROOT / "deepspeed_configs")
+    store = SlowStore(**spec["store"]) if spec.get("store") else None
     out = train(spec["model_dir"], prepared.train, DataConfig(), cfg, spec["out_dir"], deepspeed_config=ds,
-                eval_frame=prepared.eval, callbacks=fault)
+                eval_frame=prepared.eval, callbacks=fault, checkpoint_store=store)
     if out is not None:
         print("[summary] " + json.dumps({"steps": out.summary.steps, "first_loss": out.summary.first_loss}), flush=True)
 

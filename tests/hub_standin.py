@@ -11,6 +11,9 @@ path. This threaded server implements the endpoints ``HfApi.create_repo``,
 - ``POST /{repo}.git/info/lfs/objects/batch``     LFS basic transfer: where to PUT each blob
 - ``PUT  /lfs-upload/{oid}``                      the blob
 - ``POST /api/models/{repo}/commit/{rev}``        ndjson commit: regular files inline, LFS files by oid
+- ``GET  /api/models/{repo}/tree/{rev}``          file listing (``snapshot_download``)
+- ``HEAD|GET /{repo}/resolve/{rev}/{path}``       file metadata / content (``hf_hub_download``);
+  every content GET is recorded in ``server.downloads``
 
 Auth follows the hub: a Bearer token must be known (else 401) and allowed to write the
 namespace (else 403). ``fail_next(method, path_contains, status, times)`` injects
@@ -63,6 +66,7 @@ class HubStandIn(ThreadingHTTPServer):
         self.repos: dict[str, Repo] = {}
         self.blobs: dict[str, bytes] = {}
         self.requests: list[tuple[str, str, str]] = []  # (method, path, authorization header)
+        self.downloads: list[str] = []  # "repo/path" of every file content served
         self._faults: list[list] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
@@ -78,6 +82,17 @@ class HubStandIn(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+    def seed(self, repo_id: str, files: dict[str, bytes], private: bool = False) -> Repo:
+        """A repo with one commit holding ``files``, as if a user had pushed them."""
+        repo = self.repos.setdefault(repo_id, Repo(repo_id, private=private))
+        for path, data in files.items():
+            repo.files[path] = data
+            if path.endswith(LFS_SUFFIXES):
+                repo.lfs.add(path)
+        oid = hashlib.sha1(f"{repo_id}{sorted(files)}{len(repo.commits)}".encode()).hexdigest()
+        repo.commits.append({"oid": oid, "title": "seed", "files": sorted(files)})
+        return repo
 
     def fail_next(self, method: str, path_contains: str, status: int = 503, times: int = 1) -> None:
         self._faults.append([method, path_contains, status, times])
@@ -154,6 +169,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self):  # noqa: N802
         self._dispatch("PUT")
 
+    def do_HEAD(self):  # noqa: N802
+        self._dispatch("HEAD")
+
     # --- endpoints ------------------------------------------------------------------------
     def create_repo(self, body: bytes) -> None:
         req = json.loads(body)
@@ -175,6 +193,45 @@ class _Handler(BaseHTTPRequestHandler):
             "id": repo_id, "modelId": repo_id, "sha": repo.sha, "private": repo.private,
             "siblings": [{"rfilename": p} for p in sorted(repo.files)],
         })
+
+    def _readable_repo(self, repo_id: str) -> Repo | None:
+        repo = self.server.repos.get(repo_id)
+        user = self._user()
+        if repo is None or (repo.private and (user is None or repo_id.split("/")[0] not in user[1])):
+            self._error(404, "Repository not found", "RepoNotFound")
+            return None
+        return repo
+
+    def tree(self, body: bytes, repo_id: str, revision: str, _sub: str | None = None) -> None:
+        repo = self._readable_repo(repo_id)
+        if repo is None:
+            return
+        entries = []
+        for path in sorted(repo.files):
+            data = repo.files[path]
+            entry = {"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data)}
+            if path in repo.lfs:
+                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            entries.append(entry)
+        self._send(200, entries)  # type: ignore[arg-type]
+
+    def resolve(self, body: bytes, repo_id: str, revision: str, path: str) -> None:
+        repo = self._readable_repo(repo_id)
+        if repo is None:
+            return
+        if path not in repo.files:
+            return self._error(404, f"{path} not found", "EntryNotFound")
+        data = repo.files[path]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("ETag", f'"{repo.oid(path)}"')
+        self.send_header("X-Repo-Commit", repo.sha)
+        self.end_headers()
+        if self.command == "GET":
+            with self.server._lock:
+                self.server.downloads.append(f"{repo_id}/{path}")
+            self.wfile.write(data)
 
     def validate_yaml(self, body: bytes) -> None:
         self._send(200, {"errors": [], "warnings": []})
@@ -245,6 +302,8 @@ class _Handler(BaseHTTPRequestHandler):
 _REPO = r"([^/]+/[^/]+?)"
 ROUTES = {
     "GET": [
+        (rf"/api/models/{_REPO}/tree/([^/]+)(/.*)?", _Handler.tree),
+        (rf"/{_REPO}/resolve/([^/]+)/(.+)", _Handler.resolve),
         (rf"/api/models/{_REPO}/revision/([^/]+)", _Handler.repo_info),
         (rf"/api/models/{_REPO}", _Handler.repo_info),
     ],
@@ -256,4 +315,5 @@ ROUTES = {
         (rf"/{_REPO}\.git/info/lfs/objects/batch", _Handler.lfs_batch),
     ],
     "PUT": [(r"/lfs-upload/([0-9a-f]{64})", _Handler.lfs_upload)],
+    "HEAD": [(rf"/{_REPO}/resolve/([^/]+)/(.+)", _Handler.resolve)],
 }

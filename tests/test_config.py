@@ -62,6 +62,7 @@ def test_wrong_types_are_reported_with_key_path():
         ({"train": {"early_stopping_patience": -1}}, "train.early_stopping_patience: must be >= 0"),
         ({"train": {"nproc_per_node": 4, "gpus_per_node": 2}}, "train.nproc_per_node: 4 processes but only 2 GPUs"),
         ({"data": {"format": "sharegpt"}}, "data.format: 'sharegpt' is not one of"),
+        ({"train": {"keep_checkpoints": 0}}, "train.keep_checkpoints: must be >= 1 (the newest checkpoint is what a retry"),
     ],
 )
 def test_validation_names_key_and_fix(override, needle):

@@ -60,9 +60,9 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(tiny_dir, splits, tmp_
     store = LocalCheckpointStore(tmp_path / "store")
     with pytest.raises(RuntimeError, match="injected failure at step 10"):
         train(tiny_dir, train_frame, DataConfig(), cfg, tmp_path / "attempt1", checkpoint_store=store, callbacks=[FailAt(10)])
-    stored = sorted(p.name for p in store.current.iterdir())
-    assert stored == ["checkpoint-4", "checkpoint-8"]  # the latest and one more (save_total_limit 2)
-    assert (store.current / "checkpoint-8" / COMPLETE_MARKER).is_file()
+    stored = sorted(p.name for p in store.root.iterdir())
+    assert stored == ["checkpoint-4", "checkpoint-8"]  # the newest train.keep_checkpoints (2)
+    assert (store.root / "checkpoint-8" / f"{COMPLETE_MARKER}.node0").is_file()
 
     steps = StepRecorder()
     resumed = train(tiny_dir, train_frame, DataConfig(), cfg, tmp_path / "attempt2", checkpoint_store=store,
@@ -153,3 +153,27 @@ def test_gradient_accumulation_normalises_by_trained_tokens(tiny_dir, tokenizer,
     counts = [sum(x != -100 for x in e["labels"]) for e in examples]
     assert len(counts) == 2 and counts[0] != counts[1]  # a per-micro-batch mean would weight them differently
     assert torch.allclose(grads[2], grads[1], rtol=1e-3, atol=1e-6)
+
+
+def test_store_keeps_the_newest_checkpoints_and_a_corrupt_newest_one_is_skipped(tiny_dir, splits, tmp_path, caplog):
+    """keep_checkpoints bounds the store; a truncated newest checkpoint falls back to the one before, with a warning."""
+    train_frame, _ = splits
+    cfg = TrainConfig(method="full", max_steps=12, save_steps=2, eval_steps=0, per_device_batch_size=4,
+                      learning_rate=3e-3, logging_steps=1, warmup_ratio=0.1, keep_checkpoints=2)
+    clean = train(tiny_dir, train_frame, DataConfig(), cfg, tmp_path / "clean").summary
+    store = LocalCheckpointStore(tmp_path / "store")
+    stored = lambda: sorted((p.name for p in store.root.iterdir()), key=lambda n: int(n.split("-")[1]))  # noqa: E731
+    with pytest.raises(RuntimeError, match="injected failure at step 9"):
+        train(tiny_dir, train_frame, DataConfig(), cfg, tmp_path / "attempt1", checkpoint_store=store, callbacks=[FailAt(9)])
+    assert stored() == ["checkpoint-6", "checkpoint-8"]  # saved at 2, 4, 6, 8; the newest 2 kept
+    optimizer = store.root / "checkpoint-8" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # an upload cut short / a corrupt object
+
+    with caplog.at_level("WARNING", logger="llm_finetune.checkpoint"):
+        resumed = train(tiny_dir, train_frame, DataConfig(), cfg, tmp_path / "attempt2", checkpoint_store=store).summary
+    assert any("skipping checkpoint-8: optimizer.pt has 100 bytes" in r.message for r in caplog.records), caplog.text
+    assert resumed.resumed_from_step == 6 and resumed.steps == clean.steps == 12
+    a, b = _losses(clean), _losses(resumed)
+    for step in range(7, 13):
+        assert b[step] == pytest.approx(a[step], rel=1e-3, abs=1e-4), step
+    assert stored() == ["checkpoint-10", "checkpoint-12"]  # at most keep_checkpoints after the run

@@ -11,6 +11,7 @@ validate_config -> prepare_base_model (cached) -> check_outputs -> get_data -> t
 from flytekit import workflow
 
 from llm_finetune.config import FineTuneConfig
+from tasks.assess import assess
 from tasks.data import get_data
 from tasks.hub import push_to_hub
 from tasks.model import prepare_base_model
@@ -18,12 +19,6 @@ from tasks.quantize import check_outputs
 from tasks.result import FineTuneResult, summarize
 from tasks.train import train_model
 from tasks.validate import validate_config
-
-# Imported after tasks.train on purpose. Observed: with tasks.assess imported first, the GPU
-# ImageSpec tag in `pyflyte package` differs from the one the train_model pod recomputes
-# (LOADED_MODULES copy mode hashes the repo modules loaded when the tag is first computed),
-# so the pod would ask for an image that was never built (tests/test_serialization.py).
-from tasks.assess import assess  # noqa: E402,I001
 
 
 @workflow
