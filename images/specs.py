@@ -53,6 +53,7 @@ COMMON_PACKAGES = [
     "fsspec==2026.9.0",
     "PyYAML==6.0.3",
     "plotly==7.1.0",
+    "sacrebleu==2.6.0",  # chrF for free-text answers (llm_finetune/metrics.py)
     "gguf==0.19.0",
     "sentencepiece==0.2.3",  # SentencePiece vocabularies (Mistral, Llama 2) in GGUF exports
     "bitsandbytes==0.50.2",  # QLoRA on the GPU; int8/nf4 quantization runs on its CPU backend too

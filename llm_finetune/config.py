@@ -25,6 +25,9 @@ EMBEDDED_PREFERENCE_DATASET = "embedded://iso_dates_preference"
 
 DATA_FORMATS = ("auto", "alpaca", "dolly", "chat", "text", "preference")
 INVALID_ROW_POLICIES = ("drop", "fail")
+OVERLONG_POLICIES = ("drop", "truncate_prompt", "fail")
+# int keys that also take the word "auto" in YAML/JSON; the dataclass stores the int on the right
+AUTO_INT_KEYS = {"data.max_length": 0}
 TRAIN_METHODS = ("lora", "qlora", "full", "dpo")
 QUANTIZE_BITS = (0, 4, 8)
 QUANTIZE_VARIANTS = ("int8", "nf4", "gguf_q8_0", "gguf_f16")
@@ -51,10 +54,12 @@ class DataConfig:
     split: str = "train"  # hub dataset split to read
     columns: dict[str, str] = field(default_factory=dict)  # canonical name -> column in the source
     explode: str = ""  # a column holding a list of records: one row per element, fields as "<column>.<field>"
-    eval_fraction: float = 0.1  # held-out share for validation and evaluation
-    seed: int = 42  # seed of the train/eval split
-    max_length: int = 512  # tokens per example (and per packed row); longer rows are dropped (or fail the run)
-    truncation: bool = False  # cut rows longer than max_length instead of treating them as invalid
+    eval_fraction: float = -1.0  # deprecated alias of test_fraction; -1 = not set
+    seed: int = 42  # seed of the train/validation/test split
+    # tokens per example (and per packed row). "auto" (stored as 0, the default): the smallest length
+    # that keeps >= 99% of rows, capped by the model's context and the training memory (data/lengths.py)
+    max_length: int = 0
+    truncation: bool = False  # deprecated: true means overlong: truncate_prompt
     packing: bool = False  # pack examples into max_length rows (block-diagonal attention, no cross-talk)
     on_invalid: str = "drop"  # drop bad rows (and count them) or fail
     min_train_rows: int = 16  # never train on fewer rows than this
@@ -63,6 +68,10 @@ class DataConfig:
     # hub datasets: a branch, tag or commit. validate_config resolves it (and, for files, a content
     # fingerprint) before the run, so the data cache key changes exactly when the data does
     revision: str = ""
+    validation_fraction: float = 0.05  # rows that choose the checkpoint and stop early; never scored
+    test_fraction: float = 0.1  # rows that score base vs tuned; never seen by training or selection
+    overlong: str = "drop"  # rows longer than max_length: drop | truncate_prompt (from the left) | fail
+    max_drop_fraction: float = 0.05  # more rows dropped than this (any rule) fails the run before training
 
 
 @dataclass
@@ -99,7 +108,7 @@ class TrainConfig:
     """How to train, and on what hardware (the resources are declarative, see tasks/train.py)."""
 
     method: str = "lora"  # lora | qlora | full
-    max_steps: int = 60  # optimizer steps; <= 0 means train for num_epochs
+    max_steps: int = 60  # optimizer steps; 0 (or -1) means train for num_epochs
     num_epochs: float = 1.0
     learning_rate: float = 1e-3
     per_device_batch_size: int = 4
@@ -130,6 +139,7 @@ class TrainConfig:
     retries: int = 2
     keep_checkpoints: int = 2  # newest complete checkpoints kept in the checkpoint store (plus the best one they name)
     dpo: DPOSettings = field(default_factory=DPOSettings)  # used when method is dpo
+    early_stopping_patience: int = 0  # stop after N validations without a better validation loss; 0 = off
 
 
 # TrainConfig keys that change how a run executes or is watched, never the weights it returns.
@@ -183,7 +193,7 @@ def join_train(train: TrainConfig, ops: TrainOps) -> TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Base-vs-tuned evaluation on the held-out split."""
+    """Base-vs-tuned evaluation on the test split."""
 
     max_samples: int = 100  # held-out rows scored (0 = all)
     max_new_tokens: int = 32
@@ -207,6 +217,16 @@ class QuantizeConfig:
     variants: list[str] = field(default_factory=lambda: ["int8", "gguf_q8_0"])
     evaluate: bool = True  # score every variant on the held-out split, deltas vs the unquantized model
     bits: int = -1  # deprecated (use variants): 8 = [int8], 4 = [nf4], 0 = []; -1 = not set
+
+
+def effective_test_fraction(d: DataConfig) -> float:
+    """The test share, honouring the deprecated ``eval_fraction`` key when it is set."""
+    return d.test_fraction if d.eval_fraction == -1.0 else d.eval_fraction
+
+
+def overlong_policy(d: DataConfig) -> str:
+    """``data.overlong``, honouring the deprecated ``truncation: true`` (= truncate_prompt)."""
+    return "truncate_prompt" if d.truncation and d.overlong == "drop" else d.overlong
 
 
 def quantize_variants(q: QuantizeConfig) -> list[str]:
@@ -332,10 +352,13 @@ def _coerce(tp: typing.Any, value: typing.Any, path: str, problems: list[str]) -
             problems.append(f"{path}: expected true or false, got {value!r}")
         return bool(value)
     if tp is int:
+        if path in AUTO_INT_KEYS and isinstance(value, str) and value.strip().lower() == "auto":
+            return AUTO_INT_KEYS[path]
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            problems.append(f"{path}: expected an integer, got {value!r}")
+            also = " or auto" if path in AUTO_INT_KEYS else ""
+            problems.append(f"{path}: expected an integer{also}, got {value!r}")
             return 0
         return value
     if tp is float:
@@ -405,10 +428,27 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
     one_of("data.format", d.format, DATA_FORMATS)
     one_of("data.on_invalid", d.on_invalid, INVALID_ROW_POLICIES)
     one_of("data.prompt_template", d.prompt_template, PROMPT_TEMPLATES)
-    if not 0.0 < d.eval_fraction <= 0.5:
-        p.append(f"data.eval_fraction: must be in (0, 0.5], got {d.eval_fraction}")
-    if d.max_length < 16:
-        p.append(f"data.max_length: must be at least 16 tokens, got {d.max_length}")
+    one_of("data.overlong", d.overlong, OVERLONG_POLICIES)
+    if d.eval_fraction != -1.0:
+        if not 0.0 < d.eval_fraction <= 0.5:
+            p.append(f"data.eval_fraction: must be in (0, 0.5], got {d.eval_fraction} (deprecated: use data.test_fraction)")
+        elif d.test_fraction != DataConfig().test_fraction and d.test_fraction != d.eval_fraction:
+            p.append("data.eval_fraction: deprecated alias of data.test_fraction and conflicts with it; remove data.eval_fraction")
+    if not 0.0 < d.test_fraction <= 0.5:
+        p.append(f"data.test_fraction: must be in (0, 0.5], got {d.test_fraction}")
+    if not 0.0 < d.validation_fraction <= 0.5:
+        p.append(f"data.validation_fraction: must be in (0, 0.5], got {d.validation_fraction}")
+    if effective_test_fraction(d) + d.validation_fraction >= 0.9:
+        p.append(
+            f"data.test_fraction + data.validation_fraction: {effective_test_fraction(d) + d.validation_fraction:g} leaves "
+            "under 10% of the rows to train on; lower them"
+        )
+    if d.max_length != 0 and d.max_length < 16:
+        p.append(f"data.max_length: must be auto or at least 16 tokens, got {d.max_length}")
+    if not 0.0 <= d.max_drop_fraction <= 1.0:
+        p.append(f"data.max_drop_fraction: must be in [0, 1], got {d.max_drop_fraction}")
+    if d.truncation and d.overlong == "fail":
+        p.append("data.truncation: deprecated (it means data.overlong: truncate_prompt) and conflicts with data.overlong: fail; remove data.truncation")
     positive("data.min_train_rows", d.min_train_rows)
     if d.explode.strip() and "." in d.explode:
         p.append(f"data.explode: {d.explode!r} must be a top-level column name (nested fields are addressed as column.field)")
@@ -419,7 +459,12 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
     one_of("train.method", t.method, TRAIN_METHODS)
     one_of("train.lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
     one_of("train.precision", t.precision, PRECISIONS)
-    if t.max_steps <= 0 and t.num_epochs <= 0:
+    if t.max_steps < -1:
+        p.append(
+            f"train.max_steps: {t.max_steps} is not a step count; give a positive number of optimizer steps, "
+            "or 0 (or -1) to train for train.num_epochs"
+        )
+    elif t.max_steps <= 0 and t.num_epochs <= 0:
         p.append("train.max_steps / train.num_epochs: set max_steps > 0 or num_epochs > 0")
     positive("train.learning_rate", t.learning_rate)
     positive("train.per_device_batch_size", t.per_device_batch_size)
@@ -441,6 +486,13 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
         p.append(
             f"train.save_steps: {t.save_steps} is not a multiple of train.eval_steps ({t.eval_steps}); every checkpoint "
             "needs a validation loss to pick the best one, e.g. set save_steps equal to eval_steps"
+        )
+    if t.early_stopping_patience < 0:
+        p.append(f"train.early_stopping_patience: must be >= 0 (0 turns it off), got {t.early_stopping_patience}")
+    elif t.early_stopping_patience > 0 and (t.eval_steps == 0 or t.save_steps == 0):
+        p.append(
+            "train.early_stopping_patience: stopping early compares validation losses of saved checkpoints; "
+            "set train.eval_steps > 0 and train.save_steps > 0, or set early_stopping_patience: 0"
         )
     positive("train.sample_max_new_tokens", t.sample_max_new_tokens)
     positive("train.collective_timeout_s", t.collective_timeout_s)

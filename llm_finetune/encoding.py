@@ -3,7 +3,11 @@
 The tokenizer's chat template is used when it has one, so the tuned model is prompted
 exactly as it will be served; otherwise a named prompt template (``alpaca``, ``plain``).
 By default only completion tokens carry loss (prompt labels are -100), and every
-trained turn ends with the end-of-turn/EOS token so the model learns to stop.
+trained turn ends exactly once with the template's end-of-turn token (``<|im_end|>``,
+``<|eot_id|>``, ``<end_of_turn>``), so the model learns to stop where serving stops it.
+What a template renders after that token (a newline before the next turn) is never
+trained, and nothing follows the last turn: no extra EOS after the end-of-turn token.
+Templates without a special end-of-turn token get the tokenizer's EOS appended.
 """
 
 from __future__ import annotations
@@ -26,10 +30,43 @@ PROMPT_TEMPLATES = {
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    prompt_tokens: int = 0  # tokens before the first completion token: what data.overlong: truncate_prompt may cut
 
     @property
     def trained_tokens(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+_PROBE = "PROBEANSWER"
+
+
+def _special_strings(tokenizer) -> list[str]:
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return list(dict.fromkeys([*tokenizer.all_special_tokens, *(t.content for t in added.values() if t.special)]))
+
+
+def end_of_turn(tokenizer) -> tuple[str, int] | None:
+    """The special token the chat template closes an assistant turn with, as (text, id).
+
+    Found by rendering a probe answer and taking the first special token after it:
+    ``<|im_end|>`` (ChatML / Qwen / SmolLM), ``<|eot_id|>`` (Llama-3), ``<end_of_turn>`` (Gemma).
+    None without a chat template, or when the template closes turns with plain text.
+    """
+    if not has_chat_template(tokenizer):
+        return None
+    cached = getattr(tokenizer, "_llm_finetune_eot", False)
+    if cached is not False:
+        return cached
+    conv = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": _PROBE}]
+    full = tokenizer.apply_chat_template(conv, tokenize=False)
+    suffix = full[full.rfind(_PROBE) + len(_PROBE) :]
+    found = sorted((suffix.find(t), t) for t in _special_strings(tokenizer) if t and t in suffix)
+    result = (found[0][1], tokenizer.convert_tokens_to_ids(found[0][1])) if found else None
+    try:
+        tokenizer._llm_finetune_eot = result
+    except AttributeError:  # pragma: no cover - tokenizers that refuse new attributes
+        pass
+    return result
 
 
 def _segments_chat_template(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
@@ -37,7 +74,11 @@ def _segments_chat_template(tokenizer, messages: list[dict]) -> list[tuple[str, 
 
     Renders growing prefixes of the conversation and takes the differences; this needs
     a template whose rendering of a prefix is a prefix of the whole, true of common ones.
+    A completion ends at the end-of-turn token: what follows it is prompt of the next turn,
+    and after the last turn it is left out.
     """
+    eot = end_of_turn(tokenizer)
+    last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, m in enumerate(messages):
@@ -51,7 +92,11 @@ def _segments_chat_template(tokenizer, messages: list[dict]) -> list[tuple[str, 
                 "tokens cannot be located; set data.train_on_prompt: true or use a model with a standard template"
             )
         segments.append((prompt[len(done) :], False))
-        segments.append((full[len(prompt) :], True))
+        completion = full[len(prompt) :]
+        cut = completion.rfind(eot[0]) + len(eot[0]) if eot and eot[0] in completion else len(completion)
+        segments.append((completion[:cut], True))
+        if i != last_assistant:
+            segments.append((completion[cut:], False))
         done = full
     if messages[-1]["role"] != "assistant":  # trailing user/system turns: render them too
         rest = tokenizer.apply_chat_template(messages, tokenize=False)[len(done) :]
@@ -63,11 +108,11 @@ def _segments_chat_template(tokenizer, messages: list[dict]) -> list[tuple[str, 
 def _segments_named_template(messages: list[dict], template: str, eos: str) -> list[tuple[str, bool]]:
     parts = PROMPT_TEMPLATES[template]
     segments: list[tuple[str, bool]] = []
-    for m in messages:
+    for i, m in enumerate(messages):
         if m["role"] == "assistant":
             segments.append((parts["assistant"], False))
             segments.append((m["content"] + eos, True))
-            if template == "alpaca":
+            if template == "alpaca" and i < len(messages) - 1:  # nothing follows the last completion
                 segments.append(("\n\n", False))
         else:
             segments.append((parts[m["role"]].format(content=m["content"]), False))
@@ -86,16 +131,25 @@ def _segments(tokenizer, messages: list[dict], template: str) -> list[tuple[str,
     return [(t, trained) for t, trained in _segments_named_template(messages, template, tokenizer.eos_token or "") if t]
 
 
-def _assemble(tokenizer, segments: list[tuple[str, bool]], pieces: list[list[int]], train_on_prompt: bool) -> Encoded:
+def _assemble(segments: list[tuple[str, bool]], pieces: list[list[int]], train_on_prompt: bool, close_id: int | None) -> Encoded:
+    """Concatenate the pieces; ``close_id`` is appended to a completion that does not end with it."""
     ids: list[int] = []
     labels: list[int] = []
-    eos_id = tokenizer.eos_token_id
+    prompt_tokens = None
     for (_, trained), piece in zip(segments, pieces):
-        if trained and eos_id is not None and eos_id not in piece:
-            piece = piece + [eos_id]
+        if trained:
+            if close_id is not None and (not piece or piece[-1] != close_id):
+                piece = piece + [close_id]
+            prompt_tokens = len(ids) if prompt_tokens is None else prompt_tokens
         ids.extend(piece)
         labels.extend(piece if (trained or train_on_prompt) else [IGNORE_INDEX] * len(piece))
-    return Encoded(ids, labels)
+    return Encoded(ids, labels, prompt_tokens or 0)
+
+
+def _close_id(tokenizer) -> int | None:
+    """The token every completion must end with: the end-of-turn token, else EOS."""
+    eot = end_of_turn(tokenizer)
+    return eot[1] if eot else tokenizer.eos_token_id
 
 
 def encode_messages(tokenizer, messages: list[dict], *, train_on_prompt: bool = False, template: str = "alpaca") -> Encoded:
@@ -118,13 +172,14 @@ def encode_many(tokenizer, conversations: list[list[dict]], *, train_on_prompt: 
     if first_special:
         firsts = [segs[0][0] for segs in all_segments]
         with_bos = tokenizer(firsts, add_special_tokens=True)["input_ids"]
+    close = _close_id(tokenizer)
     out, pos = [], 0
     for i, segs in enumerate(all_segments):
         pieces = flat[pos : pos + len(segs)]
         pos += len(segs)
         if first_special:
             pieces = [with_bos[i], *pieces[1:]]
-        out.append(_assemble(tokenizer, segs, pieces, train_on_prompt))
+        out.append(_assemble(segs, pieces, train_on_prompt, close))
     return out
 
 

@@ -1,10 +1,9 @@
-"""Score a model on the held-out split: completion loss / perplexity and the task metric.
+"""Score a model on the test split: completion loss / perplexity and the task metrics.
 
 The same function scores the base model, the tuned model and every quantized variant,
-with the same prompts, so the numbers are comparable. The task metric is exact match
-(the greedy completion of the last assistant turn equals the reference after stripping
-whitespace) when the answers are short; for free-text answers exact match says little,
-so ``task_metric`` is ``samples`` and the generation table is what to read.
+with the same prompts, so the numbers are comparable. The task metrics fit the answers
+(metrics.py): exact match for short answers, valid-JSON rate and structural match when
+the references are JSON, chrF for free text; each with a bootstrap 95% interval.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +21,8 @@ from llm_finetune.collate import TokenCollator
 from llm_finetune.config import DataConfig, EvalConfig
 from llm_finetune.data.preference import is_preference_frame
 from llm_finetune.encoding import IGNORE_INDEX, prompt_and_reference
+from llm_finetune.generation import greedy
+from llm_finetune.metrics import HEADLINE, score, task_kind
 from llm_finetune.model import load_tokenizer
 from llm_finetune.train import encode_frame
 
@@ -33,7 +34,7 @@ class EvalMetrics:
     perplexity: float = 0.0
     exact_match: float = 0.0  # share of rows whose completion equals the reference
     exact_match_rows: int = 0  # rows with a reference completion (0 for raw text data)
-    task_metric: str = "exact_match"  # exact_match (short answers) or samples (free text: read the table)
+    task_metric: str = "exact_match"  # the headline metric: exact_match, json_structure (JSON answers) or chrf (free text)
     median_reference_words: float = 0.0
     # preference pairs (preference_eval.py): share of held-out pairs whose chosen answer the model
     # gives more log-probability than the rejected one, with its bootstrap 95% interval
@@ -41,6 +42,10 @@ class EvalMetrics:
     preference_ci_low: float = 0.0
     preference_ci_high: float = 0.0
     mean_logp_margin: float = 0.0  # mean log p(chosen) - log p(rejected)
+    task_kind: str = "exact_match"  # exact_match | json | chrf (metrics.task_kind)
+    scores: dict[str, float] = field(default_factory=dict)  # every task metric, 0..1
+    scores_low: dict[str, float] = field(default_factory=dict)  # bootstrap 95% interval, lower end
+    scores_high: dict[str, float] = field(default_factory=dict)  # ... and upper end
 
 
 def load_model(model_dir: str | Path, gguf_file: str = ""):
@@ -75,21 +80,9 @@ def completion_loss(model, tokenizer, frame: pd.DataFrame, data_cfg: DataConfig,
     return total / max(count, 1)
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    tokenizer.padding_side = "left"
-    outputs = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return outputs
+    """Greedy completions that stop at any of the model's stop tokens (generation.py)."""
+    return greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
 
 
 def _tokenizer(model_dir: str | Path, gguf_file: str):
@@ -135,13 +128,19 @@ def evaluate(
             rows.append({"prompt": user, "reference": ref, "prediction": pred.strip(), "correct": pred.strip() == ref.strip()})
     table = pd.DataFrame(rows, columns=["prompt", "reference", "prediction", "correct"])
     words = float(table["reference"].map(lambda r: len(str(r).split())).median()) if len(table) else 0.0
+    kind = task_kind(table["reference"].tolist(), cfg.short_answer_words)
+    scores = score(kind, table["prediction"].tolist(), table["reference"].tolist()) if len(table) else {}
     metrics = EvalMetrics(
         rows=len(frame),
         loss=loss,
         perplexity=math.exp(min(loss, 50.0)),
         exact_match=float(table["correct"].mean()) if len(table) else 0.0,
         exact_match_rows=len(table),
-        task_metric="exact_match" if len(table) and words <= cfg.short_answer_words else "samples",
+        task_metric=HEADLINE[kind] if len(table) else "loss",
         median_reference_words=words,
+        task_kind=kind,
+        scores={k: v.value for k, v in scores.items()},
+        scores_low={k: v.low for k, v in scores.items()},
+        scores_high={k: v.high for k, v in scores.items()},
     )
     return metrics, table

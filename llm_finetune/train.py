@@ -82,7 +82,7 @@ def encode_frame(tokenizer, frame: pd.DataFrame, data_cfg: DataConfig) -> list[d
     out = []
     for row in frame.to_dict(orient="records"):
         enc = encode_row(tokenizer, row, train_on_prompt=data_cfg.train_on_prompt, template=data_cfg.prompt_template)
-        n = data_cfg.max_length
+        n = data_cfg.max_length or max(len(enc.input_ids), 1)  # 0 = auto: get_data fitted the rows already
         for start in range(0, len(enc.input_ids), n):
             ids, labels = enc.input_ids[start : start + n], enc.labels[start : start + n]
             if any(x != IGNORE_INDEX for x in labels):
@@ -323,7 +323,8 @@ def train(
 
     ``output_dir`` None: a fresh temporary directory (rank 0's, shared with all ranks).
     ``checkpoint_store``: see checkpoint.py; when it holds a checkpoint, training resumes from it.
-    ``eval_frame``: held-out rows for validation loss, best-checkpoint choice and sample generations.
+    ``eval_frame``: validation rows for validation loss, best-checkpoint choice, early stopping
+    (``train.early_stopping_patience``) and sample generations; never the test rows.
     ``callbacks``: extra ``TrainerCallback``s (tests inject failures with them).
     Returns the outputs on global rank 0 and None on the other ranks.
     """
@@ -399,9 +400,15 @@ def train(
         cfg.sample_max_new_tokens,
         zero3=_zero_stage(deepspeed_config) == 3,
     )
+    stopping = []
+    if keep_best and cfg.early_stopping_patience > 0:
+        from transformers import EarlyStoppingCallback
+
+        # validation loss only (never the test split): stop after N evaluations without a better one
+        stopping.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = FineTuneTrainer(
         model=model, args=args, train_dataset=examples, eval_dataset=eval_examples, data_collator=collator,
-        callbacks=[uploader, samples, *callbacks],
+        callbacks=[uploader, samples, *stopping, *callbacks],
     )
     resume = _restore(checkpoint_store, checkpoints_dir)
     if resume is not None and _rank() == 0:

@@ -24,6 +24,7 @@ from llm_finetune.checkpoint import node_part, write_node_marker
 from llm_finetune.collate import model_inputs
 from llm_finetune.encoding import IGNORE_INDEX
 from llm_finetune.label_loss import label_only_loss
+from llm_finetune.generation import greedy
 
 
 def all_reduce_sum(value: float) -> float:
@@ -128,19 +129,10 @@ class SampleGenerations(TrainerCallback):
             return
         was_training = model.training
         model.eval()
-        tok = self.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"
         try:
-            enc = tok([p for p, _ in self.prompts], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = enc.to(next(model.parameters()).device)
-            with torch.no_grad():
-                out = model.generate(
-                    **enc, max_new_tokens=self.max_new_tokens, do_sample=False, synced_gpus=self.zero3,
-                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                )
-            texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            texts = greedy(model, self.tokenizer, [p for p, _ in self.prompts], self.max_new_tokens,
+                           batch_size=len(self.prompts), synced_gpus=self.zero3)
         finally:
-            tok.padding_side = side
             model.train(was_training)
         if state.is_world_process_zero:
             eval_loss = (metrics or {}).get("eval_loss", math.nan)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import html
 import os
+import secrets
+import time
 from pathlib import Path
 
 import flytekit
@@ -20,12 +22,14 @@ DEEPSPEED_DIR = REPO_ROOT / "deepspeed_configs"
 # Bump a version when the task's code changes what it produces; cached results of the old
 # version are then ignored. Separate versions keep, e.g., a new evaluation from re-training.
 CACHE_MODEL = Cache(version="model-1")
-CACHE_DATA = Cache(version="data-2")
-CACHE_TRAIN = Cache(version="train-2")
-CACHE_EVAL = Cache(version="eval-2")
+CACHE_DATA = Cache(version="data-3")
+CACHE_TRAIN = Cache(version="train-3")
+CACHE_EVAL = Cache(version="eval-3")
 CACHE_QUANTIZE = Cache(version="quantize-2")
 
-LOCAL_DECK_DIR_ENV = "LLM_FINETUNE_DECK_DIR"
+LOCAL_DECK_DIR_ENV = "LLM_FINETUNE_DECK_DIR"  # an explicit deck folder (overrides runs/<execution id>/decks)
+RUNS_DIR_ENV = "LLM_FINETUNE_RUNS_DIR"  # where local executions keep their folders; default ./runs
+RUN_ID_ENV = "LLM_FINETUNE_RUN_ID"  # the current local execution, inherited by the Elastic worker processes
 
 # Gated or private hub models and datasets: the cluster secret huggingface/token, exposed as
 # the HF_TOKEN that huggingface_hub reads by itself (locally, export HF_TOKEN instead).
@@ -67,15 +71,66 @@ def is_local() -> bool:
     return bool(prefix) and ("://" not in prefix or prefix.startswith("file://"))
 
 
+def start_local_run() -> str:
+    """Begin a new local execution: later tasks (and their worker processes) write under its folder.
+
+    A local ``pyflyte run`` has no execution id of its own (flytekit names every local
+    execution "local"), so the first task of the workflow makes one.
+    """
+    run_id = time.strftime("local-%Y%m%d-%H%M%S", time.gmtime()) + f"-{secrets.token_hex(3)}"
+    os.environ[RUN_ID_ENV] = run_id
+    return run_id
+
+
+def execution_id() -> str:
+    """The Flyte execution id remotely; the local run's id (``start_local_run``) locally."""
+    if os.environ.get(RUN_ID_ENV):
+        return os.environ[RUN_ID_ENV]
+    ctx = FlyteContextManager.current_context()
+    exec_id = getattr(ctx.user_space_params, "execution_id", None) if ctx.user_space_params else None
+    name = getattr(exec_id, "name", "") or ""
+    return name if name and name != "local" else start_local_run()
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get(RUNS_DIR_ENV, "runs")).resolve()
+
+
+def run_dir() -> Path:
+    """``runs/<execution id>/`` (decks, summary.json, model_card.md); ``runs/latest`` points at the newest."""
+    root = runs_root()
+    out = root / execution_id()
+    if not out.is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+        link = root / "latest"
+        tmp = root / f".latest-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(out.name, target_is_directory=True)  # relative: the folder can move
+        os.replace(tmp, link)
+    return out
+
+
 def local_deck_dir() -> Path:
-    return Path(os.environ.get(LOCAL_DECK_DIR_ENV, "runs/decks")).resolve()
+    if os.environ.get(LOCAL_DECK_DIR_ENV):
+        return Path(os.environ[LOCAL_DECK_DIR_ENV]).resolve()
+    return run_dir() / "decks"
+
+
+def write_run_file(name: str, text: str) -> Path | None:
+    """Write ``runs/<execution id>/<name>`` on local runs (remote runs keep their outputs in Flyte)."""
+    if not is_local():
+        return None
+    out = run_dir() / name
+    out.write_text(text, encoding="utf-8")
+    return out
 
 
 def publish_deck(task: str, sections: dict[str, str]) -> None:
     """Attach each section as a Flyte deck; on local runs also write one HTML page and print it.
 
     Flyte's own local deck file lands in a random temp dir and is only logged at INFO, so
-    local users get a stable copy under runs/decks/ (or $LLM_FINETUNE_DECK_DIR).
+    local users get a copy under runs/<execution id>/decks/ (or $LLM_FINETUNE_DECK_DIR),
+    kept after later runs.
     """
     for title, body in sections.items():
         flytekit.Deck(title, body)

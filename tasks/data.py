@@ -1,20 +1,40 @@
-"""get_data: load, validate (pandera), format and split the training data, with decks."""
+"""get_data: load, validate (pandera), fit the length, format and split the data three ways, with decks."""
 
 import html
+import json
 import typing
+from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
-from flytekit import Resources, task
+from flytekit import Cache, Resources, task
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.structured import StructuredDataset
 
 from images.specs import cpu_image
-from llm_finetune.config import DataConfig
+from llm_finetune.config import DataConfig, TrainConfig, TrainOps, deepspeed_config_path, join_train, overlong_policy
+from llm_finetune.data.lengths import choose_max_length
 from llm_finetune.data.prepare import PreparedData, prepare
 from llm_finetune.data.validation import RULES
 from llm_finetune.encoding import IGNORE_INDEX, encode_row
 from llm_finetune.model import load_tokenizer
-from tasks.common import CACHE_DATA, HF_TOKEN_ENV_SECRET, publish_deck, recoverable, table_html
+from llm_finetune.fit import count_parameters, deepspeed_offload
+from tasks.common import CACHE_DATA, DEEPSPEED_DIR, HF_TOKEN_ENV_SECRET, publish_deck, recoverable, table_html
+
+
+@dataclass
+class DataReport:
+    """The data facts the run summary reports: counts, the length used and why, dropped rows."""
+
+    rows_in: int
+    train_rows: int
+    validation_rows: int
+    test_rows: int
+    dropped_rows: int
+    truncated_rows: int
+    max_length: int  # the length used (data.max_length, or fitted when auto)
+    length_note: str  # how max_length was chosen and what it costs
+    drop_note: str  # non-empty when more than 1% of the rows were dropped: the summary leads with it
 from tasks.preference_data import preference_decks
 
 
@@ -25,17 +45,20 @@ class DataSplits(typing.NamedTuple):
 
     train: StructuredDataset  # canonical rows (messages/text), for decks and inspection
     train_tokens: StructuredDataset  # model-ready rows: input_ids, labels, seq_lens (packed when data.packing)
-    heldout: StructuredDataset  # not "eval": that name is taken by flytekit Promise.eval()
+    validation: StructuredDataset  # canonical + token rows: checkpoint choice and early stopping, never scored
+    test: StructuredDataset  # canonical + token rows: base vs tuned scores, seen by nothing else
     format: str
     train_rows: int
-    eval_rows: int
+    validation_rows: int
+    test_rows: int
     dropped_rows: int
     truncated_rows: int
     token_rows: int  # rows of train_tokens (fewer than train_rows when packed)
+    report: DataReport  # what the run summary says about the data (one output, passed whole)
 
 
 def _length_histogram(lengths: pd.Series, max_length: int, truncation: bool) -> str:
-    """Tokens per example before and after the max_length limit (truncation or dropping)."""
+    """Tokens per example before and after the max_length limit (prompt truncation or dropping)."""
     import plotly.graph_objects as go
 
     after = lengths.clip(upper=max_length) if truncation else lengths[lengths <= max_length]
@@ -62,27 +85,34 @@ def _decks(prepared: PreparedData, tokenizer, data: DataConfig) -> dict[str, str
         [{"rule": k, "meaning": RULES.get(k, k), "rows dropped": v} for k, v in sorted(r.dropped.items())],
         columns=["rule", "meaning", "rows dropped"],
     )
+    note = prepared.drop_note()
     validation = (
-        f"<p>Source <code>{html.escape(data.source)}</code>: {prepared.format_reason}.</p>"
+        (f"<p style='color:#b00'><b>{html.escape(note)}</b></p>" if note else "")
+        + f"<p>Source <code>{html.escape(data.source)}</code>: {prepared.format_reason}.</p>"
         f"<p>Rows in: <b>{r.rows_in}</b>, kept: <b>{r.rows_kept}</b>, dropped: <b>{r.rows_in - r.rows_kept}</b> "
         f"(policy <code>{data.on_invalid}</code>).</p>{table_html(rules)}"
         f"<h3>Failure cases</h3>{table_html(r.failure_cases) if len(r.failure_cases) else '<p>none</p>'}"
     )
-    both = pd.concat([prepared.train, prepared.eval])
+    both = pd.concat([prepared.train, prepared.validation, prepared.test])
     tokens = prepared.train_tokens
+    n = prepared.max_length
     packing = (
-        f"packed into <b>{len(tokens)}</b> rows of at most {data.max_length} tokens, "
+        f"packed into <b>{len(tokens)}</b> rows of at most {n} tokens, "
         f"{prepared.packing_efficiency:.1%} of the token slots hold real tokens (block-diagonal attention, no cross-talk)"
         if data.packing
         else f"not packed: {len(tokens)} rows, one example each, padded per batch"
     )
     profile = (
-        f"<p>Format: <b>{prepared.format}</b>; train rows {len(prepared.train)}, eval rows {len(prepared.eval)}; "
-        f"max_length {data.max_length} tokens; loss on {'all tokens' if data.train_on_prompt else 'completions only'}.</p>"
-        f"<p>Tokens per example (all rows read, before validation): mean {both['n_tokens'].mean():.1f}, "
-        f"max {both['n_tokens'].max()}; trained tokens per example: mean {both['n_trained_tokens'].mean():.1f}; "
-        f"rows truncated: {prepared.truncated_rows}.</p><p>Training rows: {packing}.</p>"
-        + _length_histogram(prepared.lengths, data.max_length, data.truncation)
+        f"<p><b>{html.escape(prepared.length.describe())}</b>.</p>"
+        f"<p>Format: <b>{prepared.format}</b>; rows: train {len(prepared.train)}, validation {len(prepared.validation)} "
+        f"(checkpoint choice, early stopping), test {len(prepared.test)} (base vs tuned scores only); split by seed "
+        f"{data.seed}, rows sharing a prompt kept in one split. Loss on "
+        f"{'all tokens' if data.train_on_prompt else 'completions only'}.</p>"
+        f"<p>Tokens per example (all rows read, before validation): median {prepared.lengths.median():.0f}, "
+        f"99th percentile {prepared.lengths.quantile(0.99):.0f}, max {prepared.lengths.max()}; trained tokens per "
+        f"kept example: mean {both['n_trained_tokens'].mean():.1f}; rows whose prompt was cut from the left "
+        f"(data.overlong: truncate_prompt): {prepared.truncated_rows}.</p><p>Training rows: {packing}.</p>"
+        + _length_histogram(prepared.lengths, n, overlong_policy(data) == "truncate_prompt")
     )
     samples = "".join(
         _highlighted(tokenizer, row, data) for row in prepared.train.head(5).to_dict(orient="records")
@@ -91,29 +121,72 @@ def _decks(prepared: PreparedData, tokenizer, data: DataConfig) -> dict[str, str
     return {"Validation": validation, "Data profile": profile, "Sample prompts": legend + samples}
 
 
+# like the training task: operational keys (memory, accelerator, ...) stay out of the cache key
+CACHE_DATA_IGNORING_OPS = Cache(version=CACHE_DATA.version, ignored_inputs=("train_ops",))
+
+
+def length_chooser(model_dir: Path, train: TrainConfig):
+    """``prepare``'s length fitting with this model's context and size and the configured hardware."""
+    model_config = json.loads((model_dir / "config.json").read_text())
+    n_params = count_parameters(model_dir)
+    ds = deepspeed_config_path(train.deepspeed, DEEPSPEED_DIR)
+    zero = json.loads(ds.read_text()).get("zero_optimization", {}).get("stage", 0) if ds and ds.is_file() else 0
+    offload = deepspeed_offload(ds) if ds and ds.is_file() else False
+
+    def choose(lengths, requested):
+        return choose_max_length(lengths, requested, model_config, n_params, train, int(zero), offload)
+
+    return choose
+
+
 @task(
     container_image=cpu_image,
-    cache=CACHE_DATA,
+    cache=CACHE_DATA_IGNORING_OPS,
     retries=2,
     secret_requests=[HF_TOKEN_ENV_SECRET],
     requests=Resources(cpu="2", mem="8Gi"),
     enable_deck=True,
 )
 @recoverable()
-def get_data(data: DataConfig, base_model: FlyteDirectory) -> DataSplits:
-    """Validated, deterministic train/eval splits as parquet, plus validation/profile/sample decks."""
-    tokenizer = load_tokenizer(base_model.download())
-    prepared = prepare(data, tokenizer)
+def get_data(
+    data: DataConfig, base_model: FlyteDirectory, train: TrainConfig = TrainConfig(), train_ops: TrainOps = TrainOps()
+) -> DataSplits:
+    """Validated, deterministic train/validation/test splits as parquet, plus validation/profile/sample decks.
+
+    ``train`` and ``train_ops`` size ``data.max_length: auto`` to the training hardware (batch size,
+    method, GPUs; memory, accelerator, gradient checkpointing). ``train_ops`` is left out of the
+    cache key like the training task's: changing only train.memory reuses the cached data and the
+    length fitted before (set data.max_length, or clear the cache, to fit it again).
+    """
+    model_dir = Path(base_model.download())
+    tokenizer = load_tokenizer(model_dir)
+    prepared = prepare(data, tokenizer, length_chooser(model_dir, join_train(train, train_ops)))
+    note = prepared.drop_note()
+    if note:
+        print(f"[get_data] WARNING: {note}", flush=True)
     decks = preference_decks(prepared, data) if prepared.format == "preference" else _decks(prepared, tokenizer, data)
     publish_deck("get_data", decks)
     return DataSplits(
         train=StructuredDataset(dataframe=prepared.train),
         train_tokens=StructuredDataset(dataframe=prepared.train_tokens),
-        heldout=StructuredDataset(dataframe=prepared.eval),
+        validation=StructuredDataset(dataframe=prepared.validation),
+        test=StructuredDataset(dataframe=prepared.test),
         format=prepared.format,
         train_rows=len(prepared.train),
-        eval_rows=len(prepared.eval),
+        validation_rows=len(prepared.validation),
+        test_rows=len(prepared.test),
         dropped_rows=prepared.report.rows_in - prepared.report.rows_kept,
         truncated_rows=prepared.truncated_rows,
         token_rows=len(prepared.train_tokens),
+        report=DataReport(
+            rows_in=prepared.report.rows_in,
+            train_rows=len(prepared.train),
+            validation_rows=len(prepared.validation),
+            test_rows=len(prepared.test),
+            dropped_rows=prepared.report.rows_in - prepared.report.rows_kept,
+            truncated_rows=prepared.truncated_rows,
+            max_length=prepared.max_length,
+            length_note=prepared.length.describe(),
+            drop_note=note,
+        ),
     )

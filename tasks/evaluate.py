@@ -1,4 +1,4 @@
-"""evaluate: score base, tuned and quantized models on the held-out split, with decks."""
+"""evaluate: score base, tuned and quantized models on the test split, with decks."""
 
 import html
 from dataclasses import dataclass, field
@@ -44,18 +44,40 @@ def eval_resources(train: TrainConfig) -> Resources:
     return Resources(cpu="2", mem="8Gi")
 
 
-def metrics_html(label: str, m: EvalMetrics) -> str:
-    metric = (
-        f"exact match {m.exact_match:.1%} ({m.exact_match_rows} rows)"
-        if m.task_metric == "exact_match"
-        else f"free-text answers (median {m.median_reference_words:.0f} words): read the generation table; "
-        f"exact match {m.exact_match:.1%} for reference"
+def metric_cell(m: EvalMetrics, name: str) -> str:
+    """``97.0% [93.0, 99.0]``: the score and its bootstrap 95% interval."""
+    if name not in m.scores:
+        return ""
+    return f"{m.scores[name]:.1%} [{m.scores_low[name]:.1%}, {m.scores_high[name]:.1%}]"
+
+
+def task_metrics_table(models: list[tuple[str, EvalMetrics]]) -> pd.DataFrame:
+    """One row per model (base, tuned, each quantized variant), one column per task metric with its interval."""
+    names = list(dict.fromkeys(k for _, m in models for k in m.scores))
+    return pd.DataFrame(
+        [{"model": label, "test rows": m.exact_match_rows, **{n: metric_cell(m, n) for n in names},
+          "loss": f"{m.loss:.4f}", "perplexity": f"{m.perplexity:.3f}"} for label, m in models],
+        columns=["model", "test rows", *names, "loss", "perplexity"],
     )
+
+
+def metrics_html(label: str, m: EvalMetrics) -> str:
     if m.task_metric == "preference_accuracy":  # held-out preference pairs (llm_finetune/preference_eval.py)
         metric = (f"preference accuracy {m.preference_accuracy:.1%} (95% interval {m.preference_ci_low:.1%} to "
                   f"{m.preference_ci_high:.1%}; chosen answer more likely than rejected), greedy answer equals chosen "
                   f"{m.exact_match:.1%}")
-    return f"<p>{html.escape(label)}: {m.rows} held-out rows, loss {m.loss:.4f}, perplexity {m.perplexity:.3f}, {metric}.</p>"
+        return f"<p>{html.escape(label)}: {m.rows} held-out pairs, loss {m.loss:.4f}, perplexity {m.perplexity:.3f}, {metric}.</p>"
+    headline = (
+        f"{m.task_metric} {metric_cell(m, m.task_metric)} on {m.exact_match_rows} test rows "
+        f"(answers: {m.task_kind}, median {m.median_reference_words:.0f} words; 95% bootstrap interval in brackets)"
+        if m.task_metric in m.scores
+        else "no reference completions (raw text): loss and perplexity only"
+    )
+    others = ", ".join(f"{k} {metric_cell(m, k)}" for k in m.scores if k != m.task_metric)
+    return (
+        f"<p>{html.escape(label)}: {m.rows} test rows, loss {m.loss:.4f}, perplexity {m.perplexity:.3f}, "
+        f"{html.escape(headline)}{'; ' + html.escape(others) if others else ''}.</p>"
+    )
 
 
 @task(container_image=cpu_image, cache=CACHE_EVAL, retries=1, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True)
@@ -108,7 +130,7 @@ def evaluate_quantized(
     quantized: list[QuantizedModel], eval_data: StructuredDataset, data: DataConfig, evaluate: EvalConfig,
     tuned: EvalReport, tuned_mb: float,
 ) -> list[VariantMetrics]:
-    """Every quantized variant on the same held-out rows, with its change against the unquantized tuned model."""
+    """Every quantized variant on the same test rows, with its change against the unquantized tuned model."""
     if not quantized:
         return []
     frame = eval_data.open(pd.DataFrame).all()
@@ -124,7 +146,8 @@ def evaluate_quantized(
     publish_deck(
         "evaluate_quantized",
         {
-            "Quantized vs tuned": table_html(variants_table(rows, tuned.metrics, tuned_mb), max_rows=20),
+            "Quantized vs tuned": table_html(variants_table(rows, tuned.metrics, tuned_mb), max_rows=20)
+            + table_html(task_metrics_table([("tuned", tuned.metrics)] + [(r.variant, r.metrics) for r in rows])),
             "Quantized generations": table_html(pd.DataFrame(samples), max_rows=50),
         },
     )

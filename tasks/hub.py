@@ -15,6 +15,7 @@ from llm_finetune.config import FineTuneConfig
 import tempfile
 
 from llm_finetune.hub import HUB_TOKEN_ENV, adapter_for_hub, model_card, push_folder
+from tasks.common import write_run_file
 from tasks.evaluate import EvalReport, VariantMetrics
 from tasks.common import recoverable
 from tasks.quantize import QuantizedModel
@@ -40,6 +41,7 @@ def hub_token() -> str:
 def _metrics(report: EvalReport) -> dict:
     m = report.metrics
     out = {"loss": m.loss, "perplexity": m.perplexity, "exact match": m.exact_match}
+    out.update({f"{k} (test, 95% CI {m.scores_low[k]:.3f}-{m.scores_high[k]:.3f})": v for k, v in m.scores.items() if k != "exact_match"})
     out.update(report.benchmarks)
     return out
 
@@ -64,6 +66,12 @@ def push_to_hub(
 ) -> list[str]:
     """URLs of the pushed repos (merged model first); empty when ``hub.repo_id`` is empty (skipped)."""
     h = config.hub
+    preview = model_card(h.repo_id or "your-name/model", base_model=config.model.base_model, dataset=config.data.source,
+                         config=config.to_dict(), license=h.license, metrics={"base": _metrics(base), "tuned": _metrics(tuned)},
+                         variant="merged model")
+    card_path = write_run_file("model_card.md", preview)  # local runs: runs/<execution id>/model_card.md
+    if card_path is not None:
+        print(f"[push_to_hub] model card preview: {card_path}", flush=True)
     if not h.repo_id:
         print("[push_to_hub] hub.repo_id is empty: not publishing (set hub.repo_id: owner/name to push)")
         return []

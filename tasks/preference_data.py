@@ -6,7 +6,7 @@ import html
 
 import pandas as pd
 
-from llm_finetune.config import DataConfig
+from llm_finetune.config import overlong_policy, DataConfig
 from llm_finetune.data.preference import PREFERENCE_RULES, prompt_text
 from tasks.common import table_html
 
@@ -27,11 +27,11 @@ def preference_decks(prepared, data: DataConfig) -> dict[str, str]:
     )
     tokens = prepared.train_tokens
     profile = (
-        f"<p>Format: <b>preference</b>; train pairs {len(prepared.train)}, held-out pairs {len(prepared.eval)}; "
-        f"max_length {data.max_length} tokens (prompt + the longer answer); pairs truncated: {prepared.truncated_rows}.</p>"
+        f"<p>Format: <b>preference</b>; train pairs {len(prepared.train)}, validation pairs {len(prepared.validation)}, "
+        f"test pairs {len(prepared.test)}; max_length {prepared.max_length} tokens (prompt + the longer answer); pairs truncated: {prepared.truncated_rows}.</p>"
         f"<p>Tokens per pair (train): prompt mean {tokens['prompt_ids'].map(len).mean():.1f}, chosen mean "
         f"{tokens['chosen_ids'].map(len).mean():.1f}, rejected mean {tokens['rejected_ids'].map(len).mean():.1f}.</p>"
-        + _length_histogram(prepared.lengths, data.max_length, data.truncation)
+        + _length_histogram(prepared.lengths, prepared.max_length, overlong_policy(data) == "truncate_prompt")
     )
     sample = prepared.train.head(10).assign(prompt=lambda f: f["prompt"].map(prompt_text))
     return {

@@ -37,14 +37,14 @@ def preference_stage(
     preference_train: TrainConfig,
     preference_train_ops: TrainOps,
 ) -> StageOutputs:
-    """The final model, its adapter, and the held-out split assess scores it on (the pairs, after DPO)."""
+    """The final model, its adapter, and the test split assess scores it on (the pairs' test split, after DPO)."""
     if not enabled:
         return model, adapter, heldout
     print(f"[preference_stage] DPO ({preference_train.dpo.loss_type}, beta {preference_train.dpo.beta}) on "
           f"{preference_data.source}, starting from the first stage's model", flush=True)
-    splits = get_data(data=preference_data, base_model=model)
-    trained = train_model(
-        base_model=model, train_data=splits.train_tokens, eval_data=splits.heldout, data=preference_data,
+    splits = get_data(data=preference_data, base_model=model, train=preference_train, train_ops=preference_train_ops)
+    trained = train_model(  # validation pairs choose the checkpoint; test pairs only score
+        base_model=model, train_data=splits.train_tokens, eval_data=splits.validation, data=preference_data,
         train=preference_train, train_ops=preference_train_ops,
     )
-    return trained.model, trained.adapter, splits.heldout
+    return trained.model, trained.adapter, splits.test

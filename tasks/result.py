@@ -1,7 +1,9 @@
 """The typed result of a fine-tuning run, and the task that assembles and reports it."""
 
 import html
-from dataclasses import dataclass, field
+import json
+import math
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import pandas as pd
@@ -10,8 +12,9 @@ from flytekit.types.directory import FlyteDirectory
 
 from images.specs import cpu_image
 from llm_finetune.evaluate import EvalMetrics
-from tasks.common import is_local, local_deck_dir, publish_deck, table_html
-from tasks.evaluate import EvalReport, VariantMetrics, metrics_html, variants_table
+from tasks.common import is_local, local_deck_dir, publish_deck, run_dir, table_html, write_run_file
+from tasks.data import DataReport
+from tasks.evaluate import EvalReport, VariantMetrics, metric_cell, metrics_html, task_metrics_table, variants_table
 from tasks.preference_data import preference_summary
 from tasks.quantize import QuantizedModel
 
@@ -42,6 +45,17 @@ def side_by_side(base: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+def selection_line(train_steps: int, best_step: int, best_eval_loss: float, report: Optional[DataReport]) -> str:
+    """Which checkpoint was returned and on what it was chosen (validation rows, never test rows)."""
+    if train_steps <= 0:
+        return ""
+    rows = f" on {report.validation_rows} validation rows" if report is not None else ""
+    if best_step >= 0:
+        return (f"checkpoint: step {best_step} of {train_steps}, best validation loss "
+                f"{best_eval_loss:.4f}{rows} (test rows are used for scores only)")
+    return f"checkpoint: the last step ({train_steps}); no validation-based selection (train.eval_steps or save_steps is 0)"
+
+
 @task(container_image=cpu_image, enable_deck=True)
 def summarize(
     tuned_model: FlyteDirectory,
@@ -52,32 +66,59 @@ def summarize(
     variants: list[VariantMetrics],
     tuned_mb: float,
     hub_urls: list[str],
+    data_report: Optional[DataReport] = None,
+    train_steps: int = 0,  # 0: not given (no checkpoint line)
+    best_step: int = -1,
+    best_eval_loss: float = 0.0,
 ) -> FineTuneResult:
-    """Compare base, tuned and quantized models side by side, and say where every output is."""
+    """Compare base, tuned and quantized models side by side, and say where every output is.
+
+    Leads with a warning when more than 1% of the rows were dropped; says which checkpoint
+    validation chose; every task metric with its bootstrap 95% interval on the test split.
+    """
     b, t = base.metrics, tuned.metrics
     rows = [
+        (t.task_metric, metric_cell(b, t.task_metric), metric_cell(t, t.task_metric)),
         ("exact match", f"{b.exact_match:.1%}", f"{t.exact_match:.1%}"),
         ("loss", f"{b.loss:.4f}", f"{t.loss:.4f}"),
         ("perplexity", f"{b.perplexity:.3f}", f"{t.perplexity:.3f}"),
     ] + [(k, f"{base.benchmarks.get(k, float('nan')):.3f}", f"{v:.3f}") for k, v in tuned.benchmarks.items()]
+    rows = [r for r in rows if r[1] or r[2]]
+    if t.task_metric == "exact_match":
+        rows = [r for r in rows if r[0] != "exact match"]
     table = "".join(f"<tr><td>{html.escape(a)}</td><td>{x}</td><td>{y}</td></tr>" for a, x, y in rows)
     base_table, tuned_table = base.samples.open(pd.DataFrame).all(), tuned.samples.open(pd.DataFrame).all()
     samples = side_by_side(base_table, tuned_table)
     preference_lines, preference_gain = preference_summary(b, t, base_table, tuned_table)
+    splits = data_report
+    drop_note = splits.drop_note if splits is not None else ""
+    selection = selection_line(train_steps, best_step, best_eval_loss, splits)
+    lead = (f"<p style='color:#b00'><b>{html.escape(drop_note)}</b></p>" if drop_note else "") + (
+        f"<p>{html.escape(selection)}</p>" if selection else "")
+    if splits is not None:
+        lead += f"<p>{html.escape(splits.length_note)}.</p>"
+    models = [("base", b), ("tuned", t)] + [(v.variant, v.metrics) for v in variants]
     sections = {
-        "Base vs tuned": f"<table><tr><th>metric</th><th>base</th><th>tuned</th></tr>{table}</table>"
+        "Base vs tuned": lead
+        + f"<table><tr><th>metric (test split, 95% interval)</th><th>base</th><th>tuned</th></tr>{table}</table>"
         + metrics_html("base", b) + metrics_html("tuned", t),
+        "Task metrics, every model": table_html(task_metrics_table(models), max_rows=20),
         "Generations side by side": table_html(samples, max_rows=100),
     }
-    if preference_lines:
-        sections["Preference accuracy"] = "<pre>" + html.escape("\n".join(preference_lines)) + "</pre>"
     if variants:
         sections["Quantized vs tuned"] = table_html(variants_table(variants, t, tuned_mb), max_rows=20)
+    if preference_lines:
+        sections["Preference accuracy"] = "<pre>" + html.escape("\n".join(preference_lines)) + "</pre>"
     publish_deck("summary", sections)
-    lines = preference_lines + [f"  {name:<12} base {x:>8}   tuned {y:>8}" for name, x, y in rows]
+    lines = [f"  WARNING: {drop_note}"] if drop_note else []
+    lines += preference_lines
+    if selection:
+        lines.append(f"  {selection}")
+    lines += [f"  {name:<12} base {x:>22}   tuned {y:>22}" for name, x, y in rows]
     for v in variants:
-        lines.append(f"  {v.variant:<12} loss {v.metrics.loss:.4f} ({v.loss_delta:+.4f})   exact match "
-                     f"{v.metrics.exact_match:.1%} ({v.exact_match_delta:+.1%})   {v.size_mb:.0f} MB (tuned {tuned_mb:.0f} MB)")
+        lines.append(f"  {v.variant:<12} loss {v.metrics.loss:.4f} ({v.loss_delta:+.4f})   {t.task_metric} "
+                     f"{metric_cell(v.metrics, t.task_metric) or f'{v.metrics.exact_match:.1%}'} ({v.exact_match_delta:+.1%} EM)"
+                     f"   {v.size_mb:.0f} MB (tuned {tuned_mb:.0f} MB)")
     lines += [
         f"  tuned model: {tuned_model.path}",
         f"  adapter:     {adapter.path if adapter else '(none: full fine-tuning)'}",
@@ -86,10 +127,7 @@ def summarize(
         "  quantized:   (skipped: quantize.variants is empty)"
     ]
     lines.append(f"  hub:         {', '.join(hub_urls) if hub_urls else '(not published: hub.repo_id is empty)'}")
-    if is_local():
-        lines.append(f"  decks:       {local_deck_dir()}/*.html")
-    print("[summary] fine-tune results\n" + "\n".join(lines), flush=True)
-    return FineTuneResult(
+    result = FineTuneResult(
         tuned_model=tuned_model,
         adapter=adapter,
         quantized_model=quantized[0].model if quantized else None,
@@ -102,3 +140,31 @@ def summarize(
         hub_urls=hub_urls,
         preference_gain=preference_gain,
     )
+    if is_local():
+        summary = {
+            "warnings": [drop_note] if drop_note else [],
+            "checkpoint": selection,
+            "data": asdict(splits) if splits is not None else {},
+            "training": {"steps": train_steps, "best_step": best_step, "best_eval_loss": best_eval_loss} if train_steps else {},
+            "base": asdict(b), "tuned": asdict(t),
+            "quantized": {v.variant: {**asdict(v.metrics), "size_mb": v.size_mb} for v in variants},
+            "outputs": {"tuned_model": str(tuned_model.path), "adapter": str(adapter.path) if adapter else "",
+                        **{q.variant: str(q.model.path) for q in quantized}},
+            "hub_urls": hub_urls,
+        }
+        write_run_file("summary.json", json.dumps(_clean(summary), indent=2, allow_nan=False))
+        lines.append(f"  decks:       {local_deck_dir()}/*.html")
+        lines.append(f"  run folder:  {run_dir()}  (summary.json, model_card.md, decks/; runs/latest points here)")
+    print("[summary] fine-tune results\n" + "\n".join(lines), flush=True)
+    return result
+
+
+def _clean(obj):
+    """Strict JSON: NaN / inf become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj

@@ -33,7 +33,7 @@ from llm_finetune.config import (
     validate,
 )
 from llm_finetune.revisions import data_revision, model_revision
-from tasks.common import DEEPSPEED_DIR, HF_TOKEN_ENV_SECRET, recoverable
+from tasks.common import DEEPSPEED_DIR, HF_TOKEN_ENV_SECRET, is_local, recoverable, start_local_run
 
 Sections = typing.NamedTuple(
     "Sections",
@@ -84,5 +84,7 @@ def sections(config: FineTuneConfig) -> Sections:
 @task(container_image=cpu_image, retries=2, secret_requests=[HF_TOKEN_ENV_SECRET])
 def validate_config(config: FineTuneConfig) -> Sections:
     """Raise ConfigError listing every problem; otherwise the pinned config and its sections."""
+    if is_local():
+        start_local_run()  # a new runs/<execution id>/ for this execution's decks, summary and model card
     with recoverable():
         return sections(config)

@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tasks/, workflows/, images/ are top-level packages
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# local runs write runs/<execution id>/ (decks, summary.json, model card): keep the tests' out of the repo
+os.environ.setdefault("LLM_FINETUNE_RUNS_DIR", __import__("tempfile").mkdtemp(prefix="llm-finetune-test-runs-"))
 
 
 @pytest.fixture(scope="session")

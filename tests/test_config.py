@@ -51,6 +51,15 @@ def test_wrong_types_are_reported_with_key_path():
         ({"quantize": {"bits": 3}}, "quantize.bits: 3 is not one of 0, 4, 8"),
         ({"hub": {"repo_id": "no-slash"}}, "hub.repo_id: 'no-slash' is not of the form owner/name"),
         ({"data": {"eval_fraction": 0.9}}, "data.eval_fraction: must be in (0, 0.5]"),
+        ({"data": {"test_fraction": 0.7}}, "data.test_fraction: must be in (0, 0.5]"),
+        ({"data": {"validation_fraction": 0.0}}, "data.validation_fraction: must be in (0, 0.5]"),
+        ({"data": {"overlong": "truncate"}}, "data.overlong: 'truncate' is not one of drop, truncate_prompt, fail"),
+        ({"data": {"max_length": 8}}, "data.max_length: must be auto or at least 16 tokens, got 8"),
+        ({"data": {"max_drop_fraction": 1.5}}, "data.max_drop_fraction: must be in [0, 1]"),
+        ({"data": {"truncation": True, "overlong": "fail"}}, "data.truncation: deprecated (it means data.overlong: truncate_prompt)"),
+        ({"train": {"max_steps": -5}}, "train.max_steps: -5 is not a step count; give a positive number of optimizer steps, or 0 (or -1)"),
+        ({"train": {"early_stopping_patience": 2, "save_steps": 0}}, "train.early_stopping_patience: stopping early compares"),
+        ({"train": {"early_stopping_patience": -1}}, "train.early_stopping_patience: must be >= 0"),
         ({"train": {"nproc_per_node": 4, "gpus_per_node": 2}}, "train.nproc_per_node: 4 processes but only 2 GPUs"),
         ({"data": {"format": "sharegpt"}}, "data.format: 'sharegpt' is not one of"),
         ({"train": {"keep_checkpoints": 0}}, "train.keep_checkpoints: must be >= 1 (the newest checkpoint is what a retry"),
@@ -90,6 +99,33 @@ def test_deepspeed_configs_are_json_with_auto_values(name):
     cfg = json.loads((DS / f"{name}.json").read_text())
     assert cfg["zero_optimization"]["stage"] == int(name[4])
     assert cfg["train_micro_batch_size_per_gpu"] == "auto"
+
+
+def test_max_length_auto_and_int_forms(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  max_length: auto\n")
+    assert load_config(f).data.max_length == 0 == FineTuneConfig().data.max_length  # auto is the default
+    f.write_text("data:\n  max_length: 1024\n")
+    assert validate(load_config(f), DS).data.max_length == 1024
+    with pytest.raises(ConfigError, match=r"data.max_length: expected an integer or auto, got 'long'"):
+        FineTuneConfig.from_json('{"data": {"max_length": "long"}}')
+    with pytest.raises(ConfigError, match=r"train.max_steps: expected an integer, got 'auto'"):
+        FineTuneConfig.from_json('{"train": {"max_steps": "auto"}}')
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1])
+def test_max_steps_zero_or_minus_one_mean_epochs(steps):
+    validate(from_dict(FineTuneConfig, {"train": {"max_steps": steps}}), DS)
+
+
+def test_deprecated_data_keys_map_to_their_replacements():
+    from llm_finetune.config import effective_test_fraction, overlong_policy
+
+    cfg = from_dict(FineTuneConfig, {"data": {"eval_fraction": 0.2, "truncation": True}})
+    validate(cfg, DS)
+    assert effective_test_fraction(cfg.data) == 0.2 and overlong_policy(cfg.data) == "truncate_prompt"
+    with pytest.raises(ConfigError, match="data.eval_fraction: deprecated alias of data.test_fraction and conflicts"):
+        validate(from_dict(FineTuneConfig, {"data": {"eval_fraction": 0.2, "test_fraction": 0.3}}), DS)
 
 
 def test_gpus_the_cuda_image_cannot_run_are_refused():

@@ -18,22 +18,26 @@ def alpaca_rows(n):
     return [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)} for i in range(n)]
 
 
-def test_embedded_default_prepares_with_held_out_split(tokenizer):
+def test_embedded_default_prepares_three_way_split(tokenizer):
     p = prepare(DataConfig(), tokenizer)
     assert p.format == "alpaca" and "auto-detected" in p.format_reason
-    assert (len(p.train), len(p.eval)) == (900, 100)
-    assert p.report.rows_in == 1000 and p.report.dropped == {}
-    assert set(p.train["source_row"]).isdisjoint(p.eval["source_row"])
+    kept = p.report.rows_kept
+    assert p.report.rows_in == 1000 and set(p.report.dropped) <= {"too_long"}
+    assert 1000 - kept <= 10  # max_length auto keeps at least 99% of the rows
+    assert (len(p.validation), len(p.test)) == (50, 100) and len(p.train) == kept - 150
+    rows = [set(f["source_row"]) for f in (p.train, p.validation, p.test)]
+    assert rows[0].isdisjoint(rows[1]) and rows[0].isdisjoint(rows[2]) and rows[1].isdisjoint(rows[2])
     assert (p.train["n_trained_tokens"] > 0).all() and (p.train["n_trained_tokens"] < p.train["n_tokens"]).all()
 
 
 def test_same_inputs_give_identical_splits(tokenizer, tmp_path):
     a, b = prepare(DataConfig(), tokenizer), prepare(DataConfig(), tokenizer)
-    a.train.to_parquet(tmp_path / "a.parquet")
-    b.train.to_parquet(tmp_path / "b.parquet")
-    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    for name in ("train", "validation", "test"):
+        getattr(a, name).to_parquet(tmp_path / "a.parquet")
+        getattr(b, name).to_parquet(tmp_path / "b.parquet")
+        assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
     c = prepare(DataConfig(seed=7), tokenizer)
-    assert set(c.eval["source_row"]) != set(a.eval["source_row"])
+    assert set(c.test["source_row"]) != set(a.test["source_row"])
 
 
 @pytest.mark.parametrize(
@@ -59,14 +63,14 @@ def test_column_mapping(tokenizer, tmp_path):
     rows = [{"question": f"What is {i} squared?", "answer": str(i * i)} for i in range(40)]
     src = write_jsonl(tmp_path / "q.jsonl", rows)
     p = prepare(DataConfig(source=src, columns={"instruction": "question", "output": "answer"}), tokenizer)
-    assert p.format == "alpaca" and len(p.train) + len(p.eval) == 40
+    assert p.format == "alpaca" and len(p.train) + len(p.validation) + len(p.test) == 40
 
 
 def test_dolly_chat_and_text_formats(tokenizer, tmp_path):
     dolly = [{"instruction": f"Summarise item {i}.", "context": f"Item {i} is blue.", "response": "Blue.", "category": "summarization"} for i in range(30)]
     p = prepare(DataConfig(source=write_jsonl(tmp_path / "d.jsonl", dolly)), tokenizer)
     assert p.format == "dolly"
-    assert "Item 0 is blue." in json.loads(p.train["messages"][0])[0]["content"] or "Item" in p.eval["messages"][0]
+    assert "Item 0 is blue." in json.loads(p.train["messages"][0])[0]["content"] or "Item" in p.test["messages"][0]
     chat = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Hi {i}"}, {"role": "assistant", "content": f"Hello {i}"}]} for i in range(30)]
     p = prepare(DataConfig(source=write_jsonl(tmp_path / "c.jsonl", chat)), tokenizer)
     assert p.format == "chat"
@@ -81,7 +85,7 @@ def test_csv_and_parquet_sources(tokenizer, tmp_path):
     frame.to_parquet(tmp_path / "a.parquet")
     for f in ("a.csv", "a.parquet"):
         p = prepare(DataConfig(source=str(tmp_path / f)), tokenizer)
-        assert len(p.train) + len(p.eval) == 30
+        assert len(p.train) + len(p.validation) + len(p.test) == 30
 
 
 def test_bad_rows_are_dropped_and_counted_by_rule(tokenizer, tmp_path):
@@ -90,7 +94,7 @@ def test_bad_rows_are_dropped_and_counted_by_rule(tokenizer, tmp_path):
     rows[5]["instruction"] = ""
     rows[7] = dict(rows[6])  # duplicate of row 7 (1-based)
     rows[9]["output"] = "word " * 600
-    p = prepare(DataConfig(source=write_jsonl(tmp_path / "a.jsonl", rows), max_length=256), tokenizer)
+    p = prepare(DataConfig(source=write_jsonl(tmp_path / "a.jsonl", rows), max_length=256, max_drop_fraction=0.2), tokenizer)
     assert p.report.dropped == {"empty_completion": 1, "empty_prompt": 1, "duplicate": 1, "too_long": 1}
     assert p.report.rows_kept == 36
     cases = p.report.failure_cases
@@ -108,8 +112,8 @@ def test_never_trains_on_almost_nothing(tokenizer, tmp_path):
     rows = alpaca_rows(40)
     for r in rows[:35]:
         r["output"] = ""
-    with pytest.raises(DataError, match="only 4 training rows remain"):
-        prepare(DataConfig(source=write_jsonl(tmp_path / "a.jsonl", rows)), tokenizer)
+    with pytest.raises(DataError, match="only 3 training rows remain"):
+        prepare(DataConfig(source=write_jsonl(tmp_path / "a.jsonl", rows), max_drop_fraction=1.0), tokenizer)
     for r in rows:
         r["output"] = ""
     with pytest.raises(DataError, match="all 40 rows .* are invalid"):

@@ -28,11 +28,11 @@ def test_get_data_task_outputs_and_decks_render(isolated_flyte, base_model_dir):
 
     src = isolated_flyte / "messy.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in messy_rows()), encoding="utf-8")
-    cfg = DataConfig(source=str(src), max_length=128, packing=True)
+    cfg = DataConfig(source=str(src), max_length=128, packing=True, max_drop_fraction=0.1)
     splits = get_data(data=cfg, base_model=FlyteDirectory(str(base_model_dir)))
 
     assert (splits.format, splits.dropped_rows) == ("alpaca", 4)
-    assert splits.train_rows + splits.eval_rows == 56
+    assert splits.train_rows + splits.validation_rows + splits.test_rows == 56
     tokens = splits.train_tokens.open(pd.DataFrame).all()
     assert len(tokens) == splits.token_rows < splits.train_rows  # packed
     assert set(tokens.columns) >= {"input_ids", "labels", "seq_lens", "source_rows"}

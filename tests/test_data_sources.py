@@ -36,10 +36,10 @@ def test_dataset_repository_with_configs_and_splits(tokenizer, tmp_path):
         "- config_name: hard\n  data_files:\n  - split: train\n    path: hard/train.jsonl\n---\n"
     )
     p = prepare(DataConfig(source=str(repo), subset="easy", split="test", min_train_rows=8), tokenizer)
-    assert len(p.train) + len(p.eval) == 20
-    assert all("easy-test" in m for m in pd.concat([p.train, p.eval])["messages"])
+    assert len(p.train) + len(p.validation) + len(p.test) == 20
+    assert all("easy-test" in m for m in pd.concat([p.train, p.validation, p.test])["messages"])
     p = prepare(DataConfig(source=str(repo), subset="hard", split="train"), tokenizer)
-    assert len(p.train) + len(p.eval) == 30
+    assert len(p.train) + len(p.validation) + len(p.test) == 30
     with pytest.raises(DataError, match=r"cannot load hub dataset .*split=validation.*data.split"):
         prepare(DataConfig(source=str(repo), subset="hard", split="validation"), tokenizer)
 
@@ -62,7 +62,7 @@ def test_nested_alpaca_seed_tasks_via_explode_and_mapping(tokenizer):
     assert p.format == "alpaca"
     assert p.report.rows_in == 175
     assert p.report.rows_kept + sum(p.report.dropped.values()) == 175
-    first = json.loads(pd.concat([p.train, p.eval]).sort_values("source_row")["messages"].iloc[0])
+    first = json.loads(pd.concat([p.train, p.validation, p.test]).sort_values("source_row")["messages"].iloc[0])
     assert first[0]["content"].startswith("Is there anything I can eat for a breakfast")
     assert first[1]["content"].startswith("Yes, you can have 1 oatmeal banana protein shake")
     # without the explode the mapping cannot find the nested fields and says how to fix it
@@ -74,7 +74,7 @@ def test_nested_mapping_without_lists(tokenizer, tmp_path):
     rows = [{"q": {"text": f"Name the number {i}."}, "a": {"text": str(i)}} for i in range(30)]
     src = write_jsonl(tmp_path / "nested.jsonl", rows)
     p = prepare(DataConfig(source=str(src), columns={"instruction": "q.text", "output": "a.text"}), tokenizer)
-    assert p.format == "alpaca" and len(p.train) + len(p.eval) == 30
+    assert p.format == "alpaca" and len(p.train) + len(p.validation) + len(p.test) == 30
 
 
 def test_explode_errors_name_the_column_and_row(tokenizer, tmp_path):
@@ -89,13 +89,14 @@ def test_row_far_over_max_length(tokenizer, tmp_path):
     rows = qa("long", 40)
     rows[12]["output"] = "lorem ipsum " * 2000
     src = write_jsonl(tmp_path / "long.jsonl", rows)
-    with pytest.raises(DataError, match=r"row 13: too_long .*: \d+ tokens, data.max_length is 128; .*data.truncation: true"):
+    with pytest.raises(DataError, match=r"row 13: too_long .*: \d+ tokens, max_length is 128; .*data.overlong: truncate_prompt"):
         prepare(DataConfig(source=str(src), max_length=128, on_invalid="fail"), tokenizer)
     dropped = prepare(DataConfig(source=str(src), max_length=128), tokenizer)
     assert dropped.report.dropped == {"too_long": 1} and dropped.truncated_rows == 0
+    # the deprecated truncation: true means overlong: truncate_prompt, which never cuts a completion
     cut = prepare(DataConfig(source=str(src), max_length=128, truncation=True), tokenizer)
-    assert cut.report.dropped == {} and cut.truncated_rows == 1
-    assert cut.lengths.max() > 4000  # the profile still shows the length before truncation
+    assert cut.report.dropped == {"too_long": 1} and cut.truncated_rows == 0
+    assert cut.lengths.max() > 4000  # the profile still shows the length as read
     assert cut.train_tokens["input_ids"].map(len).max() <= 128
 
 
@@ -118,8 +119,9 @@ def test_prepared_outputs_are_byte_identical(tokenizer, tmp_path):
     for name in ("a", "b"):
         p = prepare(cfg, tokenizer)
         p.train_tokens.to_parquet(tmp_path / f"{name}-tokens.parquet")
-        p.eval.to_parquet(tmp_path / f"{name}-eval.parquet")
-    for part in ("tokens", "eval"):
+        p.validation.to_parquet(tmp_path / f"{name}-validation.parquet")
+        p.test.to_parquet(tmp_path / f"{name}-test.parquet")
+    for part in ("tokens", "validation", "test"):
         assert (tmp_path / f"a-{part}.parquet").read_bytes() == (tmp_path / f"b-{part}.parquet").read_bytes()
 
 

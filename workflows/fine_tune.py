@@ -30,11 +30,12 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
     s = validate_config(config=config)
     base = prepare_base_model(model=s.model)
     checked = check_outputs(base_model=base, evaluate=s.evaluate, quantize=s.quantize)  # before any training
-    splits = get_data(data=s.data, base_model=base)
-    trained = train_model(
+    # train / train_ops size data.max_length: auto to the training hardware
+    splits = get_data(data=s.data, base_model=base, train=s.train, train_ops=s.train_ops)
+    trained = train_model(  # validation rows choose the checkpoint and stop early; test rows only score
         base_model=base,
         train_data=splits.train_tokens,
-        eval_data=splits.heldout,
+        eval_data=splits.validation,
         data=s.data,
         train=s.train,
         train_ops=s.train_ops,
@@ -42,7 +43,7 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
     checked >> trained.model  # orders the train node after the checks (any of its outputs names the node)
     # SFT then DPO (config section `preference`); hands the first stage's outputs through when disabled
     final = preference_stage(
-        enabled=s.preference_enabled, model=trained.model, adapter=trained.adapter, heldout=splits.heldout,
+        enabled=s.preference_enabled, model=trained.model, adapter=trained.adapter, heldout=splits.test,
         preference_data=s.preference_data, preference_train=s.preference_train, preference_train_ops=s.preference_train_ops,
     )
     a = assess(base_model=base, tuned_model=final.model, eval_data=final.heldout, config=s.config)
@@ -64,4 +65,8 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
         variants=a.variants,
         tuned_mb=a.tuned_mb,
         hub_urls=hub_urls,
+        data_report=splits.report,
+        train_steps=trained.steps,
+        best_step=trained.best_step,
+        best_eval_loss=trained.best_eval_loss,
     )

@@ -233,7 +233,7 @@ def validate_pairs(frame: pd.DataFrame, max_length: int | None) -> tuple[pd.Data
 def describe_case(case, cfg: DataConfig) -> str:
     where = f"  row {case.source_row}, column {case.column}: {case.rule} ({PREFERENCE_RULES.get(case.rule, case.rule)})"
     if case.rule == "too_long":
-        return f"{where}: {case.value} tokens, data.max_length is {cfg.max_length}; raise data.max_length or set data.truncation: true"
+        return f"{where}: {case.value} tokens, data.max_length is {cfg.max_length}; raise data.max_length (or leave it at auto) or set data.overlong: truncate_prompt"
     return where
 
 
@@ -242,8 +242,14 @@ def prompt_text(prompt_json: str) -> str:
     return "\n".join(m["content"] for m in json.loads(prompt_json) if m["role"] != "assistant")
 
 
-def prepare_preference(raw: pd.DataFrame, cfg: DataConfig, tokenizer, detected: Detected):
-    """get_data's preference path: the same stages, report and ``PreparedData`` shape as SFT data."""
+def prepare_preference(raw: pd.DataFrame, cfg: DataConfig, tokenizer, detected: Detected, choose_length=None):
+    """get_data's preference path: the same stages, report and ``PreparedData`` shape as SFT data.
+
+    ``choose_length(lengths, requested)`` fits ``data.max_length: auto`` to the pairs (prompt plus
+    the longer answer), as for SFT rows; the three splits keep pairs sharing a prompt together.
+    """
+    from llm_finetune.config import TrainConfig, effective_test_fraction, overlong_policy
+    from llm_finetune.data.lengths import choose_max_length
     from llm_finetune.data.prepare import PreparedData, split_frame
 
     canon = canonical_pairs(raw)
@@ -258,7 +264,12 @@ def prepare_preference(raw: pd.DataFrame, cfg: DataConfig, tokenizer, detected: 
     frame["content_key"] = [
         hashlib.sha256(json.dumps([p, c, r]).encode()).hexdigest() for p, c, r in zip(frame["prompt"], frame["chosen"], frame["rejected"])
     ]
-    limit = None if cfg.truncation else cfg.max_length
+    chooser = choose_length or (lambda ls, requested: choose_max_length(ls, requested, {}, 0, TrainConfig()))
+    length = chooser(frame["n_tokens"].tolist(), cfg.max_length)
+    max_length = length.max_length
+    print(f"[get_data] {length.describe()}", flush=True)
+    truncate = overlong_policy(cfg) == "truncate_prompt"  # pairs: the answers are cut to the room the prompt leaves
+    limit = None if truncate else max_length
     kept, report = validate_pairs(frame, limit)
     if report.dropped and cfg.on_invalid == "fail":
         cases = "\n".join(describe_case(c, cfg) for c in report.failure_cases.head(10).itertuples())
@@ -271,18 +282,20 @@ def prepare_preference(raw: pd.DataFrame, cfg: DataConfig, tokenizer, detected: 
             f"data.source: all {report.rows_in} preference pairs of {cfg.source} are invalid: {report.dropped} "
             f"({'; '.join(f'{k}: {PREFERENCE_RULES.get(k, k)}' for k in report.dropped)}). The validation deck lists each row."
         )
-    train, ev = split_frame(kept, cfg.eval_fraction, cfg.seed)
+    groups = [hashlib.sha256(t.strip().encode()).hexdigest() for t in kept["prompt_text"]]
+    train, validation, test = split_frame(kept, cfg.validation_fraction, effective_test_fraction(cfg), cfg.seed, groups)
     if len(train) < cfg.min_train_rows:
         raise DataError(
             f"only {len(train)} training pairs remain from {report.rows_in} in {cfg.source} (dropped: "
-            f"{report.dropped or 'none'}; {len(ev)} held out), fewer than data.min_train_rows={cfg.min_train_rows}. "
-            "Add data, fix the dropped rows, or lower data.eval_fraction."
+            f"{report.dropped or 'none'}; {len(validation)} validation and {len(test)} test pairs held out), fewer than "
+            f"data.min_train_rows={cfg.min_train_rows}. Add data, fix the dropped rows, or lower data.test_fraction / "
+            "data.validation_fraction."
         )
     truncated, token_rows = 0, []
     for row in train["source_row"]:
         e = dict(encoded[row])
-        room = cfg.max_length - len(e["prompt_ids"])
-        if cfg.truncation and max(len(e["chosen_ids"]), len(e["rejected_ids"])) > room:
+        room = max_length - len(e["prompt_ids"])
+        if truncate and max(len(e["chosen_ids"]), len(e["rejected_ids"])) > room:
             if room < 1:
                 continue  # the prompt alone fills max_length: no answer token would remain
             e["chosen_ids"], e["rejected_ids"] = e["chosen_ids"][:room], e["rejected_ids"][:room]
@@ -291,11 +304,13 @@ def prepare_preference(raw: pd.DataFrame, cfg: DataConfig, tokenizer, detected: 
     tokens = pd.DataFrame.from_records(token_rows, columns=TOKEN_COLUMNS)
     return PreparedData(
         train=train[CANONICAL_COLUMNS].reset_index(drop=True),
-        eval=ev[CANONICAL_COLUMNS].reset_index(drop=True),
+        validation=validation[CANONICAL_COLUMNS].reset_index(drop=True),
+        test=test[CANONICAL_COLUMNS].reset_index(drop=True),
         train_tokens=tokens,
         format=detected.format,
         format_reason=detected.reason,
         report=report,
+        length=length,
         lengths=frame["n_tokens"].reset_index(drop=True),
         truncated_rows=truncated,
         packing_efficiency=0.0,

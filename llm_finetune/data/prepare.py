@@ -1,7 +1,15 @@
-"""get_data's core: load -> detect format -> canonicalise -> tokenize -> validate -> split -> pack.
+"""get_data's core: load -> detect format -> canonicalise -> tokenize -> fit the length ->
+validate -> split train / validation / test -> pack.
 
 Deterministic: the same source, config and tokenizer give byte-identical frames, so
 Flyte's cache keys downstream of get_data stay stable.
+
+The three splits have separate jobs: train is trained on, validation chooses the
+checkpoint and stops training early, test scores base vs tuned and is seen by nothing
+else. Rows that share a prompt are kept in one split, so a prompt answered twice in the
+data cannot be trained on and then scored. Validation and test rows carry their token
+rows too (``input_ids``, ``labels``, ``seq_lens``: fitted to max_length exactly as the
+training rows), so every later task scores what training saw without knowing the length.
 """
 
 from __future__ import annotations
@@ -9,10 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Callable
 
 import pandas as pd
 
-from llm_finetune.config import DataConfig
+from llm_finetune.config import DataConfig, TrainConfig, effective_test_fraction, overlong_policy
+from llm_finetune.data.lengths import LengthChoice, choose_max_length
 from llm_finetune.data.formats import apply_column_mapping, detect_format, explode_records, to_canonical
 from llm_finetune.data.preference import detect_preference, prepare_preference
 from llm_finetune.data.sources import load_raw
@@ -23,19 +33,51 @@ from llm_finetune.packing import mask_first_label, pack_examples, packing_effici
 
 CANONICAL_COLUMNS = ["messages", "text", "source_row", "n_tokens", "n_trained_tokens"]
 TOKEN_COLUMNS = ["input_ids", "labels", "seq_lens", "source_rows"]
+HELDOUT_COLUMNS = CANONICAL_COLUMNS + ["input_ids", "labels", "seq_lens"]  # validation and test rows
+DROP_NOTE_FRACTION = 0.01  # more dropped than this: the run summary says so at its top
+
+FIXES = {
+    "too_long": "set data.max_length: auto (the default) or a larger value, or data.overlong: truncate_prompt",
+    "duplicate": "remove the repeated rows from the source",
+    "empty_prompt": "fill or remove rows without an instruction / user turn",
+    "empty_completion": "fill or remove rows without an answer",
+    "empty_text": "remove empty text rows",
+}
 
 
 @dataclass
 class PreparedData:
     train: pd.DataFrame  # canonical rows (CANONICAL_COLUMNS)
-    eval: pd.DataFrame  # canonical held-out rows
+    validation: pd.DataFrame  # canonical + token rows (HELDOUT_COLUMNS): checkpoint choice, early stopping
+    test: pd.DataFrame  # canonical + token rows (HELDOUT_COLUMNS): base vs tuned scores only
     train_tokens: pd.DataFrame  # model-ready rows (TOKEN_COLUMNS), packed when data.packing
     format: str
     format_reason: str
     report: ValidationReport
+    length: LengthChoice  # the max_length used, why, and what it costs
     lengths: pd.Series = None  # tokens per non-empty row as read, before validation and truncation
-    truncated_rows: int = 0  # rows cut to data.max_length (data.truncation)
+    truncated_rows: int = 0  # rows whose prompt was cut from the left (data.overlong: truncate_prompt)
     packing_efficiency: float = 0.0  # real tokens / (rows * max_length) of train_tokens
+
+    @property
+    def max_length(self) -> int:
+        return self.length.max_length
+
+    @property
+    def dropped_fraction(self) -> float:
+        r = self.report
+        return (r.rows_in - r.rows_kept) / r.rows_in if r.rows_in else 0.0
+
+    def drop_note(self) -> str:
+        """One line for the top of the run summary when more than 1% of the rows were dropped; else empty."""
+        if self.dropped_fraction <= DROP_NOTE_FRACTION:
+            return ""
+        r = self.report
+        rules = ", ".join(f"{k} {v}" for k, v in sorted(r.dropped.items()))
+        return (
+            f"{r.rows_in - r.rows_kept} of {r.rows_in} rows ({self.dropped_fraction:.1%}) were dropped ({rules}) "
+            f"at max_length {self.max_length}; the get_data deck lists them"
+        )
 
 
 def _summaries(canon: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -51,24 +93,43 @@ def _summaries(canon: pd.DataFrame) -> tuple[list[str], list[str]]:
     return prompts, completions
 
 
-def split_frame(frame: pd.DataFrame, eval_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Deterministic split: rows ordered by a seeded hash of their content, not by position."""
-    keys = [hashlib.sha256(f"{seed}:{k}".encode()).hexdigest() for k in frame["content_key"]]
-    order = frame.assign(_k=keys).sort_values("_k", kind="stable")
-    n_eval = max(1, round(eval_fraction * len(frame)))
-    ev = order.iloc[:n_eval].sort_values("source_row")
-    tr = order.iloc[n_eval:].sort_values("source_row")
-    return tr.drop(columns="_k"), ev.drop(columns="_k")
+def group_keys(frame: pd.DataFrame, is_text: bool) -> list[str]:
+    """Rows with the same key stay in one split: the prompt (instruction rows) or the text."""
+    return list(frame["content_key"]) if is_text else [hashlib.sha256(p.strip().encode()).hexdigest() for p in frame["prompt"]]
 
 
-def token_rows(encoded: dict[int, Encoded], source_rows: list[int], cfg: DataConfig, is_text: bool) -> pd.DataFrame:
-    """Model-ready rows of the given examples: truncated or cut into blocks, then packed.
+def split_frame(
+    frame: pd.DataFrame, validation_fraction: float, test_fraction: float, seed: int, groups: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Deterministic train / validation / test split of whole groups.
 
-    Text for continued pre-training is cut into ``max_length`` blocks; instruction rows
-    are at most ``max_length`` here (longer ones were dropped, or truncated when
-    ``data.truncation``). Every example's first label is -100 (nothing precedes it).
+    Groups are ordered by a seeded hash of their key (not by position), then dealt to test
+    until it holds ``test_fraction`` of the rows, then to validation, the rest to train.
     """
-    n = cfg.max_length
+    n = len(frame)
+    sizes = pd.Series(groups).value_counts(sort=False)
+    order = sorted(sizes.index, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+    want = {"test": max(1, round(test_fraction * n)), "validation": max(1, round(validation_fraction * n))}
+    where, filled, target = {}, {"test": 0, "validation": 0}, iter(["test", "validation", "train"])
+    current = next(target)
+    for g in order:
+        while current != "train" and filled[current] >= want[current]:
+            current = next(target)
+        where[g] = current
+        if current != "train":
+            filled[current] += int(sizes[g])
+    part = pd.Series([where[g] for g in groups], index=frame.index)
+    pick = lambda name: frame[part == name].sort_values("source_row")  # noqa: E731
+    return pick("train"), pick("validation"), pick("test")
+
+
+def token_rows(encoded: dict[int, Encoded], source_rows: list[int], cfg: DataConfig, is_text: bool, n: int) -> pd.DataFrame:
+    """Model-ready rows of the given examples: cut into blocks, then packed.
+
+    Text for continued pre-training is cut into ``n``-token blocks; instruction rows are at
+    most ``n`` here (longer ones were dropped, or their prompt cut by
+    ``data.overlong: truncate_prompt``). Every example's first label is -100 (nothing precedes it).
+    """
     examples = []
     for row in source_rows:
         enc = encoded[row]
@@ -78,7 +139,7 @@ def token_rows(encoded: dict[int, Encoded], source_rows: list[int], cfg: DataCon
             if any(x != IGNORE_INDEX for x in labels):
                 examples.append({"input_ids": ids, "labels": labels, "source_row": row})
     if cfg.packing:
-        rows = pack_examples(examples, n)
+        rows = pack_examples(examples, n)  # deterministic best-fit decreasing
     else:
         rows = [
             {"input_ids": e["input_ids"], "labels": e["labels"], "seq_lens": [len(e["input_ids"])], "source_rows": [e["source_row"]]}
@@ -87,14 +148,64 @@ def token_rows(encoded: dict[int, Encoded], source_rows: list[int], cfg: DataCon
     return pd.DataFrame.from_records(rows, columns=TOKEN_COLUMNS)
 
 
-def _describe_case(case, cfg: DataConfig) -> str:
+def heldout_rows(frame: pd.DataFrame, encoded: dict[int, Encoded], n: int) -> pd.DataFrame:
+    """Canonical rows plus one token row each (text: its first ``n`` tokens)."""
+    out = frame[CANONICAL_COLUMNS].copy()
+    ids, labels = [], []
+    for row in out["source_row"]:
+        enc = encoded[row]
+        ids.append(enc.input_ids[:n])
+        labels.append(mask_first_label(enc.labels[:n]))
+    out["input_ids"], out["labels"] = ids, labels
+    out["seq_lens"] = [[len(x)] for x in ids]
+    return out.reset_index(drop=True)
+
+
+def required_tokens(n_tokens: int, enc: Encoded | None, policy: str) -> int:
+    """Tokens of a row that must fit in max_length: all, or the completion alone when the prompt may be cut."""
+    if enc is None:
+        return n_tokens
+    return n_tokens - enc.prompt_tokens if policy == "truncate_prompt" else n_tokens
+
+
+def truncate_prompt(enc: Encoded, n: int) -> Encoded:
+    """Cut the prompt from the left so the row fits in ``n`` tokens; the completion is kept whole."""
+    cut = len(enc.input_ids) - n
+    if cut <= 0:
+        return enc
+    if cut > enc.prompt_tokens:  # pragma: no cover - validation drops these rows as too_long first
+        raise DataError(f"a completion of {len(enc.input_ids) - enc.prompt_tokens} tokens cannot fit in {n}")
+    return Encoded(enc.input_ids[cut:], enc.labels[cut:], enc.prompt_tokens - cut)
+
+
+def _describe_case(case, cfg: DataConfig, max_length: int) -> str:
     where = f"  row {case.source_row}: {case.rule} ({RULES.get(case.rule, case.rule)})"
     if case.rule == "too_long":
-        return (
-            f"{where}: {case.value} tokens, data.max_length is {cfg.max_length}; raise data.max_length, "
-            "set data.truncation: true, or shorten the row"
-        )
+        return f"{where}: {case.value} tokens, max_length is {max_length}; {FIXES['too_long']}, or shorten the row"
     return f"{where} in column {case.column}"
+
+
+def check_drop_fraction(report: ValidationReport, cfg: DataConfig, max_length: int, length: LengthChoice | None = None) -> None:
+    """Fail before training when more rows than ``data.max_drop_fraction`` are dropped, naming each rule."""
+    dropped = report.rows_in - report.rows_kept
+    if not report.rows_in or dropped / report.rows_in <= cfg.max_drop_fraction:
+        return
+    fixes = dict(FIXES)
+    if length is not None and length.limited_by == "memory":
+        fixes["too_long"] = (
+            f"max_length was capped at {max_length} by the memory estimate ({length.device}, "
+            f"train.per_device_batch_size {length.batch_size}); raise train.memory or use GPUs, lower "
+            "train.per_device_batch_size, set train.gradient_checkpointing: true, or set data.overlong: truncate_prompt"
+        )
+    rules = "\n".join(
+        f"  {rule}: {count} rows ({RULES.get(rule, rule)}); fix: {fixes.get(rule, 'see the validation deck')}"
+        for rule, count in sorted(report.dropped.items(), key=lambda kv: -kv[1])
+    )
+    raise DataError(
+        f"data.max_drop_fraction: {dropped} of {report.rows_in} rows of {cfg.source} ({dropped / report.rows_in:.1%}) "
+        f"would be dropped, more than the {cfg.max_drop_fraction:.0%} allowed (max_length {max_length}):\n{rules}\n"
+        "Fix the rows, or raise data.max_drop_fraction to accept the loss."
+    )
 
 
 def encode_canonical(tokenizer, canon: pd.DataFrame, cfg: DataConfig, chunk: int = 2048) -> dict[int, Encoded]:
@@ -124,7 +235,9 @@ def encode_canonical(tokenizer, canon: pd.DataFrame, cfg: DataConfig, chunk: int
     return encoded
 
 
-def prepare(cfg: DataConfig, tokenizer) -> PreparedData:
+def prepare(cfg: DataConfig, tokenizer, choose_length: Callable[[list[int], int], LengthChoice] | None = None) -> PreparedData:
+    """``choose_length(lengths, requested)`` fits ``data.max_length`` (the task passes the model and
+    hardware, see lengths.choose_max_length); by default only the data and the request count."""
     raw = load_raw(cfg.source, cfg.subset, cfg.split, cfg.revision)
     if len(raw) == 0:
         raise DataError(f"data.source: {cfg.source} holds no rows")
@@ -134,31 +247,46 @@ def prepare(cfg: DataConfig, tokenizer) -> PreparedData:
         raw = apply_column_mapping(raw, cfg.columns)
     preference = detect_preference(list(map(str, raw.columns)), cfg.format)
     if preference is not None:  # chosen/rejected pairs for DPO: data/preference.py
-        return prepare_preference(raw, cfg, tokenizer, preference)
+        return prepare_preference(raw, cfg, tokenizer, preference, choose_length)
     detected = detect_format(list(map(str, raw.columns)), cfg.format)
     canon = to_canonical(raw, detected.format)
     is_text = detected.format == "text"
+    policy = overlong_policy(cfg)
 
-    n_tokens, n_trained = [], []
+    n_tokens, n_trained, n_required = [], [], []
     encoded = encode_canonical(tokenizer, canon, cfg)
     for row in canon["source_row"]:
         enc = encoded.get(row)
         n_tokens.append(len(enc.input_ids) if enc else 0)
         n_trained.append(enc.trained_tokens if enc else 0)
+        n_required.append(required_tokens(n_tokens[-1], enc, policy))
     canon["n_tokens"] = pd.Series(n_tokens, dtype="int64")
     canon["n_trained_tokens"] = pd.Series(n_trained, dtype="int64")
     canon["content_key"] = [hashlib.sha256((m or t).encode()).hexdigest() for m, t in zip(canon["messages"], canon["text"])]
     frame = canon.copy()
+    frame["n_required_tokens"] = pd.Series(n_required, dtype="int64")
     if not is_text:
         frame["prompt"], frame["completion"] = _summaries(canon)
     else:
         frame["n_tokens"] = frame["n_tokens"].clip(lower=1)  # empty text is reported as empty_text, not as 0 tokens
 
-    limit = None if (is_text or cfg.truncation) else cfg.max_length
-    kept, report = validate_rows(frame, limit, is_text)
+    lengths = frame.loc[canon["n_tokens"] > 0, "n_tokens"].reset_index(drop=True)
+    chooser = choose_length or (lambda ls, requested: choose_max_length(ls, requested, {}, 0, TrainConfig()))
+    length = chooser(lengths.tolist(), cfg.max_length)
+    n = length.max_length
+    print(f"[get_data] {length.describe()}", flush=True)
+
+    kept, report = validate_rows(frame, None if is_text else n, is_text)
+    if policy == "fail" and report.dropped.get("too_long"):
+        cases = report.failure_cases[report.failure_cases["rule"] == "too_long"]
+        raise DataError(
+            f"data.overlong is 'fail' and {report.dropped['too_long']} of {report.rows_in} rows in {cfg.source} are "
+            f"longer than max_length {n} tokens:\n" + "\n".join(_describe_case(r, cfg, n) for r in cases.head(10).itertuples())
+            + "\nShorten them, or set data.overlong: drop or truncate_prompt."
+        )
     if report.dropped and cfg.on_invalid == "fail":
         head = report.failure_cases.head(10)
-        cases = "\n".join(_describe_case(r, cfg) for r in head.itertuples())
+        cases = "\n".join(_describe_case(r, cfg, n) for r in head.itertuples())
         raise DataError(
             f"data.on_invalid is 'fail' and {report.rows_in - report.rows_kept} of {report.rows_in} rows in "
             f"{cfg.source} break a rule: {report.dropped}\n{cases}\nFix the rows, or set data.on_invalid: drop."
@@ -168,35 +296,39 @@ def prepare(cfg: DataConfig, tokenizer) -> PreparedData:
             f"data.source: all {report.rows_in} rows of {cfg.source} are invalid: {report.dropped} "
             f"({'; '.join(f'{k}: {RULES.get(k, k)}' for k in report.dropped)}). The validation deck lists each row."
         )
-    train, ev = split_frame(kept, cfg.eval_fraction, cfg.seed)
+    check_drop_fraction(report, cfg, n, length)
+    train, validation, test = split_frame(
+        kept, cfg.validation_fraction, effective_test_fraction(cfg), cfg.seed, group_keys(kept, is_text)
+    )
     if len(train) < cfg.min_train_rows:
         raise DataError(
             f"only {len(train)} training rows remain from {report.rows_in} in {cfg.source} "
-            f"(dropped: {report.dropped or 'none'}; {len(ev)} held out), fewer than data.min_train_rows="
-            f"{cfg.min_train_rows}. Add data, fix the dropped rows, or lower data.eval_fraction."
+            f"(dropped: {report.dropped or 'none'}; {len(validation)} validation and {len(test)} test rows held out), "
+            f"fewer than data.min_train_rows={cfg.min_train_rows}. Add data, fix the dropped rows, or lower "
+            "data.test_fraction / data.validation_fraction."
         )
     truncated = 0
-    if cfg.truncation and not is_text:
+    if policy == "truncate_prompt" and not is_text:
         for row in kept["source_row"]:
-            enc = encoded[row]
-            if len(enc.input_ids) > cfg.max_length:
-                encoded[row] = Encoded(enc.input_ids[: cfg.max_length], enc.labels[: cfg.max_length])
+            if len(encoded[row].input_ids) > n:
+                encoded[row] = truncate_prompt(encoded[row], n)
                 truncated += 1
-    tokens = token_rows(encoded, train["source_row"].tolist(), cfg, is_text)
+    tokens = token_rows(encoded, train["source_row"].tolist(), cfg, is_text, n)
     if tokens.empty:
         raise DataError(
             f"no training tokens carry loss in {cfg.source}: every kept row's completion is empty after "
             "tokenization or truncation. Check the completion column, or raise data.max_length."
         )
-    cols = CANONICAL_COLUMNS
     return PreparedData(
-        train=train[cols].reset_index(drop=True),
-        eval=ev[cols].reset_index(drop=True),
+        train=train[CANONICAL_COLUMNS].reset_index(drop=True),
+        validation=heldout_rows(validation, encoded, n),
+        test=heldout_rows(test, encoded, n),
         train_tokens=tokens,
         format=detected.format,
         format_reason=detected.reason,
         report=report,
-        lengths=frame.loc[frame["n_tokens"] > 0, "n_tokens"].reset_index(drop=True),
+        length=length,
+        lengths=lengths,
         truncated_rows=truncated,
-        packing_efficiency=packing_efficiency(tokens["seq_lens"].tolist(), cfg.max_length),
+        packing_efficiency=packing_efficiency(tokens["seq_lens"].tolist(), n),
     )

@@ -15,7 +15,7 @@ RULES = {
     "empty_prompt": "the prompt (instruction / user turns) is empty",
     "empty_completion": "the completion (output / response / assistant turn) is empty",
     "empty_text": "the text is empty",
-    "too_long": "longer than data.max_length tokens",
+    "too_long": "longer than max_length tokens (data.max_length; with data.overlong: truncate_prompt, the completion alone)",
     "duplicate": "exact duplicate of an earlier row",
 }
 
@@ -33,10 +33,10 @@ def schema(max_length: int | None, is_text: bool) -> pa.DataFrameSchema:
     else:
         columns["prompt"] = pa.Column(str, pa.Check(non_empty, name="empty_prompt"), nullable=False)
         columns["completion"] = pa.Column(str, pa.Check(non_empty, name="empty_completion"), nullable=False)
-        checks = [pa.Check.ge(1)]
         if max_length is not None:
-            checks.append(pa.Check(lambda s: s <= max_length, name="too_long"))
-        columns["n_tokens"] = pa.Column(int, checks, nullable=False)
+            # the tokens that must fit: the whole row, or only the completion when data.overlong is
+            # truncate_prompt (prepare.required_tokens)
+            columns["n_required_tokens"] = pa.Column(int, pa.Check(lambda s: s <= max_length, name="too_long"), nullable=False)
     return pa.DataFrameSchema(columns, strict=False, coerce=False)
 
 

@@ -1,0 +1,44 @@
+"""The summarize task: a drop warning at the top, the validation-chosen checkpoint, metrics with intervals, a run folder."""
+
+import json
+
+import pandas as pd
+from flytekit.types.directory import FlyteDirectory
+from flytekit.types.structured import StructuredDataset
+
+from llm_finetune.evaluate import EvalMetrics
+
+
+def _report(em, low, high):
+    table = pd.DataFrame({"prompt": ["p"], "reference": ["2021-03-05"], "prediction": ["x"], "correct": [False]})
+    from tasks.evaluate import EvalReport
+
+    m = EvalMetrics(rows=40, loss=0.5, perplexity=1.6, exact_match=em, exact_match_rows=40,
+                    scores={"exact_match": em}, scores_low={"exact_match": low}, scores_high={"exact_match": high})
+    return EvalReport(metrics=m, samples=StructuredDataset(dataframe=table))
+
+
+def test_summary_leads_with_dropped_rows_and_names_the_checkpoint(tmp_path, monkeypatch, capfd):
+    from tasks.data import DataReport
+    from tasks.result import summarize
+
+    monkeypatch.delenv("LLM_FINETUNE_DECK_DIR", raising=False)
+    monkeypatch.setenv("LLM_FINETUNE_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("LLM_FINETUNE_RUN_ID", raising=False)
+    note = "30 of 1000 rows (3.0%) were dropped (too_long 30) at max_length 512; the get_data deck lists them"
+    report = DataReport(rows_in=1000, train_rows=820, validation_rows=50, test_rows=100, dropped_rows=30, truncated_rows=0,
+                        max_length=512, length_note="max_length 512 (set by data.max_length)", drop_note=note)
+    (tmp_path / "m").mkdir()
+    summarize(tuned_model=FlyteDirectory(str(tmp_path / "m")), adapter=None, quantized=[], base=_report(0.05, 0.0, 0.125),
+              tuned=_report(0.975, 0.925, 1.0), variants=[], tuned_mb=1.0, hub_urls=[], data_report=report,
+              train_steps=60, best_step=40, best_eval_loss=0.0123)
+    lines = capfd.readouterr().out.split("[summary] fine-tune results\n", 1)[1].splitlines()
+    assert lines[0] == f"  WARNING: {note}"
+    assert lines[1] == "  checkpoint: step 40 of 60, best validation loss 0.0123 on 50 validation rows (test rows are used for scores only)"
+    assert "exact_match" in lines[2] and "5.0% [0.0%, 12.5%]" in lines[2] and "97.5% [92.5%, 100.0%]" in lines[2]
+    folder = (tmp_path / "runs" / "latest").resolve()
+    assert any(line == f"  run folder:  {folder}  (summary.json, model_card.md, decks/; runs/latest points here)" for line in lines)
+    saved = json.loads((folder / "summary.json").read_text())
+    assert saved["warnings"] == [note] and saved["training"]["best_step"] == 40
+    deck = (folder / "decks" / "summary.html").read_text()
+    assert deck.index(note) < deck.index("checkpoint: step 40") < deck.index("<table>")
