@@ -56,7 +56,8 @@ def is_transient(exc: BaseException) -> bool:
         seen.add(id(e))
         if _is_transient_one(e):
             return True
-        e = e.__cause__ or e.__context__
+        # `raise X from None` says the cause does not matter: the chain stops there
+        e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
     return False
 
 

@@ -99,7 +99,9 @@ def _from_hub(repo_id: str, revision: str, out: Path) -> None:
     except RevisionNotFoundError:
         raise ModelError(f"model.revision: {revision!r} does not exist for {repo_id}") from None
     except Exception as e:
-        if is_transient(e):
+        from huggingface_hub import constants
+
+        if is_transient(e) and not constants.HF_HUB_OFFLINE:
             raise TransientError(f"model.base_model: downloading {repo_id!r} failed transiently: {type(e).__name__}: {e}") from e
         raise ModelError(
             f"model.base_model: cannot download {repo_id!r} (revision {revision}): {type(e).__name__}: {e}. "

@@ -73,7 +73,7 @@ def main(spec_path: str) -> None:
     ds = deepspeed_config_path(spec.get("deepspeed") or "none", ROOT / "deepspeed_configs")
     store = SlowStore(**spec["store"]) if spec.get("store") else None
     out = train(spec["model_dir"], prepared.train, DataConfig(), cfg, spec["out_dir"], deepspeed_config=ds,
-                eval_frame=prepared.eval, callbacks=fault, checkpoint_store=store)
+                eval_frame=prepared.validation, callbacks=fault, checkpoint_store=store)
     if out is not None:
         print("[summary] " + json.dumps({"steps": out.summary.steps, "first_loss": out.summary.first_loss}), flush=True)
 
@@ -86,7 +86,7 @@ def dpo(spec: dict) -> None:
     prepared = prepare(data, load_tokenizer(spec["model_dir"]))
     ds = deepspeed_config_path(spec.get("deepspeed") or "none", ROOT / "deepspeed_configs")
     out = train_dpo(spec["model_dir"], prepared.train_tokens, data, from_dict(DPOTrainConfig, spec["train"]), spec["out_dir"],
-                    deepspeed_config=ds, eval_frame=prepared.eval)
+                    deepspeed_config=ds, eval_frame=prepared.validation)
     if out is not None:
         print("[summary] " + json.dumps({"steps": out.summary.steps, "first_loss": out.summary.first_loss}), flush=True)
 

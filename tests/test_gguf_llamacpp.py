@@ -137,7 +137,7 @@ def test_gguf_variants_are_scored_in_llama_cpp_like_the_hf_model(tokenizer, tmp_
 
     model_dir = save_family("smollm2", tmp_path / "m", smollm_tokenizer=tokenizer)
     data, cfg = DataConfig(), EvalConfig(max_samples=3, max_new_tokens=6, batch_size=3)
-    frame = prepare(data, tokenizer).eval
+    frame = prepare(data, tokenizer).test
     ref, ref_table = evaluate(model_dir, frame, data, cfg)
     q = quantize_variant(model_dir, tmp_path / "q", "gguf_f16", name="m")
 

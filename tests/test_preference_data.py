@@ -12,7 +12,8 @@ from llm_finetune.data.prepare import prepare
 from llm_finetune.errors import DataError
 
 PAIRS = [("Rewrite 5 March 2021 in ISO 8601.", "2021-03-05", "March 5, 2021"),
-         ("Rewrite 7 June 1999 in ISO 8601.", "1999-06-07", "06/07/1999")]
+         ("Rewrite 7 June 1999 in ISO 8601.", "1999-06-07", "06/07/1999"),
+         ("Rewrite 9 May 2010 in ISO 8601.", "2010-05-09", "May 9th 2010")]
 
 
 def _user(q):
@@ -39,11 +40,11 @@ def _write(tmp_path, rows, name="pairs.jsonl"):
 
 
 def _cfg(source, **kw):
-    return DataConfig(source=source, **{"eval_fraction": 0.5, "min_train_rows": 1, **kw})
+    return DataConfig(source=source, **{"test_fraction": 0.3, "validation_fraction": 0.3, "min_train_rows": 1, **kw})
 
 
 def _canonical(prepared) -> list[tuple]:
-    both = pd.concat([prepared.train, prepared.eval]).sort_values("source_row")
+    both = pd.concat([prepared.train, prepared.validation, prepared.test]).sort_values("source_row")
     return [(json.loads(r.prompt), r.chosen, r.rejected) for r in both.itertuples()]
 
 
@@ -63,7 +64,7 @@ def test_auto_recognises_every_shape(shape, tokenizer, tmp_path):
     prepared = prepare(_cfg(source), tokenizer)
     assert prepared.format == "preference" and "auto-detected" in prepared.format_reason
     assert _canonical(prepared) == [([_user(q)], c, r) for q, c, r in PAIRS]
-    assert len(prepared.train_tokens) == 1 and len(prepared.eval) == 1
+    assert len(prepared.train_tokens) == len(prepared.validation) == len(prepared.test) == 1
 
 
 def test_token_rows_are_the_chat_template_rendering(tokenizer, tmp_path):
@@ -72,10 +73,11 @@ def test_token_rows_are_the_chat_template_rendering(tokenizer, tmp_path):
     q, c, r = next(p for p in PAIRS if p[1] == prepared.train.iloc[0]["chosen"])
     prompt = tokenizer.apply_chat_template([_user(q)], tokenize=False, add_generation_prompt=True)
     assert tokenizer.decode(row["prompt_ids"]) == prompt
-    assert tokenizer.decode(list(row["prompt_ids"]) + list(row["chosen_ids"])) == tokenizer.apply_chat_template(
-        [_user(q), _bot(c)], tokenize=False)
-    assert tokenizer.decode(list(row["prompt_ids"]) + list(row["rejected_ids"])) == tokenizer.apply_chat_template(
-        [_user(q), _bot(r)], tokenize=False)
+    # the answer ends exactly at the end-of-turn token: the template's trailing newline is not trained (issue 15)
+    for answer, ids in ((c, row["chosen_ids"]), (r, row["rejected_ids"])):
+        rendered = tokenizer.apply_chat_template([_user(q), _bot(answer)], tokenize=False)
+        assert rendered.endswith("<|im_end|>\n")
+        assert tokenizer.decode(list(row["prompt_ids"]) + list(ids)) == rendered[: -len("\n")]
 
 
 BROKEN = [
@@ -91,14 +93,14 @@ BROKEN = [
 
 def _broken_source(tmp_path):
     good = [SHAPES["flat"](*p) for p in PAIRS]
-    rows = [good[0], *[b for b, _, _ in BROKEN], good[1], good[0]]  # the last row duplicates the first
+    rows = [good[0], *[b for b, _, _ in BROKEN], good[1], good[0], good[2]]  # row 9 duplicates row 1
     return _write(tmp_path, rows)
 
 
 def test_rules_drop_and_count_rows_like_sft(tokenizer, tmp_path):
     prepared = prepare(_cfg(_broken_source(tmp_path), max_length=256), tokenizer)
     r = prepared.report
-    assert (r.rows_in, r.rows_kept) == (9, 2)
+    assert (r.rows_in, r.rows_kept) == (10, 3)
     assert r.dropped == {rule: 1 for _, rule, _ in BROKEN} | {"duplicate": 1}
     cases = r.failure_cases.set_index("source_row")
     for i, (_, rule, column) in enumerate(BROKEN, start=2):
@@ -110,7 +112,7 @@ def test_fail_policy_names_row_column_and_rule(tokenizer, tmp_path):
     with pytest.raises(DataError) as e:
         prepare(_cfg(_broken_source(tmp_path), max_length=256, on_invalid="fail"), tokenizer)
     msg = str(e.value)
-    assert "7 of 9 preference pairs" in msg and "set data.on_invalid: drop" in msg
+    assert "7 of 10 preference pairs" in msg and "set data.on_invalid: drop" in msg
     assert "row 5, column chosen, rejected: chosen_equals_rejected" in msg
     assert "row 6, column prompt, chosen, rejected: prompt_not_shared" in msg
     assert "row 2, column prompt: empty_prompt" in msg

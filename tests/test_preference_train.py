@@ -69,8 +69,8 @@ def test_dpo_learns_the_preferences(weights, tiny_dir, pairs, reference_loads, t
     assert not any("lora" in k for k in merged.state_dict())
 
     cfg = EvalConfig(max_samples=60, max_new_tokens=4)
-    base, _ = evaluate_preference(tiny_dir, pairs.eval, DATA, cfg)
-    tuned, table = evaluate_preference(out.model_dir, pairs.eval, DATA, cfg)
+    base, _ = evaluate_preference(tiny_dir, pairs.test, DATA, cfg)
+    tuned, table = evaluate_preference(out.model_dir, pairs.test, DATA, cfg)
     # held-out pairs: the random tiny model already "prefers" the shorter chosen answers 3 times in 4 (summed
     # log-probs favour short answers), so its accuracy is noisy at 60 pairs; the mean margin is the robust signal
     assert tuned.mean_logp_margin > base.mean_logp_margin + 1.0

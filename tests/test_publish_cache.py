@@ -76,7 +76,7 @@ def test_changing_only_hub_repo_id_reruns_nothing_but_publishing(isolated_flyte,
     base = FlyteDirectory(str(save_tiny_llama(tmp_path / "base", tokenizer, seed=0)))
     tuned = FlyteDirectory(str(save_tiny_llama(tmp_path / "tuned", tokenizer, seed=1)))
     data = DataConfig()
-    heldout = StructuredDataset(dataframe=prepare(data, tokenizer).eval.head(2))
+    heldout = StructuredDataset(dataframe=prepare(data, tokenizer).test.head(2))
     cfg = FineTuneConfig(data=data, evaluate=EvalConfig(max_samples=2, max_new_tokens=2, batch_size=2),
                          quantize=QuantizeConfig(variants=["gguf_q8_0"]),
                          hub=HubConfig(repo_id="alice/first", endpoint=hub.url))

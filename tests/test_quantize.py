@@ -62,7 +62,7 @@ def test_nf4_variant_loads_and_is_scored_on_the_same_rows(base_model_dir, tmp_pa
     from llm_finetune.quantize import quantize_variant
 
     data = DataConfig()
-    frame = prepare(data, load_tokenizer(base_model_dir)).eval
+    frame = prepare(data, load_tokenizer(base_model_dir)).test
     cfg = EvalConfig(max_samples=2, max_new_tokens=4, batch_size=2)
     ref, ref_table = evaluate(base_model_dir, frame, data, cfg)
     assert ref.task_metric == "exact_match" and ref.median_reference_words == 1

@@ -193,7 +193,7 @@ def test_a_transient_fault_mid_training_is_retried_and_the_retry_resumes(tmp_pat
     train, ops = split_train(train_cfg)
     inputs = {
         "base_model": FlyteDirectory(str(base)), "train_data": StructuredDataset(dataframe=prepared.train_tokens),
-        "eval_data": StructuredDataset(dataframe=prepared.eval.head(8)), "data": DataConfig(), "train": train, "train_ops": ops,
+        "eval_data": StructuredDataset(dataframe=prepared.validation.head(8)), "data": DataConfig(), "train": train, "train_ops": ops,
     }
     (tmp_path / "fault").mkdir()
     (tmp_path / "fault" / "sitecustomize.py").write_text(FAULT)

@@ -25,7 +25,7 @@ def tiny_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def splits(tokenizer):
     prepared = prepare(DataConfig(), tokenizer)
-    return prepared.train, prepared.eval
+    return prepared.train, prepared.validation
 
 
 class FailAt(TrainerCallback):

@@ -128,11 +128,18 @@ def _read_hub(dataset_id: str, subset: str, split: str, revision: str = "") -> p
     try:
         ds = datasets.load_dataset(dataset_id, subset or None, split=split, **pinned)
     except Exception as e:
-        if is_transient(e):
-            raise TransientError(f"data.source: the hub did not answer for dataset {dataset_id!r}: {type(e).__name__}: {e}") from e
-        raise DataError(
+        message = (
             f"data.source: cannot load hub dataset {dataset_id!r} (subset={subset or 'default'}, split={split}): "
             f"{type(e).__name__}: {e}. Check the id, data.subset and data.split, your network and HF_TOKEN "
             "for gated datasets; or point data.source at a local file."
-        ) from None
+        )
+        if is_transient(e) and not _hub_offline():  # offline mode is a setting, not a fault a retry fixes
+            raise TransientError(message) from e
+        raise DataError(message) from None
     return ds.to_pandas()
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
