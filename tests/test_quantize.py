@@ -87,14 +87,16 @@ def test_variants_config_and_deprecated_bits():
         validate(from_dict(FineTuneConfig, {"quantize": {"bits": 8, "variants": ["nf4"]}}))
 
 
-def test_long_answers_switch_the_task_metric_to_samples(base_model_dir):
+def test_long_answers_switch_the_task_metric_to_chrf(base_model_dir):
     from llm_finetune.evaluate import evaluate
 
     conv = [{"role": "user", "content": "Describe a cat."},
             {"role": "assistant", "content": "A small furry animal that purrs, sleeps a lot and chases mice at night."}]
     frame = pd.DataFrame({"messages": [json.dumps(conv)] * 2, "text": [""] * 2})
     metrics, table = evaluate(base_model_dir, frame, DataConfig(), EvalConfig(max_samples=2, max_new_tokens=4, batch_size=2))
-    assert metrics.task_metric == "samples" and metrics.median_reference_words > 8 and len(table) == 2
+    # free-text answers are scored with chrF (issue 15), not exact match
+    assert metrics.task_kind == "chrf" and metrics.task_metric == "chrf"
+    assert metrics.median_reference_words > 8 and len(table) == 2
 
 
 def test_gguf_for_an_unsupported_base_fails_before_training(tmp_path):
