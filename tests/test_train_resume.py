@@ -85,7 +85,8 @@ def test_best_checkpoint_by_validation_loss_is_returned_with_samples_and_profile
     train_frame, eval_frame = splits
     # Validation completions the training data pushes away from: their loss rises as training
     # goes on, so the best checkpoint is an early one and "best" differs from "last".
-    eval_frame = eval_frame.copy()
+    # (the validation split carries token rows since issue 15: drop them so the edited messages are encoded)
+    eval_frame = eval_frame.drop(columns=["input_ids", "labels", "seq_lens"], errors="ignore").copy()
     eval_frame["messages"] = [
         json.dumps(json.loads(m)[:-1] + [{"role": "assistant", "content": " ".join(["Purple elephants juggle violins quietly."] * 6)}])
         for m in eval_frame["messages"]
