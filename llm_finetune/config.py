@@ -30,6 +30,7 @@ QUANTIZE_VARIANTS = ("int8", "nf4", "gguf_q8_0", "gguf_f16")
 PROMPT_TEMPLATES = ("alpaca", "plain")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRACKING_BACKENDS = ("none", "mlflow", "wandb")
 
 
 @dataclass
@@ -152,6 +153,17 @@ class HubConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking: one MLflow or W&B run per workflow execution (see tracking.py)."""
+
+    backend: str = "none"  # none | mlflow | wandb
+    project: str = ""  # MLflow experiment / W&B project; empty = flyte-llm-finetune
+    run_name: str = ""  # empty = the Flyte execution id
+    uri: str = ""  # MLflow tracking URI (empty = the local store runs/mlruns) / W&B server URL (empty = wandb.ai)
+    tags: dict[str, str] = field(default_factory=dict)  # added to the run's tags
+
+
+@dataclass
 class FineTuneConfig:
     """Single input of the ``fine_tune`` workflow."""
 
@@ -161,6 +173,7 @@ class FineTuneConfig:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @classmethod
     def from_json(cls, text: str) -> "FineTuneConfig":
@@ -385,6 +398,8 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
         p.append(f"hub.max_retries: must be >= 1, got {h.max_retries}")
     if h.repo_id and not _REPO_ID.match(h.repo_id):
         p.append(f"hub.repo_id: {h.repo_id!r} is not of the form owner/name (leave it empty to skip publishing)")
+
+    one_of("tracking.backend", config.tracking.backend, TRACKING_BACKENDS)
 
     if p:
         raise ConfigError(p)
