@@ -17,6 +17,7 @@ everything logged. No flytekit here: the Flyte wrappers are in tasks/tracking.py
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import queue
@@ -350,6 +351,35 @@ class Tracker:
                   "dropped so the task can finish")
         elif self.failures:
             _warn(f"{self.failures} tracking call(s) failed in this task; the run in {self.run.backend} is incomplete")
+
+
+def tracking_html(run: TrackedRun) -> str:
+    """The deck section that links the Flyte console to the tracked run."""
+    if run.backend == "none":
+        return "<p>Not tracked (tracking.backend: none).</p>"
+    if not run.run_id:
+        return f"<p>{html.escape(run.backend)}: the run could not be created (see the start_tracking log); not tracked.</p>"
+    url = html.escape(run.url)
+    link = f"<a href='{url}' target='_blank'>{url}</a>" if run.url.startswith(("http://", "https://", "file://")) else url
+    extra = ""
+    if run.backend == "mlflow" and "://" not in run.uri:
+        extra = f"<p>Open it with <code>mlflow ui --backend-store-uri {html.escape(run.uri)}</code>.</p>"
+    return (f"<p>{html.escape(run.backend)} run <b>{html.escape(run.run_id)}</b> in project "
+            f"<b>{html.escape(run.project)}</b>: {link}</p>{extra}")
+
+
+def resource_revisions(model_dir: str | Path, train_frame) -> dict[str, str]:
+    """What exactly was trained on: the base model's resolved hub commit (from huggingface_hub's download
+    metadata, when it came from the hub) and a digest of the training rows."""
+    import hashlib
+
+    out = {}
+    meta = Path(model_dir) / ".cache" / "huggingface" / "download" / "config.json.metadata"
+    out["base_model.revision"] = meta.read_text().splitlines()[0].strip() if meta.is_file() else "not from the hub"
+    rows = train_frame.to_json(orient="records", lines=True)
+    out["data.train_sha256"] = hashlib.sha256(rows.encode()).hexdigest()
+    out["data.train_rows"] = str(len(train_frame))
+    return out
 
 
 # --------------------------------------------------------------------------------------- training

@@ -17,7 +17,8 @@ DEEPSPEED_DIR = REPO_ROOT / "deepspeed_configs"
 # version are then ignored. Separate versions keep, e.g., a new evaluation from re-training.
 CACHE_MODEL = Cache(version="model-1")
 CACHE_DATA = Cache(version="data-2")
-CACHE_TRAIN = Cache(version="train-2")
+# the tracked run's id changes every execution; it must not change the training cache key
+CACHE_TRAIN = Cache(version="train-2", ignored_inputs=("tracking",))
 CACHE_EVAL = Cache(version="eval-2")
 CACHE_QUANTIZE = Cache(version="quantize-2")
 
@@ -26,6 +27,17 @@ LOCAL_DECK_DIR_ENV = "LLM_FINETUNE_DECK_DIR"
 # Gated or private hub models and datasets: the cluster secret huggingface/token, exposed as
 # the HF_TOKEN that huggingface_hub reads by itself (locally, export HF_TOKEN instead).
 HF_TOKEN_ENV_SECRET = Secret(group="huggingface", key="token", env_var="HF_TOKEN", mount_requirement=Secret.MountType.ENV_VAR)
+
+# W&B tracking (tracking.backend: wandb): the cluster secret wandb/api_key (locally, export WANDB_API_KEY).
+WANDB_SECRET = Secret(group="wandb", key="api_key")
+
+
+def wandb_api_key() -> str:
+    """The Flyte secret wandb/api_key, or WANDB_API_KEY for local runs; never a task input."""
+    try:
+        return flytekit.current_context().secrets.get(WANDB_SECRET.group, WANDB_SECRET.key).strip()
+    except Exception:
+        return os.environ.get("WANDB_API_KEY", "").strip()
 
 
 def is_local() -> bool:

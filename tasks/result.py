@@ -10,6 +10,7 @@ from flytekit.types.directory import FlyteDirectory
 
 from images.specs import cpu_image
 from llm_finetune.evaluate import EvalMetrics
+from llm_finetune.tracking import TrackedRun, tracking_html
 from tasks.common import is_local, local_deck_dir, publish_deck, table_html
 from tasks.evaluate import EvalReport, VariantMetrics, metrics_html, variants_table
 from tasks.quantize import QuantizedModel
@@ -48,6 +49,7 @@ def summarize(
     variants: list[VariantMetrics],
     tuned_mb: float,
     hub_urls: list[str],
+    tracking: Optional[TrackedRun] = None,  # the execution's MLflow / W&B run, linked from the deck
 ) -> FineTuneResult:
     """Compare base, tuned and quantized models side by side, and say where every output is."""
     b, t = base.metrics, tuned.metrics
@@ -65,6 +67,8 @@ def summarize(
     }
     if variants:
         sections["Quantized vs tuned"] = table_html(variants_table(variants, t, tuned_mb), max_rows=20)
+    if tracking is not None and tracking.backend != "none":
+        sections["Tracking"] = tracking_html(tracking)
     publish_deck("summary", sections)
     lines = [f"  {name:<12} base {x:>8}   tuned {y:>8}" for name, x, y in rows]
     for v in variants:
@@ -78,6 +82,8 @@ def summarize(
         "  quantized:   (skipped: quantize.variants is empty)"
     ]
     lines.append(f"  hub:         {', '.join(hub_urls) if hub_urls else '(not published: hub.repo_id is empty)'}")
+    if tracking is not None and tracking.run_id:
+        lines.append(f"  tracking:    {tracking.backend} {tracking.url}")
     if is_local():
         lines.append(f"  decks:       {local_deck_dir()}/*.html")
     print("[summary] fine-tune results\n" + "\n".join(lines), flush=True)

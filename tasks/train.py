@@ -19,7 +19,7 @@ Elastic launcher runs with ``max_restarts=0`` and the core bounds every collecti
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import pandas as pd
@@ -34,10 +34,11 @@ from flytekitplugins.kfpytorch.task import PytorchElasticFunctionTask
 from images.specs import cpu_image, gpu_image
 from llm_finetune.config import DataConfig, TrainConfig, deepspeed_config_path
 from llm_finetune.errors import ConfigError
+from llm_finetune.tracking import TrackedRun, TrackingCallback, resource_revisions, tracking_html
 from llm_finetune.train import train as run_training
 from tasks.checkpoint import FlyteCheckpointStore
 from tasks.elastic import configure_elastic
-from tasks.common import CACHE_TRAIN, DEEPSPEED_DIR, is_local, publish_deck, table_html
+from tasks.common import CACHE_TRAIN, DEEPSPEED_DIR, WANDB_SECRET, is_local, publish_deck, table_html, wandb_api_key
 
 
 @dataclass
@@ -55,6 +56,8 @@ class TrainResult:
     best_eval_loss: float
     resumed_from_step: int  # 0 = this attempt started from scratch
     metrics: FlyteFile  # train_summary.json: log history, samples, resource profile
+    tracked_run_id: str = ""  # the MLflow / W&B run the curves were streamed to ("" = not tracked)
+    revisions: dict[str, str] = field(default_factory=dict)  # resolved base model revision, training data digest
 
 
 def elastic_config(cfg: TrainConfig) -> Elastic:
@@ -128,6 +131,7 @@ def _samples_table(rows: list[dict]) -> str:
     interruptible=True,
     shared_memory=True,
     enable_deck=True,
+    secret_requests=[WANDB_SECRET],
 )
 def train_elastic(
     base_model: FlyteDirectory,
@@ -135,18 +139,32 @@ def train_elastic(
     eval_data: StructuredDataset,
     data: DataConfig,
     train: TrainConfig,
+    tracking: Optional[TrackedRun] = None,  # not in the cache key (CACHE_TRAIN ignores it)
 ) -> TrainResult:
     """Runs on every worker process; global rank 0's return value is the task's output."""
     ds_path = deepspeed_config_path(train.deepspeed, DEEPSPEED_DIR)
     frame = train_data.open(pd.DataFrame).all()
     heldout = eval_data.open(pd.DataFrame).all()
-    outputs = run_training(
-        base_model.download(), frame, data, train, None, deepspeed_config=ds_path, eval_frame=heldout,
-        checkpoint_store=FlyteCheckpointStore.current(),
-    )
+    tracking = tracking or TrackedRun()
+    tracker = TrackingCallback(tracking, wandb_api_key() if tracking.backend == "wandb" else "")
+    model_dir = base_model.download()
+    try:
+        outputs = run_training(
+            model_dir, frame, data, train, None, deepspeed_config=ds_path, eval_frame=heldout,
+            checkpoint_store=FlyteCheckpointStore.current(), callbacks=(tracker,),
+        )
+    except BaseException:
+        if tracker.tracker is not None:
+            tracker.tracker.close("failed")
+        raise
     if outputs is None:  # not rank 0: Flyte ignores this value
         return None  # type: ignore[return-value]
     s = outputs.summary
+    revisions = resource_revisions(model_dir, frame)
+    if tracker.tracker is not None:
+        tracker.tracker.set_tags(revisions)
+        tracker.tracker.log_artifact(outputs.model_dir.parent / "train_summary.json", "train")
+        tracker.tracker.close("suspended")
     logs = pd.DataFrame(s.log_history)
     best = f"best validation loss {s.best_eval_loss:.4f} at step {s.best_step} (returned)" if s.best_step >= 0 else "last step returned"
     resumed = f" Resumed from step {s.resumed_from_step}." if s.resumed_from_step else ""
@@ -159,6 +177,7 @@ def train_elastic(
             "Run": f"<p>{s.method} on {s.world_size} process(es): {s.steps} steps, loss {s.first_loss:.4f} -> "
             f"{s.final_loss:.4f}; {best}; {s.trained_tokens} trained tokens at {s.tokens_per_s:.1f} tokens/s."
             f"{resumed}</p>" + table_html(logs, max_rows=200),
+            "Tracking": tracking_html(tracking),
         },
     )
     return TrainResult(
@@ -175,6 +194,8 @@ def train_elastic(
         best_eval_loss=s.best_eval_loss,
         resumed_from_step=s.resumed_from_step,
         metrics=FlyteFile(str(outputs.model_dir.parent / "train_summary.json")),
+        tracked_run_id=tracking.run_id if tracker.tracker is not None else "",
+        revisions=revisions,
     )
 
 
@@ -192,12 +213,14 @@ def _configured_copy(cfg: TrainConfig) -> PytorchElasticFunctionTask:
 
 @dynamic(container_image=cpu_image, cache=CACHE_TRAIN)
 def train_model(
-    base_model: FlyteDirectory, train_data: StructuredDataset, eval_data: StructuredDataset, data: DataConfig, train: TrainConfig
+    base_model: FlyteDirectory, train_data: StructuredDataset, eval_data: StructuredDataset, data: DataConfig, train: TrainConfig,
+    tracking: Optional[TrackedRun] = None,  # the execution's MLflow / W&B run; not in the cache key
 ) -> TrainResult:
     """Launch the Elastic training task at the scale and on the hardware the config asks for."""
     # configure_elastic, not with_overrides(task_config=...): see tasks/elastic.py
     task_fn = _configured_copy(train) if is_local() else configure_elastic(train_elastic, elastic_config(train))
-    result = task_fn(base_model=base_model, train_data=train_data, eval_data=eval_data, data=data, train=train)
+    result = task_fn(base_model=base_model, train_data=train_data, eval_data=eval_data, data=data, train=train,
+                     tracking=tracking or TrackedRun())
     return result.with_overrides(
         requests=resources(train),
         limits=resources(train),
