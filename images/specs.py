@@ -48,6 +48,8 @@ COMMON_PACKAGES = [
     "plotly==7.1.0",
     "gguf==0.19.0",
     "bitsandbytes==0.50.2",  # QLoRA on the GPU; int8/nf4 quantization runs on its CPU backend too
+    "wandb==0.31.0",  # tracking.backend: wandb
+    "mlflow-skinny==3.17.2",  # tracking.backend: mlflow (the client only; the image's resolver picks cachetools<8)
 ]
 
 NVML = "nvidia-ml-py==13.615.71"  # pynvml: GPU utilisation/memory for the train deck's resource profile

@@ -82,6 +82,15 @@ def tracking_problems(cfg: TrackingConfig, wandb_api_key: str, remote: bool) -> 
     return p
 
 
+def redacted(tree):
+    """A copy of a config dict with credentials inside URIs redacted (for model cards and artifacts)."""
+    if isinstance(tree, dict):
+        return {k: redacted(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redacted(v) for v in tree]
+    return redact_uri(tree) if isinstance(tree, str) else tree
+
+
 def config_params(tree: dict, prefix: str = "") -> dict[str, str]:
     """The resolved config as flat params: ``{"train": {"lora": {"r": 16}}}`` -> ``{"train.lora.r": "16"}``.
 
@@ -193,7 +202,7 @@ class _Wandb:
 
     def create(self, project: str, run_name: str, tags: dict[str, str]) -> tuple[str, str]:
         self.project = project
-        self._init(project, None, run_name, [f"{k}:{v}" for k, v in tags.items()])
+        self._init(project, None, run_name, [f"{k}:{v}"[:64] for k, v in tags.items()])  # W&B caps tags at 64 chars
         self.run.config.update({"tags": tags}, allow_val_change=True)
         return self.run.id, self.run.url or str(Path(self.run.dir).parent)
 
@@ -424,5 +433,6 @@ class TrackingCallback(TrainerCallback):
         from llm_finetune.resources import memory_snapshot
 
         metrics = {metric_name(k): v for k, v in logs.items()}
-        metrics.update({f"system/{k}": v for k, v in memory_snapshot().items()})
+        if "loss" in logs:  # a training log: the node's memory at the same step
+            metrics.update({f"system/{k}": v for k, v in memory_snapshot().items()})
         self.tracker.log_metrics(metrics, state.global_step)

@@ -13,6 +13,7 @@ from flytekit.types.directory import FlyteDirectory
 from images.specs import cpu_image
 from llm_finetune.config import FineTuneConfig
 from llm_finetune.hub import HUB_TOKEN_ENV, model_card, push_folder
+from llm_finetune.tracking import redacted  # credentials inside URIs (tracking.uri, data.source) stay out of cards
 from tasks.evaluate import EvalReport, VariantMetrics
 from tasks.quantize import QuantizedModel
 
@@ -66,7 +67,7 @@ def push_to_hub(
     token = hub_token()
     before_after = {"base": _metrics(base), "tuned": _metrics(tuned)}
     by_variant = {v.variant: v for v in variants}
-    common = dict(base_model=config.model.base_model, dataset=config.data.source, config=config.to_dict(), license=h.license)
+    common = dict(base_model=config.model.base_model, dataset=config.data.source, config=redacted(config.to_dict()), license=h.license)
     push = dict(token=token, private=h.private, endpoint=h.endpoint or None, max_retries=h.max_retries)
 
     targets = [(model.download(), h.repo_id, model_card(h.repo_id, metrics=before_after, variant="merged model", **common))]

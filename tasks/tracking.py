@@ -30,6 +30,7 @@ from llm_finetune.tracking import (
     config_params,
     log_history,
     redact_uri,
+    redacted,
     resume_run,
     start_run,
     tracking_problems,
@@ -121,7 +122,7 @@ def finish_tracking(run: TrackedRun, config: FineTuneConfig, trained: TrainResul
     (out / "summary.json").write_text(json.dumps(result_summary(result, trained), indent=2, default=str))
     h = config.hub
     card = model_card(h.repo_id or "(not published)", base_model=config.model.base_model, dataset=config.data.source,
-                      config=config.to_dict(), license=h.license, variant="merged model",
+                      config=redacted(config.to_dict()), license=h.license, variant="merged model",
                       metrics={"base": _card(result.base_metrics), "tuned": _card(result.tuned_metrics)})
     (out / "README.md").write_text(card)
     tracker.log_artifact(out / "summary.json", "summary")
