@@ -220,7 +220,7 @@ def train_model(
     # configure_elastic, not with_overrides(task_config=...): see tasks/elastic.py
     task_fn = _configured_copy(train) if is_local() else configure_elastic(train_elastic, elastic_config(train))
     result = task_fn(base_model=base_model, train_data=train_data, eval_data=eval_data, data=data, train=train,
-                     tracking=tracking or TrackedRun())
+                     tracking=tracking)  # a promise on a cluster: passed on as it is
     return result.with_overrides(
         requests=resources(train),
         limits=resources(train),
