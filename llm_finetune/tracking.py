@@ -10,9 +10,8 @@ A tracker never stops a run. ``Tracker`` sends every call through one background
 a failure (server down, network error, bad credentials) is printed as a warning and
 training goes on; ``close`` waits a bounded time for what is still queued.
 
-Secrets: the W&B API key is handed to wandb's own login and never to a param, tag or
-artifact; credentials written inside a URI (``https://user:pass@host``) are redacted from
-everything logged. No flytekit here: the Flyte wrappers are in tasks/tracking.py.
+Secrets: the W&B API key goes to wandb's own settings, never to a param, tag or artifact;
+credentials written inside a URI (``https://user:pass@host``) are redacted from everything logged. No flytekit here: the Flyte wrappers are in tasks/tracking.py.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from transformers import TrainerCallback
 
@@ -36,7 +34,6 @@ from llm_finetune.config import TrackingConfig
 DEFAULT_PROJECT = "flyte-llm-finetune"
 LOCAL_MLFLOW_STORE = Path("runs/mlruns")  # empty tracking.uri: a local MLflow store, opened by `mlflow ui`
 LOCAL_WANDB_DIR = Path("runs")  # wandb writes runs/wandb/(offline-)run-*/ (WANDB_DIR overrides it)
-WANDB_API_KEY_ENV = "WANDB_API_KEY"
 
 
 @dataclass
@@ -77,8 +74,6 @@ def tracking_problems(cfg: TrackingConfig, wandb_api_key: str, remote: bool) -> 
             "tracking.uri: empty, so MLflow would write to a local store inside the task's pod, which is deleted with "
             "it; set tracking.uri to your tracking server, e.g. http://mlflow.mlflow.svc:5000"
         )
-    if cfg.backend == "mlflow" and cfg.uri.strip().startswith(("databricks", "uc:")):
-        p.append("tracking.uri: Databricks-hosted MLflow is not supported here; use an MLflow server URI (http(s)://...)")
     return p
 
 
@@ -115,7 +110,7 @@ class _Mlflow:
     """MLflow through ``MlflowClient`` (explicit run ids; no global active run, safe across tasks)."""
 
     def __init__(self, uri: str):
-        if not uri or "://" not in uri:
+        if "://" not in uri or uri.startswith("file:"):
             # the plain-folder store is in maintenance mode in MLflow 3 and refuses to open unless allowed
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         # a down server must not hold a training step for minutes: few retries, short timeouts
@@ -138,7 +133,9 @@ class _Mlflow:
     def _url(self, exp_id: str) -> str:
         if self.uri.startswith(("http://", "https://")):
             return f"{redact_uri(self.uri.rstrip('/'))}/#/experiments/{exp_id}/runs/{self.run_id}"
-        return f"{Path(self.uri).as_uri()}/{exp_id}/{self.run_id}"
+        if "://" not in self.uri:  # a local store: the run's folder
+            return f"{Path(self.uri).as_uri()}/{exp_id}/{self.run_id}"
+        return f"{redact_uri(self.uri)} (experiment {exp_id}, run {self.run_id})"
 
     def resume(self, run_id: str) -> None:
         self.run_id = run_id
@@ -201,10 +198,10 @@ class _Wandb:
         )
 
     def create(self, project: str, run_name: str, tags: dict[str, str]) -> tuple[str, str]:
-        self.project = project
         self._init(project, None, run_name, [f"{k}:{v}"[:64] for k, v in tags.items()])  # W&B caps tags at 64 chars
         self.run.config.update({"tags": tags}, allow_val_change=True)
-        return self.run.id, self.run.url or str(Path(self.run.dir).parent)
+        url = None if wandb_offline() else self.run.url  # offline runs have no URL until `wandb sync`
+        return self.run.id, url or str(Path(self.run.dir).parent)
 
     def resume(self, run_id: str, project: str) -> None:
         self._init(project, run_id, None, None)
@@ -252,7 +249,9 @@ def start_run(cfg: TrackingConfig, run_name: str, params: dict[str, str], tags: 
     if cfg.backend == "none":
         return TrackedRun()
     project = cfg.project or DEFAULT_PROJECT
-    uri = cfg.uri.strip() or (str(LOCAL_MLFLOW_STORE.resolve()) if cfg.backend == "mlflow" else "")
+    uri = cfg.uri.strip() or (str(LOCAL_MLFLOW_STORE) if cfg.backend == "mlflow" else "")
+    if cfg.backend == "mlflow" and ":" not in uri:  # a local store: the same folder for every local task
+        uri = str(Path(uri).expanduser().resolve())
     ref = TrackedRun(backend=cfg.backend, project=project, uri=uri)
     all_tags = {**{k: redact_uri(str(v)) for k, v in cfg.tags.items()}, **tags}
     try:
