@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 VERSION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup test test-fast run smoke package register register-dry-run bench bench-gpu clean-cache
+.PHONY: setup test test-fast run smoke package register register-dry-run check-cluster bench bench-gpu clean-cache
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ register:
 # The same serialization, offline: nothing is uploaded or registered.
 register-dry-run:
 	$(BIN)/pyflyte register --dry-run --copy none --version $(VERSION) workflows
+
+# Before registering or launching: does every request of CONFIG fit the platform limits in the
+# Helm values VALUES? (flyteadmin rejects registrations over them; propeller clamps run-time requests)
+CONFIG ?= configs/default.yaml
+VALUES ?= deploy/flyte-binary-values.yaml
+check-cluster:
+	$(BIN)/python -m tasks.limits --config $(CONFIG) --values $(VALUES)
 
 # Benchmarks (bench/NOTES.md): tables on stdout, JSON under bench/results/.
 bench:

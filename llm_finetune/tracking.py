@@ -376,20 +376,6 @@ def tracking_html(run: TrackedRun) -> str:
             f"<b>{html.escape(run.project)}</b>: {link}</p>{extra}")
 
 
-def resource_revisions(model_dir: str | Path, train_frame) -> dict[str, str]:
-    """What exactly was trained on: the base model's resolved hub commit (from huggingface_hub's download
-    metadata, when it came from the hub) and a digest of the training rows."""
-    import hashlib
-
-    out = {}
-    meta = Path(model_dir) / ".cache" / "huggingface" / "download" / "config.json.metadata"
-    out["base_model.revision"] = meta.read_text().splitlines()[0].strip() if meta.is_file() else "not from the hub"
-    rows = train_frame.to_json(orient="records", lines=True)
-    out["data.train_sha256"] = hashlib.sha256(rows.encode()).hexdigest()
-    out["data.train_rows"] = str(len(train_frame))
-    return out
-
-
 # --------------------------------------------------------------------------------------- training
 
 

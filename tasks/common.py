@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 from pathlib import Path
@@ -9,6 +10,9 @@ from pathlib import Path
 import flytekit
 from flytekit import Cache, Secret
 from flytekit.core.context_manager import FlyteContextManager
+from flytekit.exceptions.user import FlyteRecoverableException
+
+from llm_finetune.errors import is_transient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED_DIR = REPO_ROOT / "deepspeed_configs"
@@ -17,8 +21,7 @@ DEEPSPEED_DIR = REPO_ROOT / "deepspeed_configs"
 # version are then ignored. Separate versions keep, e.g., a new evaluation from re-training.
 CACHE_MODEL = Cache(version="model-1")
 CACHE_DATA = Cache(version="data-2")
-# the tracked run's id changes every execution; it must not change the training cache key
-CACHE_TRAIN = Cache(version="train-2", ignored_inputs=("tracking",))
+CACHE_TRAIN = Cache(version="train-2")
 CACHE_EVAL = Cache(version="eval-2")
 CACHE_QUANTIZE = Cache(version="quantize-2")
 
@@ -38,6 +41,28 @@ def wandb_api_key() -> str:
         return flytekit.current_context().secrets.get(WANDB_SECRET.group, WANDB_SECRET.key).strip()
     except Exception:
         return os.environ.get("WANDB_API_KEY", "").strip()
+
+
+@contextlib.contextmanager
+def recoverable():
+    """Let Flyte retry transient faults, and only those.
+
+    flytekit marks every user exception NON_RECOVERABLE except ``FlyteRecoverableException``
+    (``flytekit/bin/entrypoint.py``), and propeller spends a task's ``retries`` only on
+    RECOVERABLE errors, so without this a ``retries: 2`` never retries anything. Transient
+    faults (``llm_finetune.errors.is_transient``: network, hub/object-store 408/429/5xx, a
+    collective that lost its peer) are re-raised as ``FlyteRecoverableException``; config,
+    data and out-of-memory errors pass through unchanged and fail the run at once with their
+    message. In an Elastic worker the plugin records the recoverable kind for the launcher.
+    """
+    try:
+        yield
+    except FlyteRecoverableException:
+        raise
+    except Exception as e:
+        if is_transient(e):
+            raise FlyteRecoverableException(f"transient failure, Flyte will retry: {type(e).__name__}: {e}") from e
+        raise
 
 
 def is_local() -> bool:

@@ -1,7 +1,7 @@
 """get_data: load, validate (pandera), format and split the training data, with decks."""
 
 import html
-from dataclasses import dataclass
+import typing
 
 import pandas as pd
 from flytekit import Resources, task
@@ -14,11 +14,14 @@ from llm_finetune.data.prepare import PreparedData, prepare
 from llm_finetune.data.validation import RULES
 from llm_finetune.encoding import IGNORE_INDEX, encode_row
 from llm_finetune.model import load_tokenizer
-from tasks.common import CACHE_DATA, HF_TOKEN_ENV_SECRET, publish_deck, table_html
+from tasks.common import CACHE_DATA, HF_TOKEN_ENV_SECRET, publish_deck, recoverable, table_html
 
 
-@dataclass
-class DataSplits:
+class DataSplits(typing.NamedTuple):
+    """get_data's outputs, each its own Flyte output (not one dataclass): downstream tasks bind
+    to ``splits.train_tokens`` as an output reference, which propeller passes on byte for byte,
+    where a dataclass field would be an attribute path it re-encodes (see tasks/validate.py)."""
+
     train: StructuredDataset  # canonical rows (messages/text), for decks and inspection
     train_tokens: StructuredDataset  # model-ready rows: input_ids, labels, seq_lens (packed when data.packing)
     heldout: StructuredDataset  # not "eval": that name is taken by flytekit Promise.eval()
@@ -95,6 +98,7 @@ def _decks(prepared: PreparedData, tokenizer, data: DataConfig) -> dict[str, str
     requests=Resources(cpu="2", mem="8Gi"),
     enable_deck=True,
 )
+@recoverable()
 def get_data(data: DataConfig, base_model: FlyteDirectory) -> DataSplits:
     """Validated, deterministic train/eval splits as parquet, plus validation/profile/sample decks."""
     tokenizer = load_tokenizer(base_model.download())

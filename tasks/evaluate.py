@@ -13,7 +13,7 @@ from llm_finetune.benchmarks import run_benchmarks
 from llm_finetune.config import DataConfig, EvalConfig, TrainConfig
 from llm_finetune.evaluate import EvalMetrics
 from llm_finetune.evaluate import evaluate as score_model
-from tasks.common import CACHE_EVAL, publish_deck, table_html
+from tasks.common import CACHE_EVAL, publish_deck, table_html, recoverable
 from tasks.quantize import QuantizedModel
 
 
@@ -55,6 +55,7 @@ def metrics_html(label: str, m: EvalMetrics) -> str:
 
 
 @task(container_image=cpu_image, cache=CACHE_EVAL, retries=1, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True)
+@recoverable()
 def evaluate_model(
     model: FlyteDirectory, eval_data: StructuredDataset, data: DataConfig, evaluate: EvalConfig, label: str
 ) -> EvalReport:
@@ -98,6 +99,7 @@ def variants_table(rows: list[VariantMetrics], tuned: EvalMetrics, tuned_mb: flo
 
 
 @task(container_image=cpu_image, cache=CACHE_EVAL, retries=1, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True)
+@recoverable()
 def evaluate_quantized(
     quantized: list[QuantizedModel], eval_data: StructuredDataset, data: DataConfig, evaluate: EvalConfig,
     tuned: EvalReport, tuned_mb: float,

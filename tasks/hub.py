@@ -15,6 +15,7 @@ from llm_finetune.config import FineTuneConfig
 from llm_finetune.hub import HUB_TOKEN_ENV, model_card, push_folder
 from llm_finetune.tracking import redacted  # credentials inside URIs (tracking.uri, data.source) stay out of cards
 from tasks.evaluate import EvalReport, VariantMetrics
+from tasks.common import recoverable
 from tasks.quantize import QuantizedModel
 
 HF_SECRET = Secret(group="huggingface", key="token")
@@ -50,6 +51,7 @@ def variant_repo(repo_id: str, variant: str) -> str:
 # retries on top of push_folder's own backoff: a re-run makes no duplicate commits. The disk holds
 # the merged model and every variant while they upload.
 @task(container_image=cpu_image, secret_requests=[HF_SECRET], retries=3, requests=Resources(cpu="1", mem="4Gi", ephemeral_storage="100Gi"))
+@recoverable()
 def push_to_hub(
     config: FineTuneConfig,
     model: FlyteDirectory,

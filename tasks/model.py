@@ -8,7 +8,7 @@ from flytekit.types.directory import FlyteDirectory
 from images.specs import cpu_image
 from llm_finetune.config import ModelConfig
 from llm_finetune.model import materialize
-from tasks.common import CACHE_MODEL, HF_TOKEN_ENV_SECRET
+from tasks.common import CACHE_MODEL, HF_TOKEN_ENV_SECRET, recoverable
 
 
 @task(
@@ -18,6 +18,7 @@ from tasks.common import CACHE_MODEL, HF_TOKEN_ENV_SECRET
     secret_requests=[HF_TOKEN_ENV_SECRET],
     requests=Resources(cpu="2", mem="8Gi", ephemeral_storage="50Gi"),
 )
+@recoverable()
 def prepare_base_model(model: ModelConfig) -> FlyteDirectory:
     """Materialise ``model.base_model`` (embedded GGUF, local dir or hub id) as an HF directory."""
     out = tempfile.mkdtemp(prefix="base-model-")

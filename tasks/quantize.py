@@ -8,10 +8,10 @@ from flytekit.types.directory import FlyteDirectory
 
 from images.specs import cpu_image
 from llm_finetune.benchmarks import check_available
-from llm_finetune.config import FineTuneConfig, QuantizeConfig, quantize_variants
+from llm_finetune.config import EvalConfig, QuantizeConfig, quantize_variants
 from llm_finetune.gguf_export import check_exportable
 from llm_finetune.quantize import GGUF_VARIANTS, quantize_variant, weights_mb
-from tasks.common import CACHE_QUANTIZE
+from tasks.common import CACHE_QUANTIZE, recoverable
 
 
 @dataclass
@@ -23,20 +23,21 @@ class QuantizedModel:
 
 
 @task(container_image=cpu_image, cache=CACHE_QUANTIZE, requests=Resources(cpu="1", mem="2Gi"))
-def check_outputs(base_model: FlyteDirectory, config: FineTuneConfig) -> bool:
+def check_outputs(base_model: FlyteDirectory, evaluate: EvalConfig, quantize: QuantizeConfig) -> bool:
     """Before any training: GGUF variants need an architecture the exporter supports; benchmarks need lm_eval.
 
     The tuned model keeps the base model's architecture and tokenizer, so checking the base
     model here spares a failed export after hours of GPU time.
     """
-    check_available(config.evaluate)
-    if any(v in GGUF_VARIANTS for v in quantize_variants(config.quantize)):
+    check_available(evaluate)
+    if any(v in GGUF_VARIANTS for v in quantize_variants(quantize)):
         check_exportable(base_model.download())
     return True
 
 
 # defaults for the embedded model; assess sizes it from the config (one GPU when training had GPUs)
 @task(container_image=cpu_image, cache=CACHE_QUANTIZE, retries=1, requests=Resources(cpu="2", mem="8Gi"))
+@recoverable()
 def quantize_model(model: FlyteDirectory, quantize_cfg: QuantizeConfig, name: str) -> list[QuantizedModel]:
     """One entry per ``quantize.variants`` item (empty list: skipped). ``name`` names GGUF files."""
     variants = quantize_variants(quantize_cfg)

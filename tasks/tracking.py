@@ -36,8 +36,9 @@ from llm_finetune.tracking import (
     tracking_problems,
 )
 from tasks.common import WANDB_SECRET, is_local, wandb_api_key
+from flytekit.types.file import FlyteFile
+
 from tasks.result import FineTuneResult
-from tasks.train import TrainResult
 
 def execution_name() -> str:
     """The Flyte execution id; local runs (whose id is always "local") get a timestamped one."""
@@ -59,8 +60,11 @@ def start_tracking(config: FineTuneConfig) -> TrackedRun:
     if cfg.backend == "none":
         return TrackedRun()
     name = execution_name()
-    tags = {"flyte.execution_id": name, "base_model": config.model.base_model, "dataset": redact_uri(config.data.source),
-            "train.method": config.train.method}
+    m, d = config.model, config.data
+    tags = {"flyte.execution_id": name, "base_model": m.base_model, "dataset": redact_uri(d.source),
+            "train.method": config.train.method,
+            # pinned by validate_config: the hub commit or content fingerprint this execution reads
+            "base_model.revision": m.revision, "data.revision": d.revision}
     if os.environ.get("FLYTE_EXECUTION_URL"):
         tags["flyte.execution_url"] = os.environ["FLYTE_EXECUTION_URL"]
     run = start_run(cfg, name, config_params(config.to_dict()), tags, api_key=wandb_api_key() if cfg.backend == "wandb" else "")
@@ -73,7 +77,7 @@ def _metrics(prefix: str, m) -> dict[str, float]:
     return {f"{prefix}/{k}": v for k, v in asdict(m).items() if isinstance(v, (int, float))}
 
 
-def result_summary(result, trained) -> dict:
+def result_summary(result: FineTuneResult, train_summary: dict) -> dict:
     """The run's results as one JSON document (the summary artifact)."""
     return {
         "base_metrics": asdict(result.base_metrics),
@@ -83,8 +87,8 @@ def result_summary(result, trained) -> dict:
              **asdict(v.metrics)} for v in result.quantized_metrics
         ],
         "benchmarks": result.benchmarks,
-        "train": {k: getattr(trained, k) for k in ("steps", "first_loss", "final_loss", "trained_tokens", "tokens_per_s",
-                                                   "runtime_s", "world_size", "best_step", "best_eval_loss")},
+        "train": {k: train_summary.get(k) for k in ("method", "steps", "first_loss", "final_loss", "trained_tokens",
+                                                    "tokens_per_s", "runtime_s", "world_size", "best_step", "best_eval_loss")},
         "tuned_model": str(result.tuned_model.path),
         "adapter": str(result.adapter.path) if result.adapter else "",
         "quantized": {q.variant: str(q.model.path) for q in result.quantized},
@@ -93,18 +97,23 @@ def result_summary(result, trained) -> dict:
 
 
 @task(container_image=cpu_image, secret_requests=[WANDB_SECRET])
-def finish_tracking(run: TrackedRun, config: FineTuneConfig, trained: TrainResult, result: FineTuneResult) -> str:
-    """Log base vs tuned vs variant metrics, the summary JSON, the model card and hub links; end the run."""
+def finish_tracking(run: TrackedRun, config: FineTuneConfig, train_metrics: FlyteFile, tracked_run_id: str,
+                    result: FineTuneResult) -> str:
+    """Log base vs tuned vs variant metrics, the summary JSON, the model card and hub links; end the run.
+
+    ``train_metrics`` / ``tracked_run_id``: the train task's train_summary.json and the run it streamed to.
+    """
     from llm_finetune.hub import model_card
 
     tracker = resume_run(run, wandb_api_key() if run.backend == "wandb" else "")
     if tracker is None:
         return run.url
-    if trained.tracked_run_id != run.run_id:  # training came from the cache (or was not tracked): replay its curves
-        history = json.loads(Path(trained.metrics.download()).read_text()).get("log_history", [])
-        n = log_history(tracker, history)
-        tracker.set_tags({"train.source": f"cached result of run {trained.tracked_run_id or '(untracked)'}"})
-        tracker.log_artifact(trained.metrics.download(), "train")
+    train_file = train_metrics.download()
+    train_summary = json.loads(Path(train_file).read_text())
+    if tracked_run_id != run.run_id:  # training came from the cache (or was not tracked): replay its curves
+        n = log_history(tracker, train_summary.get("log_history", []))
+        tracker.set_tags({"train.source": f"cached result of run {tracked_run_id or '(untracked)'}"})
+        tracker.log_artifact(train_file, "train")
         print(f"[tracking] training came from the cache: {n} logged steps replayed into run {run.run_id}", flush=True)
     final = {**_metrics("base", result.base_metrics), **_metrics("tuned", result.tuned_metrics)}
     for v in result.quantized_metrics:
@@ -113,13 +122,13 @@ def finish_tracking(run: TrackedRun, config: FineTuneConfig, trained: TrainResul
                       f"{v.variant}/size_mb": v.size_mb})
     for model, scores in result.benchmarks.items():
         final.update({f"{model}/{k}": s for k, s in scores.items()})
-    final.update({"train/best_eval_loss": trained.best_eval_loss, "train/final_loss": trained.final_loss,
-                  "train/trained_tokens_total": trained.trained_tokens, "train/runtime_s": trained.runtime_s})
+    final.update({f"train/{k}": train_summary[k] for k in ("best_eval_loss", "final_loss", "trained_tokens", "tokens_per_s",
+                                                           "runtime_s") if isinstance(train_summary.get(k), (int, float))})
     tracker.log_summary(final)
-    tracker.set_tags({**trained.revisions, "hub.urls": " ".join(result.hub_urls) or "(not published)"}
+    tracker.set_tags({"hub.urls": " ".join(result.hub_urls) or "(not published)"}
                      | ({"hub.url": result.hub_url} if result.hub_url else {}))
     out = Path(tempfile.mkdtemp(prefix="tracking-"))
-    (out / "summary.json").write_text(json.dumps(result_summary(result, trained), indent=2, default=str))
+    (out / "summary.json").write_text(json.dumps(result_summary(result, train_summary), indent=2, default=str))
     h = config.hub
     card = model_card(h.repo_id or "(not published)", base_model=config.model.base_model, dataset=config.data.source,
                       config=redacted(config.to_dict()), license=h.license, variant="merged model",

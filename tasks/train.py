@@ -19,11 +19,11 @@ Elastic launcher runs with ``max_restarts=0`` and the core bounds every collecti
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import typing
 from typing import Optional
 
 import pandas as pd
-from flytekit import Resources, dynamic, task
+from flytekit import Cache, Resources, dynamic, task
 from flytekit.extras.accelerators import GPUAccelerator
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
@@ -32,17 +32,19 @@ from flytekitplugins.kfpytorch import Elastic
 from flytekitplugins.kfpytorch.task import PytorchElasticFunctionTask
 
 from images.specs import cpu_image, gpu_image
-from llm_finetune.config import DataConfig, TrainConfig, deepspeed_config_path
+from llm_finetune.config import DataConfig, TrainConfig, TrainOps, deepspeed_config_path, join_train
 from llm_finetune.errors import ConfigError
-from llm_finetune.tracking import TrackedRun, TrackingCallback, resource_revisions, tracking_html
+from llm_finetune.tracking import TrackedRun, TrackingCallback, tracking_html
 from llm_finetune.train import train as run_training
 from tasks.checkpoint import FlyteCheckpointStore
 from tasks.elastic import configure_elastic
-from tasks.common import CACHE_TRAIN, DEEPSPEED_DIR, WANDB_SECRET, is_local, publish_deck, table_html, wandb_api_key
+from tasks.common import CACHE_TRAIN, DEEPSPEED_DIR, WANDB_SECRET, is_local, publish_deck, recoverable, table_html, wandb_api_key
 
 
-@dataclass
-class TrainResult:
+class TrainResult(typing.NamedTuple):
+    """The train task's outputs, each its own Flyte output so that downstream cached tasks bind
+    to them directly rather than through an attribute path (see tasks/validate.py)."""
+
     model: FlyteDirectory  # merged (LoRA) or fully fine-tuned model
     adapter: Optional[FlyteDirectory]  # LoRA adapter; None for full fine-tuning
     steps: int
@@ -56,8 +58,14 @@ class TrainResult:
     best_eval_loss: float
     resumed_from_step: int  # 0 = this attempt started from scratch
     metrics: FlyteFile  # train_summary.json: log history, samples, resource profile
-    tracked_run_id: str = ""  # the MLflow / W&B run the curves were streamed to ("" = not tracked)
-    revisions: dict[str, str] = field(default_factory=dict)  # resolved base model revision, training data digest
+    tracked_run_id: str  # the MLflow / W&B run the curves were streamed to ("" = not tracked)
+
+
+# train_ops (cpu, memory, retries, timeouts, intervals, ...) never changes the trained weights, so it
+# is left out of the key: Flyte hashes the other inputs only (TaskMetadata.cache_ignore_input_vars,
+# honoured by propeller's catalog key, flytepropeller/pkg/controller/nodes/task/cache.go).
+# The tracked MLflow / W&B run is new every execution and is left out too (tasks/tracking.py).
+CACHE_TRAIN_IGNORING_OPS = Cache(version=CACHE_TRAIN.version, ignored_inputs=("train_ops", "tracking"))
 
 
 def elastic_config(cfg: TrainConfig) -> Elastic:
@@ -125,7 +133,7 @@ def _samples_table(rows: list[dict]) -> str:
 @task(
     task_config=elastic_config(TrainConfig()),
     container_image=gpu_image,
-    cache=CACHE_TRAIN,
+    cache=CACHE_TRAIN_IGNORING_OPS,
     requests=resources(TrainConfig()),
     retries=2,
     interruptible=True,
@@ -139,32 +147,37 @@ def train_elastic(
     eval_data: StructuredDataset,
     data: DataConfig,
     train: TrainConfig,
-    tracking: Optional[TrackedRun] = None,  # not in the cache key (CACHE_TRAIN ignores it)
+    train_ops: TrainOps,
+    tracking: Optional[TrackedRun] = None,  # not in the cache key
 ) -> TrainResult:
-    """Runs on every worker process; global rank 0's return value is the task's output."""
+    """Runs on every worker process; global rank 0's return value is the task's output.
+
+    Transient faults (a lost peer rank, a collective timeout, a store that did not answer)
+    leave as FlyteRecoverableException, so Flyte retries the task and the next attempt
+    resumes from the last checkpoint; anything else fails the run with its own message.
+    """
+    train = join_train(train, train_ops)
     ds_path = deepspeed_config_path(train.deepspeed, DEEPSPEED_DIR)
-    frame = train_data.open(pd.DataFrame).all()
-    heldout = eval_data.open(pd.DataFrame).all()
     tracking = tracking or TrackedRun()
-    tracker = TrackingCallback(tracking, wandb_api_key() if tracking.backend == "wandb" else "")
-    model_dir = base_model.download()
+    tracker = TrackingCallback(tracking, wandb_api_key() if tracking.backend == "wandb" else "")  # opens on rank 0
     try:
-        outputs = run_training(
-            model_dir, frame, data, train, None, deepspeed_config=ds_path, eval_frame=heldout,
-            checkpoint_store=FlyteCheckpointStore.current(), callbacks=(tracker,),
-        )
+        with recoverable():
+            frame = train_data.open(pd.DataFrame).all()
+            heldout = eval_data.open(pd.DataFrame).all()
+            outputs = run_training(
+                base_model.download(), frame, data, train, None, deepspeed_config=ds_path, eval_frame=heldout,
+                checkpoint_store=FlyteCheckpointStore.current(), callbacks=(tracker,),
+            )
     except BaseException:
         if tracker.tracker is not None:
-            tracker.tracker.close("failed")
+            tracker.tracker.close("failed")  # a retry resumes the run
         raise
     if outputs is None:  # not rank 0: Flyte ignores this value
         return None  # type: ignore[return-value]
-    s = outputs.summary
-    revisions = resource_revisions(model_dir, frame)
     if tracker.tracker is not None:
-        tracker.tracker.set_tags(revisions)
         tracker.tracker.log_artifact(outputs.model_dir.parent / "train_summary.json", "train")
-        tracker.tracker.close("suspended")
+        tracker.tracker.close("suspended")  # finish_tracking ends the run
+    s = outputs.summary
     logs = pd.DataFrame(s.log_history)
     best = f"best validation loss {s.best_eval_loss:.4f} at step {s.best_step} (returned)" if s.best_step >= 0 else "last step returned"
     resumed = f" Resumed from step {s.resumed_from_step}." if s.resumed_from_step else ""
@@ -195,7 +208,6 @@ def train_elastic(
         resumed_from_step=s.resumed_from_step,
         metrics=FlyteFile(str(outputs.model_dir.parent / "train_summary.json")),
         tracked_run_id=tracking.run_id if tracker.tracker is not None else "",
-        revisions=revisions,
     )
 
 
@@ -211,20 +223,34 @@ def _configured_copy(cfg: TrainConfig) -> PytorchElasticFunctionTask:
     return local
 
 
-@dynamic(container_image=cpu_image, cache=CACHE_TRAIN)
+@dynamic(container_image=cpu_image, cache=CACHE_TRAIN_IGNORING_OPS)
 def train_model(
-    base_model: FlyteDirectory, train_data: StructuredDataset, eval_data: StructuredDataset, data: DataConfig, train: TrainConfig,
+    base_model: FlyteDirectory,
+    train_data: StructuredDataset,
+    eval_data: StructuredDataset,
+    data: DataConfig,
+    train: TrainConfig,
+    train_ops: TrainOps,
     tracking: Optional[TrackedRun] = None,  # the execution's MLflow / W&B run; not in the cache key
 ) -> TrainResult:
     """Launch the Elastic training task at the scale and on the hardware the config asks for."""
+    full = join_train(train, train_ops)
     # configure_elastic, not with_overrides(task_config=...): see tasks/elastic.py
-    task_fn = _configured_copy(train) if is_local() else configure_elastic(train_elastic, elastic_config(train))
-    result = task_fn(base_model=base_model, train_data=train_data, eval_data=eval_data, data=data, train=train,
-                     tracking=tracking)  # a promise on a cluster: passed on as it is
-    return result.with_overrides(
-        requests=resources(train),
-        limits=resources(train),
-        accelerator=GPUAccelerator(train.accelerator) if train.accelerator else None,
-        retries=train.retries,
-        interruptible=train.interruptible,
+    task_fn = _configured_copy(full) if is_local() else configure_elastic(train_elastic, elastic_config(full))
+    result = task_fn(
+        base_model=base_model, train_data=train_data, eval_data=eval_data, data=data, train=train, train_ops=train_ops,
+        tracking=tracking,  # a promise on a cluster: passed on as it is
     )
+    return result.with_overrides(
+        requests=resources(full),
+        limits=resources(full),
+        accelerator=GPUAccelerator(full.accelerator) if full.accelerator else None,
+        retries=full.retries,
+        interruptible=full.interruptible,
+        container_image=training_image(full).image_name(),  # the override takes an image URI
+    )
+
+
+def training_image(cfg: TrainConfig):
+    """The CUDA image (several GB, with DeepSpeed) only where it is used: GPUs or DeepSpeed; else the CPU image."""
+    return gpu_image if cfg.gpus_per_node > 0 or deepspeed_config_path(cfg.deepspeed, DEEPSPEED_DIR) else cpu_image

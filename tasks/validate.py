@@ -1,21 +1,87 @@
-"""First stage: reject a bad config before any model download or GPU time."""
+"""First stage: reject a bad config before any download or GPU time, and pin what the run reads.
+
+Its outputs are the config's sections, each a literal written here by Python. Downstream
+tasks take those, never ``cfg.data``-style attribute access on a promise: on a cluster,
+propeller resolves such attribute paths itself by decoding the msgpack into a Go map and
+re-encoding it with keys in Go's random map order, so the bytes the cache hashes differ
+between identical executions and cached tasks miss at random (flyteorg/flyte#6776;
+``flytepropeller/pkg/controller/nodes/attr_path_resolver.go``). tests/test_cache_keys.py
+checks the compiled workflow for such bindings.
+
+It also pins moving names to content (``llm_finetune/revisions.py``): ``model.revision`` and
+``data.revision`` become a commit sha or a content fingerprint, so a rerun after the data
+or the hub model changed misses the cache, and an identical rerun hits it. The operational
+train keys travel as ``train_ops``, which the training cache key ignores.
+"""
+
+import typing
 
 from flytekit import task
 
 from images.specs import cpu_image
-from llm_finetune.config import FineTuneConfig, validate
+from llm_finetune.config import (
+    DataConfig,
+    EvalConfig,
+    FineTuneConfig,
+    HubConfig,
+    ModelConfig,
+    QuantizeConfig,
+    TrainConfig,
+    TrainOps,
+    split_train,
+    validate,
+)
 from llm_finetune.errors import ConfigError
+from llm_finetune.revisions import data_revision, model_revision
 from llm_finetune.tracking import tracking_problems
-from tasks.common import DEEPSPEED_DIR, WANDB_SECRET, is_local, wandb_api_key
+from tasks.common import DEEPSPEED_DIR, HF_TOKEN_ENV_SECRET, WANDB_SECRET, is_local, recoverable, wandb_api_key
+
+Sections = typing.NamedTuple(
+    "Sections",
+    [
+        ("config", FineTuneConfig),  # the whole validated config with revisions pinned (for uncached tasks)
+        ("data", DataConfig),
+        ("model", ModelConfig),
+        ("train", TrainConfig),  # operational keys at their defaults: this half keys the training cache
+        ("train_ops", TrainOps),
+        ("evaluate", EvalConfig),
+        ("quantize", QuantizeConfig),
+        ("hub", HubConfig),
+    ],
+)
 
 
-@task(container_image=cpu_image, secret_requests=[WANDB_SECRET])
-def validate_config(config: FineTuneConfig) -> FineTuneConfig:
-    """Return the config unchanged when valid; raise ConfigError listing every problem otherwise."""
-    validate(config, deepspeed_dir=DEEPSPEED_DIR)
-    # tracking needs the task's environment: the W&B secret, and whether this runs in a pod
+def pin_revisions(config: FineTuneConfig) -> FineTuneConfig:
+    """``config`` with model.revision and data.revision resolved to a commit sha or a content fingerprint."""
+    import dataclasses
+
+    m, d = config.model, config.data
+    model = dataclasses.replace(m, revision=model_revision(m.base_model, m.revision))
+    data = dataclasses.replace(d, revision=data_revision(d.source, d.revision))
+    for key, before, after in (("model.revision", m.revision, model.revision), ("data.revision", d.revision, data.revision)):
+        if before != after:
+            print(f"[validate] {key}: {before or '(latest)'} -> {after}", flush=True)
+    return dataclasses.replace(config, model=model, data=data)
+
+
+def sections(config: FineTuneConfig) -> Sections:
+    """Validate, pin revisions, and split the config into the literals downstream tasks take."""
+    config = pin_revisions(validate(config, deepspeed_dir=DEEPSPEED_DIR))
+    train, ops = split_train(config.train)
+    return Sections(config, config.data, config.model, train, ops, config.evaluate, config.quantize, config.hub)
+
+
+def check_tracking(config: FineTuneConfig) -> None:
+    """The tracking checks that need this task's environment: the W&B secret, and local or in a pod."""
     key = wandb_api_key() if config.tracking.backend == "wandb" else ""
     problems = tracking_problems(config.tracking, key, remote=not is_local())
     if problems:
         raise ConfigError(problems)
-    return config
+
+
+@task(container_image=cpu_image, retries=2, secret_requests=[HF_TOKEN_ENV_SECRET, WANDB_SECRET])
+def validate_config(config: FineTuneConfig) -> Sections:
+    """Raise ConfigError listing every problem; otherwise the pinned config and its sections."""
+    check_tracking(config)
+    with recoverable():
+        return sections(config)

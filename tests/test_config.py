@@ -89,3 +89,21 @@ def test_deepspeed_configs_are_json_with_auto_values(name):
     cfg = json.loads((DS / f"{name}.json").read_text())
     assert cfg["zero_optimization"]["stage"] == int(name[4])
     assert cfg["train_micro_batch_size_per_gpu"] == "auto"
+
+
+def test_gpus_the_cuda_image_cannot_run_are_refused():
+    from llm_finetune.config import FineTuneConfig, TrainConfig, validate
+    from llm_finetune.errors import ConfigError
+
+    cfg = FineTuneConfig(train=TrainConfig(gpus_per_node=8, nproc_per_node=8, accelerator="nvidia-tesla-v100"))
+    with pytest.raises(ConfigError, match="train.accelerator: 'nvidia-tesla-v100' is a GPU generation"):
+        validate(cfg)
+    validate(FineTuneConfig(train=TrainConfig(gpus_per_node=1, nproc_per_node=1, accelerator="nvidia-tesla-t4")))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_config_validates(name):
+    from llm_finetune.config import load_config, validate
+
+    root = Path(__file__).resolve().parents[1]
+    validate(load_config(root / "configs" / name), deepspeed_dir=root / "deepspeed_configs")

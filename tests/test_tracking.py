@@ -1,6 +1,7 @@
 """Experiment tracking: whole local workflow runs tracked in MLflow and in W&B (offline), read back with their own
 readers; a tracker failing mid-run never stops training; secrets never reach a store."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -92,10 +93,10 @@ def test_wandb_without_api_key_fails_in_validate_config(monkeypatch):
     assert "tracking.backend: wandb needs an API key" in str(e.value) and "wandb/api_key" in str(e.value)
 
     monkeypatch.setenv("_FSEC_WANDB_API_KEY", WANDB_SECRET)  # the Flyte secret is there
-    assert validate_config(config=cfg).tracking.backend == "wandb"
+    assert validate_config(config=cfg).config.tracking.backend == "wandb"
     monkeypatch.delenv("_FSEC_WANDB_API_KEY")
     monkeypatch.setenv("WANDB_MODE", "offline")  # or no key needed at all
-    assert validate_config(config=cfg).tracking.backend == "wandb"
+    assert validate_config(config=cfg).config.tracking.backend == "wandb"
 
 
 # ------------------------------------------------------------------------------------------------ MLflow
@@ -152,7 +153,9 @@ def test_workflow_run_tracked_in_mlflow(isolated_flyte, tiny, data, secrets, mon
     assert json.loads(local.read_text())["tuned_metrics"]["loss"] == pytest.approx(result.tuned_metrics.loss)
     tags = run.data.tags
     assert tags["flyte.execution_id"] == run.info.run_name and tags["team"] == "nlp"
-    assert tags["base_model.revision"] == "not from the hub" and len(tags["data.train_sha256"]) == 64
+    # revisions pinned by validate_config: the data file's own sha256 (as sha256sum prints it), the model dir's digest
+    assert tags["data.revision"] == "sha256:" + hashlib.sha256(data.read_bytes()).hexdigest() == params["data.revision"]
+    assert tags["base_model.revision"] == params["model.revision"] and tags["base_model.revision"].startswith("sha256:")
     assert tags["hub.urls"] == "(not published)" and tags["mirror"] == "https://***@example.org/x"
 
     # the link is on the train and summary decks and in the summary printout

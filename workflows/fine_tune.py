@@ -30,19 +30,27 @@ from tasks.assess import assess  # noqa: E402,I001
 
 @workflow
 def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
-    cfg = validate_config(config=config)
-    run = start_tracking(config=cfg)
-    base = prepare_base_model(model=cfg.model)
-    checked = check_outputs(base_model=base, config=cfg)  # GGUF / lm-eval prerequisites, before any training
-    splits = get_data(data=cfg.data, base_model=base)
+    # Every cached task takes whole outputs of an upstream task, never `cfg.train`-style attribute
+    # paths: propeller would re-encode those with random key order and the cache would miss at
+    # random (tasks/validate.py). tests/test_cache_keys.py holds the compiled workflow to that.
+    s = validate_config(config=config)
+    run = start_tracking(config=s.config)  # one MLflow / W&B run per execution (tracking.backend)
+    base = prepare_base_model(model=s.model)
+    checked = check_outputs(base_model=base, evaluate=s.evaluate, quantize=s.quantize)  # before any training
+    splits = get_data(data=s.data, base_model=base)
     trained = train_model(
-        base_model=base, train_data=splits.train_tokens, eval_data=splits.heldout, data=cfg.data, train=cfg.train,
+        base_model=base,
+        train_data=splits.train_tokens,
+        eval_data=splits.heldout,
+        data=s.data,
+        train=s.train,
+        train_ops=s.train_ops,
         tracking=run,
     )
-    checked >> trained
-    a = assess(base_model=base, tuned_model=trained.model, eval_data=splits.heldout, config=cfg)
+    checked >> trained.model  # orders the train node after the checks (any of its outputs names the node)
+    a = assess(base_model=base, tuned_model=trained.model, eval_data=splits.heldout, config=s.config)
     hub_urls = push_to_hub(
-        config=cfg,
+        config=s.config,
         model=trained.model,
         adapter=trained.adapter,
         quantized=a.quantized,
@@ -61,5 +69,6 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
         hub_urls=hub_urls,
         tracking=run,
     )
-    finish_tracking(run=run, config=cfg, trained=trained, result=result)
+    finish_tracking(run=run, config=s.config, train_metrics=trained.metrics, tracked_run_id=trained.tracked_run_id,
+                    result=result)  # last: final metrics, summary, model card; ends the run
     return result

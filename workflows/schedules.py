@@ -7,10 +7,11 @@ spending GPU hours by itself. Activate one with
 Their default ``config`` comes from ``configs/retrain_nightly.yaml``; a one-off run
 can still pass another config, a schedule uses the default.
 
-They run with ``overwrite_cache``: the config names the data by a fixed URI
-(``.../latest.jsonl``) whose content changes between runs, so the inputs, and hence the
-cache keys of get_data and train, would be the same every night and a cached run would
-silently retrain nothing. Overwriting recomputes every cached task and refreshes the cache.
+They use the cache like any run. The config names the data by a fixed URI
+(``.../latest.jsonl``) whose content changes between runs; validate_config pins that URI
+to its content (the object's ETag/generation, tasks/validate.py) and the hub model at
+``main`` to its commit, so a night with new data or a moved model retrains, and a night
+with neither is served from the cache instead of paying for the same GPU hours again.
 """
 
 from datetime import timedelta
@@ -30,7 +31,6 @@ fine_tune_nightly = LaunchPlan.get_or_create(
     name="fine_tune_nightly",
     schedule=CronSchedule(schedule=NIGHTLY_CRON),
     default_inputs={"config": load_config(RETRAIN_CONFIG)},
-    overwrite_cache=True,
     auto_activate=False,
 )
 
@@ -39,6 +39,5 @@ fine_tune_weekly = LaunchPlan.get_or_create(
     name="fine_tune_weekly",
     schedule=FixedRate(duration=WEEKLY),
     default_inputs={"config": load_config(RETRAIN_CONFIG)},
-    overwrite_cache=True,
     auto_activate=False,
 )

@@ -124,7 +124,7 @@ def encode_canonical(tokenizer, canon: pd.DataFrame, cfg: DataConfig, chunk: int
 
 
 def prepare(cfg: DataConfig, tokenizer) -> PreparedData:
-    raw = load_raw(cfg.source, cfg.subset, cfg.split)
+    raw = load_raw(cfg.source, cfg.subset, cfg.split, cfg.revision)
     if len(raw) == 0:
         raise DataError(f"data.source: {cfg.source} holds no rows")
     if cfg.explode.strip():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from llm_finetune.config import EMBEDDED_DATASET
-from llm_finetune.errors import DataError
+from llm_finetune.errors import DataError, TransientError, is_transient
 
 FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 EMBEDDED = {EMBEDDED_DATASET: Path(__file__).with_name("iso_dates.jsonl")}
@@ -22,8 +22,11 @@ def _looks_like_file(source: str) -> bool:
     return "://" in source or source.startswith((".", "/", "~")) or Path(source).suffix.lower() in FILE_SUFFIXES
 
 
-def load_raw(source: str, subset: str = "", split: str = "train") -> pd.DataFrame:
-    """Load the source into a DataFrame, one row per record, columns as in the source."""
+def load_raw(source: str, subset: str = "", split: str = "train", revision: str = "") -> pd.DataFrame:
+    """Load the source into a DataFrame, one row per record, columns as in the source.
+
+    ``revision``: for hub datasets the branch, tag or (after validate_config) commit to read.
+    """
     if source.startswith("embedded://"):
         if source not in EMBEDDED:
             raise DataError(f"data.source: unknown embedded dataset {source!r}; available: {', '.join(EMBEDDED)}")
@@ -33,7 +36,7 @@ def load_raw(source: str, subset: str = "", split: str = "train") -> pd.DataFram
         return _read_hub(str(local), subset, split)
     if _looks_like_file(source):
         return _read_file(source)
-    return _read_hub(source, subset, split)
+    return _read_hub(source, subset, split, revision)
 
 
 def _read_file(uri: str) -> pd.DataFrame:
@@ -57,6 +60,8 @@ def _read_file(uri: str) -> pd.DataFrame:
     except ImportError as e:
         raise DataError(f"data.source: {uri!r} needs an fsspec backend that is not installed ({e}); e.g. pip install s3fs or gcsfs") from None
     except Exception as e:  # permissions, network, bad URL
+        if is_transient(e):
+            raise TransientError(f"data.source: cannot read {uri} (transient): {type(e).__name__}: {e}") from e
         raise DataError(f"data.source: cannot read {uri}: {type(e).__name__}: {e}") from None
     if kind == "parquet":
         import io
@@ -111,12 +116,17 @@ def _read_jsonl(text: str, uri: str) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def _read_hub(dataset_id: str, subset: str, split: str) -> pd.DataFrame:
+def _read_hub(dataset_id: str, subset: str, split: str, revision: str = "") -> pd.DataFrame:
     import datasets
 
+    from llm_finetune.revisions import is_content_fingerprint
+
+    pinned = {"revision": revision} if revision and not is_content_fingerprint(revision) else {}
     try:
-        ds = datasets.load_dataset(dataset_id, subset or None, split=split)
+        ds = datasets.load_dataset(dataset_id, subset or None, split=split, **pinned)
     except Exception as e:
+        if is_transient(e):
+            raise TransientError(f"data.source: the hub did not answer for dataset {dataset_id!r}: {type(e).__name__}: {e}") from e
         raise DataError(
             f"data.source: cannot load hub dataset {dataset_id!r} (subset={subset or 'default'}, split={split}): "
             f"{type(e).__name__}: {e}. Check the id, data.subset and data.split, your network and HF_TOKEN "
