@@ -122,7 +122,7 @@ def finish_tracking(run: TrackedRun, config: FineTuneConfig, train_metrics: Flyt
                       f"{v.variant}/size_mb": v.size_mb})
     for model, scores in result.benchmarks.items():
         final.update({f"{model}/{k}": s for k, s in scores.items()})
-    final.update({f"train/{k}": train_summary[k] for k in ("best_eval_loss", "final_loss", "trained_tokens", "tokens_per_s",
+    final.update({f"run/{k}": train_summary[k] for k in ("best_eval_loss", "final_loss", "trained_tokens", "tokens_per_s",
                                                            "runtime_s") if isinstance(train_summary.get(k), (int, float))})
     tracker.log_summary(final)
     tracker.set_tags({"hub.urls": " ".join(result.hub_urls) or "(not published)"}
