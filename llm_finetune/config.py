@@ -34,6 +34,7 @@ QUANTIZE_VARIANTS = ("int8", "nf4", "gguf_q8_0", "gguf_f16")
 PROMPT_TEMPLATES = ("alpaca", "plain")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TRACKING_BACKENDS = ("none", "mlflow", "wandb")
 # accelerator names of GPUs older than Turing (sm_75): the CUDA 12.8 torch wheels dropped them
 UNSUPPORTED_GPUS = ("k80", "m60", "p4", "p100", "v100")
 # preference tuning (llm_finetune/preference.py, TRL's DPOTrainer)
@@ -279,6 +280,17 @@ class PreferenceStage:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking: one MLflow or W&B run per workflow execution (see tracking.py)."""
+
+    backend: str = "none"  # none | mlflow | wandb
+    project: str = ""  # MLflow experiment / W&B project; empty = flyte-llm-finetune
+    run_name: str = ""  # empty = the Flyte execution id
+    uri: str = ""  # MLflow tracking URI (empty = the local store runs/mlruns) / W&B server URL (empty = wandb.ai)
+    tags: dict[str, str] = field(default_factory=dict)  # added to the run's tags
+
+
+@dataclass
 class FineTuneConfig:
     """Single input of the ``fine_tune`` workflow."""
 
@@ -289,6 +301,7 @@ class FineTuneConfig:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     preference: PreferenceStage = field(default_factory=PreferenceStage)  # SFT then DPO in one execution
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @classmethod
     def from_json(cls, text: str) -> "FineTuneConfig":
@@ -558,6 +571,8 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
         p.append(f"hub.repo_id: {h.repo_id!r} is not of the form owner/name (leave it empty to skip publishing)")
 
     p += preference_problems(config, deepspeed_dir)
+    one_of("tracking.backend", config.tracking.backend, TRACKING_BACKENDS)
+
     if p:
         raise ConfigError(p)
     return config

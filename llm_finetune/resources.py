@@ -61,3 +61,18 @@ class ResourceSampler:
             self.samples.append(sample)
             if self._stop.wait(self.interval_s):
                 break
+
+
+def memory_snapshot() -> dict:
+    """Memory in use now, the profiler's RAM and per-GPU readings, for streaming next to the loss."""
+    import psutil
+
+    out = {"ram_used_gb": round(psutil.virtual_memory().used / 2**30, 3),
+           "process_rss_gb": round(psutil.Process().memory_info().rss / 2**30, 3)}
+    nvml, handles = _nvml_handles()
+    for i, h in enumerate(handles):
+        try:
+            out[f"gpu{i}_mem_used_gb"] = round(nvml.nvmlDeviceGetMemoryInfo(h).used / 2**30, 3)
+        except Exception:
+            pass
+    return out

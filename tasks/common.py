@@ -35,6 +35,17 @@ RUN_ID_ENV = "LLM_FINETUNE_RUN_ID"  # the current local execution, inherited by 
 # the HF_TOKEN that huggingface_hub reads by itself (locally, export HF_TOKEN instead).
 HF_TOKEN_ENV_SECRET = Secret(group="huggingface", key="token", env_var="HF_TOKEN", mount_requirement=Secret.MountType.ENV_VAR)
 
+# W&B tracking (tracking.backend: wandb): the cluster secret wandb/api_key (locally, export WANDB_API_KEY).
+WANDB_SECRET = Secret(group="wandb", key="api_key")
+
+
+def wandb_api_key() -> str:
+    """The Flyte secret wandb/api_key, or WANDB_API_KEY for local runs; never a task input."""
+    try:
+        return flytekit.current_context().secrets.get(WANDB_SECRET.group, WANDB_SECRET.key).strip()
+    except Exception:
+        return os.environ.get("WANDB_API_KEY", "").strip()
+
 
 @contextlib.contextmanager
 def recoverable():

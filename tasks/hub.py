@@ -5,6 +5,7 @@ input, so it is not in the execution's inputs, outputs, decks or cache keys.
 """
 
 import os
+import tempfile
 from typing import Optional
 
 from flytekit import Resources, Secret, current_context, task
@@ -12,9 +13,8 @@ from flytekit.types.directory import FlyteDirectory
 
 from images.specs import cpu_image
 from llm_finetune.config import FineTuneConfig
-import tempfile
-
 from llm_finetune.hub import HUB_TOKEN_ENV, adapter_for_hub, model_card, push_folder
+from llm_finetune.tracking import redacted  # credentials inside URIs (tracking.uri, data.source) stay out of cards
 from tasks.common import write_run_file
 from tasks.evaluate import EvalReport, VariantMetrics
 from tasks.common import recoverable
@@ -79,7 +79,7 @@ def push_to_hub(
     before_after = {"base": _metrics(base), "tuned": _metrics(tuned)}
     by_variant = {v.variant: v for v in variants}
     m = config.model
-    common = dict(base_model=m.base_model, dataset=config.data.source, config=config.to_dict(), license=h.license,
+    common = dict(base_model=m.base_model, dataset=config.data.source, config=redacted(config.to_dict()), license=h.license,
                   base_revision=m.revision, dataset_revision=config.data.revision)
     push = dict(token=token, private=h.private, endpoint=h.endpoint or None, max_retries=h.max_retries)
 

@@ -9,6 +9,8 @@ and validation).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pandas as pd
 from flytekit import task
 from flytekit.types.directory import FlyteDirectory
@@ -18,9 +20,14 @@ from flytekit.types.structured import StructuredDataset
 from images.specs import gpu_image
 from llm_finetune.config import DataConfig, TrainConfig, TrainOps, deepspeed_config_path, join_train
 from llm_finetune.preference import REWARD_METRICS, train_dpo
+from llm_finetune.tracking import TrackedRun, tracking_html
 from tasks.checkpoint import FlyteCheckpointStore
-from tasks.common import DEEPSPEED_DIR, publish_deck, recoverable, table_html
-from tasks.train import CACHE_TRAIN_IGNORING_OPS, TrainResult, _curves, _resource_profile, _samples_table, elastic_config, resources
+from tasks.common import DEEPSPEED_DIR, WANDB_SECRET, publish_deck, recoverable, table_html
+from tasks.node_inputs import node_local_directory, node_local_frame
+from tasks.train import (
+    CACHE_TRAIN_IGNORING_OPS, TrainResult, _curves, _resource_profile, _samples_table, elastic_config, rank0_tracking, resources,
+    suspend_tracking,
+)
 
 
 def reward_curves(log_history: list[dict]) -> str:
@@ -54,6 +61,7 @@ def reward_curves(log_history: list[dict]) -> str:
     interruptible=True,
     shared_memory=True,
     enable_deck=True,
+    secret_requests=[WANDB_SECRET],
 )
 def dpo_elastic(
     base_model: FlyteDirectory,
@@ -62,17 +70,20 @@ def dpo_elastic(
     data: DataConfig,
     train: TrainConfig,
     train_ops: TrainOps,
+    tracking: Optional[TrackedRun] = None,  # not in the cache key
 ) -> TrainResult:
     """Runs on every worker process; global rank 0's return value is the task's output (as train_elastic)."""
     train = join_train(train, train_ops)
     ds_path = deepspeed_config_path(train.deepspeed, DEEPSPEED_DIR)
-    with recoverable():
+    tracking = tracking or TrackedRun()
+    with rank0_tracking(tracking) as tracker, recoverable():
         outputs = train_dpo(
-            base_model.download(), train_data.open(pd.DataFrame).all(), data, train, None, deepspeed_config=ds_path,
-            eval_frame=eval_data.open(pd.DataFrame).all(), checkpoint_store=FlyteCheckpointStore.current(),
+            node_local_directory(base_model), node_local_frame(train_data), data, train, None, deepspeed_config=ds_path,
+            eval_frame=node_local_frame(eval_data), checkpoint_store=FlyteCheckpointStore.current(), callbacks=(tracker,),
         )
     if outputs is None:  # not rank 0: Flyte ignores this value
         return None  # type: ignore[return-value]
+    tracked_run_id = suspend_tracking(tracker, outputs)
     s = outputs.summary
     last = next((h for h in reversed(s.log_history) if "eval_rewards/accuracies" in h), {})
     best = f"best validation loss {s.best_eval_loss:.4f} at step {s.best_step} (returned)" if s.best_step >= 0 else "last step returned"
@@ -89,6 +100,7 @@ def dpo_elastic(
             "Run": f"<p>{s.method} on {s.world_size} process(es): {s.steps} steps, DPO loss {s.first_loss:.4f} -> "
             f"{s.final_loss:.4f}; {best}; {s.trained_tokens} tokens at {s.tokens_per_s:.1f} tokens/s.{validation}"
             f"{resumed}</p>" + table_html(pd.DataFrame(s.log_history), max_rows=200),
+            "Tracking": tracking_html(tracking),
         },
     )
     return TrainResult(
@@ -105,4 +117,5 @@ def dpo_elastic(
         best_eval_loss=s.best_eval_loss,
         resumed_from_step=s.resumed_from_step,
         metrics=FlyteFile(str(outputs.model_dir.parent / "train_summary.json")),
+        tracked_run_id=tracked_run_id,
     )

@@ -12,6 +12,7 @@ from flytekit.types.directory import FlyteDirectory
 
 from images.specs import cpu_image
 from llm_finetune.evaluate import EvalMetrics
+from llm_finetune.tracking import TrackedRun, tracking_html
 from tasks.common import is_local, local_deck_dir, publish_deck, run_dir, table_html, write_run_file
 from tasks.data import DataReport
 from tasks.evaluate import EvalReport, VariantMetrics, metric_cell, metrics_html, task_metrics_table, variants_table
@@ -70,6 +71,7 @@ def summarize(
     train_steps: int = 0,  # 0: not given (no checkpoint line)
     best_step: int = -1,
     best_eval_loss: float = 0.0,
+    tracking: Optional[TrackedRun] = None,  # the execution's MLflow / W&B run, linked from the deck
 ) -> FineTuneResult:
     """Compare base, tuned and quantized models side by side, and say where every output is.
 
@@ -109,6 +111,8 @@ def summarize(
         sections["Quantized vs tuned"] = table_html(variants_table(variants, t, tuned_mb), max_rows=20)
     if preference_lines:
         sections["Preference accuracy"] = "<pre>" + html.escape("\n".join(preference_lines)) + "</pre>"
+    if tracking is not None and tracking.backend != "none":
+        sections["Tracking"] = tracking_html(tracking)
     publish_deck("summary", sections)
     lines = [f"  WARNING: {drop_note}"] if drop_note else []
     lines += preference_lines
@@ -127,6 +131,8 @@ def summarize(
         "  quantized:   (skipped: quantize.variants is empty)"
     ]
     lines.append(f"  hub:         {', '.join(hub_urls) if hub_urls else '(not published: hub.repo_id is empty)'}")
+    if tracking is not None and tracking.run_id:
+        lines.append(f"  tracking:    {tracking.backend} {tracking.url}")
     result = FineTuneResult(
         tuned_model=tuned_model,
         adapter=adapter,

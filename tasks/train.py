@@ -18,6 +18,7 @@ Elastic launcher runs with ``max_restarts=0`` and the core bounds every collecti
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import typing
 from typing import Optional
@@ -34,11 +35,12 @@ from flytekitplugins.kfpytorch.task import PytorchElasticFunctionTask
 from images.specs import cpu_image, gpu_image
 from llm_finetune.config import DataConfig, TrainConfig, TrainOps, deepspeed_config_path, join_train
 from llm_finetune.errors import ConfigError
+from llm_finetune.tracking import TrackedRun, TrackingCallback, tracking_html
 from llm_finetune.train import train as run_training
 from tasks.checkpoint import FlyteCheckpointStore
 from tasks.elastic import configure_elastic
+from tasks.common import CACHE_TRAIN, DEEPSPEED_DIR, WANDB_SECRET, is_local, publish_deck, recoverable, table_html, wandb_api_key
 from tasks.node_inputs import node_local_directory, node_local_frame
-from tasks.common import CACHE_TRAIN, DEEPSPEED_DIR, is_local, publish_deck, recoverable, table_html
 
 
 class TrainResult(typing.NamedTuple):
@@ -58,12 +60,14 @@ class TrainResult(typing.NamedTuple):
     best_eval_loss: float
     resumed_from_step: int  # 0 = this attempt started from scratch
     metrics: FlyteFile  # train_summary.json: log history, samples, resource profile
+    tracked_run_id: str  # the MLflow / W&B run the curves were streamed to ("" = not tracked)
 
 
 # train_ops (cpu, memory, retries, timeouts, intervals, ...) never changes the trained weights, so it
 # is left out of the key: Flyte hashes the other inputs only (TaskMetadata.cache_ignore_input_vars,
 # honoured by propeller's catalog key, flytepropeller/pkg/controller/nodes/task/cache.go).
-CACHE_TRAIN_IGNORING_OPS = Cache(version=CACHE_TRAIN.version, ignored_inputs=("train_ops",))
+# The tracked MLflow / W&B run is new every execution and is left out too (tasks/tracking.py).
+CACHE_TRAIN_IGNORING_OPS = Cache(version=CACHE_TRAIN.version, ignored_inputs=("train_ops", "tracking"))
 
 
 def elastic_config(cfg: TrainConfig) -> Elastic:
@@ -128,6 +132,30 @@ def _samples_table(rows: list[dict]) -> str:
     return table_html(df[["step", "eval_loss", "prompt_id", "generation", "reference", "prompt"]], max_rows=400)
 
 
+@contextlib.contextmanager
+def rank0_tracking(tracking: TrackedRun):
+    """The TrackingCallback that streams this attempt's curves (it opens the run on rank 0 only).
+
+    On failure the run is closed as failed, and a retry resumes the same run.
+    """
+    tracker = TrackingCallback(tracking, wandb_api_key() if tracking.backend == "wandb" else "")
+    try:
+        yield tracker
+    except BaseException:
+        if tracker.tracker is not None:
+            tracker.tracker.close("failed")
+        raise
+
+
+def suspend_tracking(tracker: TrackingCallback, outputs) -> str:
+    """Rank 0 after training: attach train_summary.json and hand the run to finish_tracking; its id or ""."""
+    if tracker.tracker is None:
+        return ""
+    tracker.tracker.log_artifact(outputs.model_dir.parent / "train_summary.json", "train")
+    tracker.tracker.close("suspended")  # finish_tracking ends the run
+    return tracker.run.run_id
+
+
 @task(
     task_config=elastic_config(TrainConfig()),
     container_image=gpu_image,
@@ -137,6 +165,7 @@ def _samples_table(rows: list[dict]) -> str:
     interruptible=True,
     shared_memory=True,
     enable_deck=True,
+    secret_requests=[WANDB_SECRET],
 )
 def train_elastic(
     base_model: FlyteDirectory,
@@ -145,6 +174,7 @@ def train_elastic(
     data: DataConfig,
     train: TrainConfig,
     train_ops: TrainOps,
+    tracking: Optional[TrackedRun] = None,  # not in the cache key
 ) -> TrainResult:
     """Runs on every worker process; global rank 0's return value is the task's output.
 
@@ -154,14 +184,16 @@ def train_elastic(
     """
     train = join_train(train, train_ops)
     ds_path = deepspeed_config_path(train.deepspeed, DEEPSPEED_DIR)
-    with recoverable():
+    tracking = tracking or TrackedRun()
+    with rank0_tracking(tracking) as tracker, recoverable():
         frame, heldout = node_local_frame(train_data), node_local_frame(eval_data)  # one download per node
         outputs = run_training(
             node_local_directory(base_model), frame, data, train, None, deepspeed_config=ds_path, eval_frame=heldout,
-            checkpoint_store=FlyteCheckpointStore.current(),
+            checkpoint_store=FlyteCheckpointStore.current(), callbacks=(tracker,),
         )
     if outputs is None:  # not rank 0: Flyte ignores this value
         return None  # type: ignore[return-value]
+    tracked_run_id = suspend_tracking(tracker, outputs)
     s = outputs.summary
     logs = pd.DataFrame(s.log_history)
     best = f"best validation loss {s.best_eval_loss:.4f} at step {s.best_step} (returned)" if s.best_step >= 0 else "last step returned"
@@ -175,6 +207,7 @@ def train_elastic(
             "Run": f"<p>{s.method} on {s.world_size} process(es): {s.steps} steps, loss {s.first_loss:.4f} -> "
             f"{s.final_loss:.4f}; {best}; {s.trained_tokens} trained tokens at {s.tokens_per_s:.1f} tokens/s."
             f"{resumed}</p>" + table_html(logs, max_rows=200),
+            "Tracking": tracking_html(tracking),
         },
     )
     return TrainResult(
@@ -191,6 +224,7 @@ def train_elastic(
         best_eval_loss=s.best_eval_loss,
         resumed_from_step=s.resumed_from_step,
         metrics=FlyteFile(str(outputs.model_dir.parent / "train_summary.json")),
+        tracked_run_id=tracked_run_id,
     )
 
 
@@ -214,6 +248,7 @@ def train_model(
     data: DataConfig,
     train: TrainConfig,
     train_ops: TrainOps,
+    tracking: Optional[TrackedRun] = None,  # the execution's MLflow / W&B run; not in the cache key
 ) -> TrainResult:
     """Launch the Elastic training task at the scale and on the hardware the config asks for."""
     full = join_train(train, train_ops)
@@ -221,7 +256,8 @@ def train_model(
     base = preference_train.dpo_elastic if train.method == "dpo" else train_elastic  # DPO: tasks/preference_train.py
     task_fn = _configured_copy(full, base) if is_local() else configure_elastic(base, elastic_config(full))
     result = task_fn(
-        base_model=base_model, train_data=train_data, eval_data=eval_data, data=data, train=train, train_ops=train_ops
+        base_model=base_model, train_data=train_data, eval_data=eval_data, data=data, train=train, train_ops=train_ops,
+        tracking=tracking,  # a promise on a cluster: passed on as it is
     )
     return result.with_overrides(
         requests=resources(full),

@@ -32,8 +32,10 @@ from llm_finetune.config import (
     split_train,
     validate,
 )
+from llm_finetune.errors import ConfigError
 from llm_finetune.revisions import data_revision, model_revision
-from tasks.common import DEEPSPEED_DIR, HF_TOKEN_ENV_SECRET, is_local, recoverable, start_local_run
+from llm_finetune.tracking import tracking_problems
+from tasks.common import DEEPSPEED_DIR, HF_TOKEN_ENV_SECRET, WANDB_SECRET, is_local, recoverable, start_local_run, wandb_api_key
 
 Sections = typing.NamedTuple(
     "Sections",
@@ -81,9 +83,18 @@ def sections(config: FineTuneConfig) -> Sections:
                     stage.enabled, stage_data, stage_train, stage_ops)
 
 
-@task(container_image=cpu_image, retries=2, secret_requests=[HF_TOKEN_ENV_SECRET])
+def check_tracking(config: FineTuneConfig) -> None:
+    """The tracking checks that need this task's environment: the W&B secret, and local or in a pod."""
+    key = wandb_api_key() if config.tracking.backend == "wandb" else ""
+    problems = tracking_problems(config.tracking, key, remote=not is_local())
+    if problems:
+        raise ConfigError(problems)
+
+
+@task(container_image=cpu_image, retries=2, secret_requests=[HF_TOKEN_ENV_SECRET, WANDB_SECRET])
 def validate_config(config: FineTuneConfig) -> Sections:
     """Raise ConfigError listing every problem; otherwise the pinned config and its sections."""
+    check_tracking(config)
     if is_local():
         start_local_run()  # a new runs/<execution id>/ for this execution's decks, summary and model card
     with recoverable():

@@ -106,13 +106,15 @@ def test_the_check_catches_attribute_access_on_a_dataclass_promise():
 # --- operational settings stay out of the training key ------------------------------------
 
 
-def _train_key(train_task, cfg: FineTuneConfig) -> str:
+def _train_key(train_task, cfg: FineTuneConfig, tracking=None) -> str:
     """flytekit's cache key of ``train_task`` for the literals the workflow would give it for ``cfg``."""
     s = sections(cfg)
     inputs = {
         "base_model": FlyteDirectory("s3://bucket/base"), "train_data": StructuredDataset(uri="s3://bucket/tokens"),
         "eval_data": StructuredDataset(uri="s3://bucket/heldout"), "data": s.data, "train": s.train, "train_ops": s.train_ops,
     }
+    if tracking is not None:
+        inputs["tracking"] = tracking
     ctx = FlyteContextManager.current_context()
     lm = TypeEngine.dict_to_literal_map(ctx, inputs, train_task.python_interface.inputs)
     md = train_task.metadata
@@ -131,10 +133,13 @@ def test_operational_train_keys_leave_the_training_key_alone(task_name):
     import tasks.train
 
     train_task = getattr(tasks.train, task_name)
-    assert train_task.metadata.cache_ignore_input_vars == ("train_ops",)
+    assert train_task.metadata.cache_ignore_input_vars == ("train_ops", "tracking")
     base = FineTuneConfig()
     key = _train_key(train_task, base)
     assert _train_key(train_task, base) == key  # deterministic
+    from llm_finetune.tracking import TrackedRun  # each execution's new MLflow / W&B run id leaves it alone too
+
+    assert _train_key(train_task, base, TrackedRun("mlflow", "0f3e9a", "http://mlflow/#/runs/0f3e9a")) == key
     ops = dataclasses.replace(base, train=dataclasses.replace(base.train, **OPS_CHANGED))
     assert _train_key(train_task, ops) == key
     for change in WEIGHTS_CHANGED:

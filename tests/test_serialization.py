@@ -82,6 +82,8 @@ EXPECTED = {
     "tasks.quantize.model_size_mb": (CPU, common.CACHE_QUANTIZE.version, 0, {"CPU": "1", "MEMORY": "1Gi"}),
     "tasks.preference_train.dpo_elastic": (GPU, common.CACHE_TRAIN.version, 2, {"CPU": "2", "MEMORY": "8Gi"}),
     "tasks.preference_stage.preference_stage": (CPU, None, 0, {}),
+    "tasks.tracking.start_tracking": (CPU, None, 0, {}),
+    "tasks.tracking.finish_tracking": (CPU, None, 0, {}),
 }
 TRAINING_TASKS = ("tasks.train.train_elastic", "tasks.preference_train.dpo_elastic")
 
@@ -108,6 +110,14 @@ def test_training_task_is_interruptible_with_shared_memory_and_only_it_is(packag
         assert _task(package, name)["extendedResources"]["sharedMemory"]["mountPath"] == "/dev/shm"
 
 
+def test_training_cache_key_ignores_the_tracked_run(package):
+    """Every execution has a new MLflow / W&B run id; it must not make the cluster retrain."""
+    for name in ("tasks.train.train_model", "tasks.train.train_elastic", "tasks.preference_train.dpo_elastic"):
+        t = _task(package, name)
+        assert set(t["metadata"]["cacheIgnoreInputVars"]) == {"train_ops", "tracking"}, name
+        assert "tracking" in t["interface"]["inputs"]["variables"], name
+
+
 def test_hf_secret_requests(package):
     """Publishing reads the token itself; downloads of gated models/datasets get it as HF_TOKEN."""
     hf_token_env = {"group": "huggingface", "key": "token", "mountRequirement": "ENV_VAR", "envVar": "HF_TOKEN"}
@@ -117,6 +127,10 @@ def test_hf_secret_requests(package):
         "tasks.data.get_data": [hf_token_env],
         "tasks.validate.validate_config": [hf_token_env],  # resolves hub revisions of gated repos
     }
+    wandb = {"group": "wandb", "key": "api_key"}  # tracking.backend: wandb (validated first, used by these)
+    for name in ("tasks.validate.validate_config", "tasks.tracking.start_tracking", "tasks.train.train_elastic",
+                 "tasks.preference_train.dpo_elastic", "tasks.tracking.finish_tracking"):
+        want[name] = [*want.get(name, []), wandb]
     for name in EXPECTED:
         secrets = _task(package, name).get("securityContext", {}).get("secrets", [])
         assert secrets == want.get(name, []), name
@@ -193,6 +207,7 @@ def _compile_train_model(package, tmp_path, train: TrainConfig) -> dict:
     p = subprocess.run([BIN / args[0], *args[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     spec = dynamic_job_pb2.DynamicJobSpec()
+    assert (tmp_path / "out" / "futures.pb").is_file(), sorted(str(f) for f in (tmp_path / "out").rglob("*")) + [p.stderr[-3000:]]
     spec.ParseFromString((tmp_path / "out" / "futures.pb").read_bytes())
     return json_format.MessageToDict(spec)
 

@@ -6,6 +6,7 @@
 
 validate_config -> prepare_base_model (cached) -> check_outputs -> get_data -> train_model (Elastic: SFT, or DPO
 with train.method: dpo) -> preference_stage (optional DPO after SFT) -> assess (evaluate base and tuned, quantize, evaluate the variants) -> push_to_hub -> summarize
+start_tracking (after validate_config) -> ... -> finish_tracking (last): one MLflow / W&B run per execution
 """
 
 from flytekit import workflow
@@ -19,6 +20,7 @@ from tasks.preference_stage import preference_stage
 from tasks.quantize import check_outputs
 from tasks.result import FineTuneResult, summarize
 from tasks.train import train_model
+from tasks.tracking import finish_tracking, start_tracking
 from tasks.validate import validate_config
 
 
@@ -28,6 +30,7 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
     # paths: propeller would re-encode those with random key order and the cache would miss at
     # random (tasks/validate.py). tests/test_cache_keys.py holds the compiled workflow to that.
     s = validate_config(config=config)
+    run = start_tracking(config=s.config)  # one MLflow / W&B run per execution (tracking.backend)
     base = prepare_base_model(model=s.model)
     checked = check_outputs(base_model=base, evaluate=s.evaluate, quantize=s.quantize)  # before any training
     # train / train_ops size data.max_length: auto to the training hardware
@@ -39,6 +42,7 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
         data=s.data,
         train=s.train,
         train_ops=s.train_ops,
+        tracking=run,
     )
     checked >> trained.model  # orders the train node after the checks (any of its outputs names the node)
     # SFT then DPO (config section `preference`); hands the first stage's outputs through when disabled
@@ -56,7 +60,7 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
         tuned=a.tuned,
         variants=a.variants,
     )
-    return summarize(
+    result = summarize(
         tuned_model=final.model,
         adapter=final.adapter,
         quantized=a.quantized,
@@ -69,4 +73,8 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
         train_steps=trained.steps,
         best_step=trained.best_step,
         best_eval_loss=trained.best_eval_loss,
+        tracking=run,
     )
+    finish_tracking(run=run, config=s.config, train_metrics=trained.metrics, tracked_run_id=trained.tracked_run_id,
+                    result=result)  # last: final metrics, summary, model card; ends the run
+    return result

@@ -1,0 +1,145 @@
+"""Tracking tasks: create the execution's MLflow / W&B run first, complete and end it last.
+
+``start_tracking`` runs right after ``validate_config`` and returns a ``TrackedRun`` (backend,
+run id, URL): later tasks resume the run by that id. The cached tasks that take it
+(``train_model``) list it in ``Cache(ignored_inputs=...)``, so a new run id never invalidates
+their cache. When training is served from the cache, ``finish_tracking`` logs the cached
+run's curves from its ``train_summary.json`` into this execution's run, so every run holds
+its curves either way.
+
+The W&B API key is the Flyte Secret wandb/api_key (WANDB_API_KEY locally): never an input,
+so it is not in the execution's inputs, outputs, decks or cache keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from flytekit import current_context, task
+
+from images.specs import cpu_image
+from llm_finetune.config import FineTuneConfig, TrackingConfig
+from llm_finetune.errors import ConfigError
+from llm_finetune.tracking import (
+    TrackedRun,
+    config_params,
+    log_history,
+    redact_uri,
+    redacted,
+    resume_run,
+    start_run,
+    tracking_problems,
+)
+from tasks.common import WANDB_SECRET, is_local, wandb_api_key
+from flytekit.types.file import FlyteFile
+
+from tasks.result import FineTuneResult
+
+def execution_name() -> str:
+    """The Flyte execution id; local runs (whose id is always "local") get a timestamped one."""
+    name = current_context().execution_id.name
+    return f"local-{time.strftime('%Y%m%d-%H%M%S')}" if name in ("", "local") else name
+
+
+def check_tracking(cfg: TrackingConfig) -> None:
+    """validate_config's tracking checks that need the task's environment (secret, local or remote)."""
+    problems = tracking_problems(cfg, wandb_api_key() if cfg.backend == "wandb" else "", remote=not is_local())
+    if problems:
+        raise ConfigError(problems)
+
+
+@task(container_image=cpu_image, secret_requests=[WANDB_SECRET])
+def start_tracking(config: FineTuneConfig) -> TrackedRun:
+    """Create this execution's run (named after the execution id) holding the full resolved config as params."""
+    cfg = config.tracking
+    if cfg.backend == "none":
+        return TrackedRun()
+    name = execution_name()
+    m, d = config.model, config.data
+    tags = {"flyte.execution_id": name, "base_model": m.base_model, "dataset": redact_uri(d.source),
+            "train.method": config.train.method,
+            # pinned by validate_config: the hub commit or content fingerprint this execution reads
+            "base_model.revision": m.revision, "data.revision": d.revision}
+    if os.environ.get("FLYTE_EXECUTION_URL"):
+        tags["flyte.execution_url"] = os.environ["FLYTE_EXECUTION_URL"]
+    run = start_run(cfg, name, config_params(config.to_dict()), tags, api_key=wandb_api_key() if cfg.backend == "wandb" else "")
+    if run.run_id:
+        print(f"[tracking] {run.backend} run {run.run_id}: {run.url}", flush=True)
+    return run
+
+
+def _metrics(prefix: str, m) -> dict[str, float]:
+    return {f"{prefix}/{k}": v for k, v in asdict(m).items() if isinstance(v, (int, float))}
+
+
+def result_summary(result: FineTuneResult, train_summary: dict) -> dict:
+    """The run's results as one JSON document (the summary artifact)."""
+    return {
+        "base_metrics": asdict(result.base_metrics),
+        "tuned_metrics": asdict(result.tuned_metrics),
+        "quantized_metrics": [
+            {"variant": v.variant, "size_mb": v.size_mb, "loss_delta": v.loss_delta, "exact_match_delta": v.exact_match_delta,
+             **asdict(v.metrics)} for v in result.quantized_metrics
+        ],
+        "benchmarks": result.benchmarks,
+        "train": {k: train_summary.get(k) for k in ("method", "steps", "first_loss", "final_loss", "trained_tokens",
+                                                    "tokens_per_s", "runtime_s", "world_size", "best_step", "best_eval_loss")},
+        "tuned_model": str(result.tuned_model.path),
+        "adapter": str(result.adapter.path) if result.adapter else "",
+        "quantized": {q.variant: str(q.model.path) for q in result.quantized},
+        "hub_urls": list(result.hub_urls),
+    }
+
+
+@task(container_image=cpu_image, secret_requests=[WANDB_SECRET])
+def finish_tracking(run: TrackedRun, config: FineTuneConfig, train_metrics: FlyteFile, tracked_run_id: str,
+                    result: FineTuneResult) -> str:
+    """Log base vs tuned vs variant metrics, the summary JSON, the model card and hub links; end the run.
+
+    ``train_metrics`` / ``tracked_run_id``: the train task's train_summary.json and the run it streamed to.
+    """
+    from llm_finetune.hub import model_card
+
+    tracker = resume_run(run, wandb_api_key() if run.backend == "wandb" else "")
+    if tracker is None:
+        return run.url
+    train_file = train_metrics.download()
+    train_summary = json.loads(Path(train_file).read_text())
+    if tracked_run_id != run.run_id:  # training came from the cache (or was not tracked): replay its curves
+        n = log_history(tracker, train_summary.get("log_history", []))
+        tracker.set_tags({"train.source": f"cached result of run {tracked_run_id or '(untracked)'}"})
+        tracker.log_artifact(train_file, "train")
+        print(f"[tracking] training came from the cache: {n} logged steps replayed into run {run.run_id}", flush=True)
+    final = {**_metrics("base", result.base_metrics), **_metrics("tuned", result.tuned_metrics)}
+    for v in result.quantized_metrics:
+        final.update(_metrics(v.variant, v.metrics))
+        final.update({f"{v.variant}/loss_delta": v.loss_delta, f"{v.variant}/exact_match_delta": v.exact_match_delta,
+                      f"{v.variant}/size_mb": v.size_mb})
+    for model, scores in result.benchmarks.items():
+        final.update({f"{model}/{k}": s for k, s in scores.items()})
+    final.update({f"run/{k}": train_summary[k] for k in ("best_eval_loss", "final_loss", "trained_tokens", "tokens_per_s",
+                                                           "runtime_s") if isinstance(train_summary.get(k), (int, float))})
+    tracker.log_summary(final)
+    tracker.set_tags({"hub.urls": " ".join(result.hub_urls) or "(not published)"}
+                     | ({"hub.url": result.hub_url} if result.hub_url else {}))
+    out = Path(tempfile.mkdtemp(prefix="tracking-"))
+    (out / "summary.json").write_text(json.dumps(result_summary(result, train_summary), indent=2, default=str))
+    h = config.hub
+    card = model_card(h.repo_id or "(not published)", base_model=config.model.base_model, dataset=config.data.source,
+                      config=redacted(config.to_dict()), license=h.license, variant="merged model",
+                      metrics={"base": _card(result.base_metrics), "tuned": _card(result.tuned_metrics)})
+    (out / "README.md").write_text(card)
+    tracker.log_artifact(out / "summary.json", "summary")
+    tracker.log_artifact(out / "README.md", "model_card")
+    tracker.close("finished")
+    print(f"[tracking] {run.backend} run {run.run_id} finished: {run.url}", flush=True)
+    return run.url
+
+
+def _card(m) -> dict:
+    return {"loss": m.loss, "perplexity": m.perplexity, "exact match": m.exact_match}
