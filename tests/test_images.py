@@ -96,3 +96,24 @@ def test_spec_hash_is_the_same_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": ""})
     assert out.stdout.split() == [cpu_image.id, gpu_image.id]
+
+
+@pytest.mark.parametrize("spec", [cpu_image, gpu_image], ids=["cpu", "gpu"])
+def test_images_run_gguf_in_llama_cpp_and_carry_the_tracking_clients(spec, tmp_path):
+    """Both images evaluate (GGUF variants in llama.cpp) and train (curves to MLflow / W&B)."""
+    pins = _pins(spec.packages)
+    assert pins["llama-cpp-python"] == LOCK["llama-cpp-python"]
+    # llama-cpp-python compiles llama.cpp at build time: a compiler, and a build for any x86-64 node
+    assert "build-essential" in spec.apt_packages
+    cmake = spec.env["CMAKE_ARGS"].split()
+    assert "-DGGML_NATIVE=OFF" in cmake
+    create_docker_context(spec, tmp_path)
+    dockerfile = (tmp_path / "Dockerfile").read_text()
+    assert dockerfile.index("CMAKE_ARGS") < dockerfile.index("uv pip install")  # the build sees it
+    # the tracking clients, at the versions `make setup` installs (mlflow-skinny without its resolver)
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["tracking"]
+    assert _pins(extra).items() <= pins.items()
+    skinny = [c for c in spec.commands if "mlflow-skinny" in c]
+    assert skinny and "--no-deps" in skinny[0]
+    assert _pins(skinny[0].split()[-1:]) == {"mlflow-skinny": LOCK["mlflow-skinny"]}
+    assert "mlflow-skinny" in dockerfile
