@@ -17,16 +17,12 @@ GiB = 2**30
 
 def count_parameters(model_dir: Path) -> int:
     """Parameter count from the safetensors headers (no weights are read)."""
-    from safetensors import safe_open
+    from llm_finetune.model_files import parameters_in, safetensors_header
 
     total = 0
     for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for key in st.keys():
-                n = 1
-                for d in st.get_slice(key).get_shape():
-                    n *= d
-                total += n
+        with open(f, "rb") as fh:
+            total += parameters_in(safetensors_header(fh))
     return total
 
 

@@ -18,8 +18,9 @@ from llm_finetune.data.prepare import PreparedData, prepare
 from llm_finetune.data.validation import RULES
 from llm_finetune.encoding import IGNORE_INDEX, encode_row
 from llm_finetune.model import load_tokenizer
-from llm_finetune.fit import count_parameters, deepspeed_offload
+from llm_finetune.fit import deepspeed_offload
 from tasks.common import CACHE_DATA, DEEPSPEED_DIR, HF_TOKEN_ENV_SECRET, publish_deck, recoverable, table_html
+from tasks.model_files import model_metadata
 
 
 @dataclass
@@ -125,10 +126,9 @@ def _decks(prepared: PreparedData, tokenizer, data: DataConfig) -> dict[str, str
 CACHE_DATA_IGNORING_OPS = Cache(version=CACHE_DATA.version, ignored_inputs=("train_ops",))
 
 
-def length_chooser(model_dir: Path, train: TrainConfig):
+def length_chooser(model_dir: Path, n_params: int, train: TrainConfig):
     """``prepare``'s length fitting with this model's context and size and the configured hardware."""
     model_config = json.loads((model_dir / "config.json").read_text())
-    n_params = count_parameters(model_dir)
     ds = deepspeed_config_path(train.deepspeed, DEEPSPEED_DIR)
     zero = json.loads(ds.read_text()).get("zero_optimization", {}).get("stage", 0) if ds and ds.is_file() else 0
     offload = deepspeed_offload(ds) if ds and ds.is_file() else False
@@ -158,9 +158,9 @@ def get_data(
     cache key like the training task's: changing only train.memory reuses the cached data and the
     length fitted before (set data.max_length, or clear the cache, to fit it again).
     """
-    model_dir = Path(base_model.download())
+    model_dir, n_params = model_metadata(base_model)  # config and tokenizer; the weights stay in the store
     tokenizer = load_tokenizer(model_dir)
-    prepared = prepare(data, tokenizer, length_chooser(model_dir, join_train(train, train_ops)))
+    prepared = prepare(data, tokenizer, length_chooser(model_dir, n_params, join_train(train, train_ops)))
     note = prepared.drop_note()
     if note:
         print(f"[get_data] WARNING: {note}", flush=True)

@@ -12,6 +12,7 @@ from llm_finetune.config import EvalConfig, QuantizeConfig, quantize_variants
 from llm_finetune.gguf_export import check_exportable
 from llm_finetune.quantize import GGUF_VARIANTS, quantize_variant, weights_mb
 from tasks.common import CACHE_QUANTIZE, recoverable
+from tasks.model_files import model_metadata
 
 
 @dataclass
@@ -31,7 +32,7 @@ def check_outputs(base_model: FlyteDirectory, evaluate: EvalConfig, quantize: Qu
     """
     check_available(evaluate)
     if any(v in GGUF_VARIANTS for v in quantize_variants(quantize)):
-        check_exportable(base_model.download())
+        check_exportable(model_metadata(base_model)[0])  # config and tokenizer files only, not the weights
     return True
 
 

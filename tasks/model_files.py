@@ -1,0 +1,28 @@
+"""The base model's config and tokenizer for the checks before training, without its weights.
+
+``check_outputs`` and ``get_data`` need the config, the tokenizer files and the parameter
+count; ``FlyteDirectory.download()`` would pull every weight shard into a CPU pod (16 GB for
+an 8B model) only to read a few JSON files. See llm_finetune/model_files.py.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from flytekit.core.context_manager import FlyteContextManager
+from flytekit.types.directory import FlyteDirectory
+
+from llm_finetune.fit import count_parameters
+from llm_finetune.model_files import fetch_metadata
+
+
+def model_metadata(directory: FlyteDirectory) -> tuple[Path, int]:
+    """A local folder with the model's non-weight files, and its parameter count (0: unknown)."""
+    source = getattr(directory, "_remote_source", None)  # set by flytekit when the input lives in the object store
+    if not source:
+        local = Path(directory.path)  # a local run: the folder is already here
+        return local, count_parameters(local)
+    fs = FlyteContextManager.current_context().file_access.get_filesystem_for_path(source)
+    local = Path(tempfile.mkdtemp(prefix="model-metadata-"))
+    return local, fetch_metadata(fs, source, local)
