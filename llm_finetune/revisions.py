@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import NoReturn
 
 from llm_finetune.errors import ConfigError, TransientError, is_transient
 
@@ -47,6 +48,14 @@ def _update(h, file: Path) -> None:
             h.update(chunk)
 
 
+def _transient_or_config(e: Exception, transient: str, config: str) -> NoReturn:
+    """Re-raise a failed lookup: a network fault as TransientError (Flyte retries the task), anything
+    else as the user's ConfigError (``from None``: not retried, see errors.is_transient)."""
+    if is_transient(e):
+        raise TransientError(f"{transient}: {type(e).__name__}: {e}") from e
+    raise ConfigError([f"{config}: {type(e).__name__}: {e}"]) from None
+
+
 def object_store_fingerprint(uri: str) -> str:
     """``etag:<hex>`` over every object under ``uri`` (a file or a prefix), from listing metadata only."""
     import fsspec
@@ -57,9 +66,7 @@ def object_store_fingerprint(uri: str) -> str:
     except FileNotFoundError:
         raise ConfigError([f"data.source: {uri} does not exist (no object at that key or prefix)"]) from None
     except Exception as e:
-        if is_transient(e):
-            raise TransientError(f"data.source: cannot list {uri}: {type(e).__name__}: {e}") from e
-        raise ConfigError([f"data.source: cannot read {uri}: {type(e).__name__}: {e}"]) from None
+        _transient_or_config(e, f"data.source: cannot list {uri}", f"data.source: cannot read {uri}")
     if not found:
         raise ConfigError([f"data.source: {uri} is an empty prefix; no objects to train on"])
     h = hashlib.sha256()
@@ -91,9 +98,8 @@ def _hub_sha(kind: str, repo_id: str, revision: str, key: str) -> str:
     except RepositoryNotFoundError:
         raise ConfigError([f"{key}: no hub {kind} {repo_id!r} (or it is private and HF_TOKEN is missing); check the id"]) from None
     except Exception as e:
-        if is_transient(e):
-            raise TransientError(f"{key}: the hub did not answer for {kind} {repo_id}: {type(e).__name__}: {e}") from e
-        raise ConfigError([f"{key}: cannot resolve {kind} {repo_id} at {revision!r}: {type(e).__name__}: {e}"]) from None
+        _transient_or_config(e, f"{key}: the hub did not answer for {kind} {repo_id}",
+                             f"{key}: cannot resolve {kind} {repo_id} at {revision!r}")
     return info.sha
 
 
