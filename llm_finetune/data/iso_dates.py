@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import random
 from pathlib import Path
+from typing import Iterator
 
 SHIPPED_FILE = Path(__file__).with_name("iso_dates.jsonl")
 DEFAULT_ROWS = 1000
@@ -59,27 +60,29 @@ def _surface_forms(d: dt.date) -> list[str]:
     ]
 
 
-def generate(rows: int = DEFAULT_ROWS, seed: int = DEFAULT_SEED) -> list[dict]:
-    """Alpaca-style records (instruction, input, output), distinct dates, deterministic."""
-    rng = random.Random(seed)
+def distinct_dates(rng: random.Random) -> Iterator[dt.date]:
+    """Dates in 1900-2099 drawn with ``rng``, each at most once. The caller may draw from ``rng``
+    between dates (the embedded sets do), so a fixed seed gives the same rows every time."""
     seen: set[dt.date] = set()
-    records = []
-    while len(records) < rows:
+    while True:
         year = rng.randint(1900, 2099)
         month = rng.randint(1, 12)
         day = rng.randint(1, calendar.monthrange(year, month)[1])
         date = dt.date(year, month, day)
-        if date in seen:
-            continue
-        seen.add(date)
+        if date not in seen:
+            seen.add(date)
+            yield date
+
+
+def generate(rows: int = DEFAULT_ROWS, seed: int = DEFAULT_SEED) -> list[dict]:
+    """Alpaca-style records (instruction, input, output), distinct dates, deterministic."""
+    rng = random.Random(seed)
+    dates = distinct_dates(rng)
+    records = []
+    for _ in range(rows):
+        date = next(dates)
         form = rng.choice(_surface_forms(date))
-        records.append(
-            {
-                "instruction": rng.choice(INSTRUCTIONS),
-                "input": form,
-                "output": date.isoformat(),
-            }
-        )
+        records.append({"instruction": rng.choice(INSTRUCTIONS), "input": form, "output": date.isoformat()})
     return records
 
 

@@ -14,12 +14,11 @@ was written for this project.
 
 from __future__ import annotations
 
-import calendar
 import datetime as dt
 import random
 from pathlib import Path
 
-from llm_finetune.data.iso_dates import INSTRUCTIONS, MONTHS, _surface_forms, to_jsonl
+from llm_finetune.data.iso_dates import INSTRUCTIONS, MONTHS, _surface_forms, distinct_dates, to_jsonl
 
 SHIPPED_FILE = Path(__file__).with_name("iso_dates_preference.jsonl")
 DEFAULT_ROWS = 1000
@@ -46,16 +45,10 @@ def rejected_answer(kind: str, date: dt.date, written: str) -> str:
 def generate(rows: int = DEFAULT_ROWS, seed: int = DEFAULT_SEED) -> list[dict]:
     """Flat preference records (prompt, chosen, rejected), distinct dates, deterministic."""
     rng = random.Random(seed)
-    seen: set[dt.date] = set()
+    dates = distinct_dates(rng)
     records = []
-    while len(records) < rows:
-        year = rng.randint(1900, 2099)
-        month = rng.randint(1, 12)
-        day = rng.randint(1, calendar.monthrange(year, month)[1])
-        date = dt.date(year, month, day)
-        if date in seen:
-            continue
-        seen.add(date)
+    for _ in range(rows):
+        date = next(dates)
         written = rng.choice(_surface_forms(date))
         rejected = rejected_answer(rng.choice(REJECTED_KINDS), date, written)
         if rejected == date.isoformat():  # e.g. an echo of a form that already is ISO-like
