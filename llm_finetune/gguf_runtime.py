@@ -29,8 +29,17 @@ def _no_extra_buffer_types() -> None:
 
 
 def load_gguf(path: str | Path, n_ctx: int = 2048, n_threads: int | None = None):
-    """A ``llama_cpp.Llama`` with logits for every position (for scoring as well as generation)."""
+    """A ``llama_cpp.Llama`` with logits for every position (for scoring as well as generation).
+
+    ``n_threads`` None: one thread per CPU the container may use (llm_finetune/cpus.py).
+    llama-cpp-python's own default is half of ``os.cpu_count()``: one thread on a 2-core
+    machine, and dozens inside a 2-CPU pod on a large node, throttled by its CPU quota.
+    """
     import llama_cpp
 
+    from llm_finetune.cpus import available_cpus
+
     _no_extra_buffer_types()
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=n_threads, verbose=False, seed=0)
+    n_threads = n_threads or available_cpus()
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=n_threads,
+                           n_threads_batch=n_threads, verbose=False, seed=0)

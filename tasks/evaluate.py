@@ -11,6 +11,7 @@ from flytekit.types.structured import StructuredDataset
 from images.specs import cpu_image
 from llm_finetune.benchmarks import run_benchmarks
 from llm_finetune.config import DataConfig, EvalConfig, TrainConfig
+from llm_finetune.cpus import use_container_cpus
 from llm_finetune.evaluate import EvalMetrics
 from llm_finetune.evaluate import evaluate as score_model
 from tasks.common import CACHE_EVAL, publish_deck, table_html, recoverable
@@ -87,6 +88,7 @@ def evaluate_model(
 ) -> EvalReport:
     """Loss, perplexity and the task metric of ``model`` (plus optional lm-eval benchmarks); ``label`` names it in decks."""
     model_dir = model.download()
+    use_container_cpus()
     metrics, table = score_model(model_dir, eval_data.open(pd.DataFrame).all(), data, evaluate)
     benchmarks = run_benchmarks(model_dir, evaluate)
     bench = "".join(f"<li>{html.escape(k)}: {v:.3f}</li>" for k, v in benchmarks.items())
@@ -133,6 +135,7 @@ def evaluate_quantized(
     """Every quantized variant on the same test rows, with its change against the unquantized tuned model."""
     if not quantized:
         return []
+    use_container_cpus()
     frame = eval_data.open(pd.DataFrame).all()
     tuned_table = tuned.samples.open(pd.DataFrame).all()
     rows, samples = [], {"prompt": tuned_table["prompt"], "tuned": tuned_table["prediction"]}

@@ -149,3 +149,23 @@ def test_gguf_variants_are_scored_in_llama_cpp_like_the_hf_model(tokenizer, tmp_
     assert got.rows == ref.rows and list(table["prompt"]) == list(ref_table["prompt"])
     assert abs(got.loss - ref.loss) < 0.01 * ref.loss, (got.loss, ref.loss)  # f16 rounding only
     assert list(table["prediction"]) == list(ref_table["prediction"])
+
+
+def test_llama_cpp_threads_follow_the_container_cpu_limit(tokenizer, tmp_path, monkeypatch):
+    """The evaluation pod's llama.cpp runs one thread per CPU of its limit (llama-cpp-python's own
+    default is half of os.cpu_count(): dozens of threads in a 2-CPU pod on a large node)."""
+    import os
+
+    from llm_finetune.gguf_runtime import load_gguf
+    from llm_finetune.quantize import quantize_variant
+    from tests.tiny_families import save_family
+
+    q = quantize_variant(save_family("smollm2", tmp_path / "m", smollm_tokenizer=tokenizer), tmp_path / "q", "gguf_q8_0", name="m")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    monkeypatch.setattr("llm_finetune.cpus.CGROUP", cgroup)
+    for cpu_max, want in (("100000 100000", 1), ("max 100000", len(os.sched_getaffinity(0)))):
+        (cgroup / "cpu.max").write_text(cpu_max + "\n")
+        llm = load_gguf(q.path / q.gguf_file, n_ctx=64)
+        assert (llm.context_params.n_threads, llm.context_params.n_threads_batch) == (want, want), cpu_max
+        llm.close()
