@@ -14,7 +14,6 @@ from typing import Optional
 import pandas as pd
 from flytekit import task
 from flytekit.types.directory import FlyteDirectory
-from flytekit.types.file import FlyteFile
 from flytekit.types.structured import StructuredDataset
 
 from images.specs import gpu_image
@@ -26,7 +25,7 @@ from tasks.common import DEEPSPEED_DIR, WANDB_SECRET, publish_deck, recoverable,
 from tasks.node_inputs import node_local_directory, node_local_frame
 from tasks.train import (
     CACHE_TRAIN_IGNORING_OPS, TrainResult, _curves, _resource_profile, _samples_table, elastic_config, rank0_tracking, resources,
-    suspend_tracking,
+    suspend_tracking, train_result,
 )
 
 
@@ -103,19 +102,4 @@ def dpo_elastic(
             "Tracking": tracking_html(tracking),
         },
     )
-    return TrainResult(
-        model=FlyteDirectory(str(outputs.model_dir)),
-        adapter=FlyteDirectory(str(outputs.adapter_dir)) if outputs.adapter_dir else None,
-        steps=s.steps,
-        first_loss=s.first_loss,
-        final_loss=s.final_loss,
-        trained_tokens=s.trained_tokens,
-        tokens_per_s=s.tokens_per_s,
-        runtime_s=s.runtime_s,
-        world_size=s.world_size,
-        best_step=s.best_step,
-        best_eval_loss=s.best_eval_loss,
-        resumed_from_step=s.resumed_from_step,
-        metrics=FlyteFile(str(outputs.model_dir.parent / "train_summary.json")),
-        tracked_run_id=tracked_run_id,
-    )
+    return train_result(outputs, tracked_run_id)

@@ -132,6 +132,27 @@ def _samples_table(rows: list[dict]) -> str:
     return table_html(df[["step", "eval_loss", "prompt_id", "generation", "reference", "prompt"]], max_rows=400)
 
 
+def train_result(outputs, tracked_run_id: str) -> TrainResult:
+    """Rank 0's task outputs from the core's TrainOutputs (train_elastic and dpo_elastic alike)."""
+    s = outputs.summary
+    return TrainResult(
+        model=FlyteDirectory(str(outputs.model_dir)),
+        adapter=FlyteDirectory(str(outputs.adapter_dir)) if outputs.adapter_dir else None,
+        steps=s.steps,
+        first_loss=s.first_loss,
+        final_loss=s.final_loss,
+        trained_tokens=s.trained_tokens,
+        tokens_per_s=s.tokens_per_s,
+        runtime_s=s.runtime_s,
+        world_size=s.world_size,
+        best_step=s.best_step,
+        best_eval_loss=s.best_eval_loss,
+        resumed_from_step=s.resumed_from_step,
+        metrics=FlyteFile(str(outputs.model_dir.parent / "train_summary.json")),
+        tracked_run_id=tracked_run_id,
+    )
+
+
 @contextlib.contextmanager
 def rank0_tracking(tracking: TrackedRun):
     """The TrackingCallback that streams this attempt's curves (it opens the run on rank 0 only).
@@ -210,22 +231,7 @@ def train_elastic(
             "Tracking": tracking_html(tracking),
         },
     )
-    return TrainResult(
-        model=FlyteDirectory(str(outputs.model_dir)),
-        adapter=FlyteDirectory(str(outputs.adapter_dir)) if outputs.adapter_dir else None,
-        steps=s.steps,
-        first_loss=s.first_loss,
-        final_loss=s.final_loss,
-        trained_tokens=s.trained_tokens,
-        tokens_per_s=s.tokens_per_s,
-        runtime_s=s.runtime_s,
-        world_size=s.world_size,
-        best_step=s.best_step,
-        best_eval_loss=s.best_eval_loss,
-        resumed_from_step=s.resumed_from_step,
-        metrics=FlyteFile(str(outputs.model_dir.parent / "train_summary.json")),
-        tracked_run_id=tracked_run_id,
-    )
+    return train_result(outputs, tracked_run_id)
 
 
 def _configured_copy(cfg: TrainConfig, base: PytorchElasticFunctionTask | None = None) -> PytorchElasticFunctionTask:
