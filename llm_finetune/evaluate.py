@@ -21,7 +21,8 @@ from llm_finetune.collate import TokenCollator
 from llm_finetune.config import DataConfig, EvalConfig
 from llm_finetune.data.preference import is_preference_frame
 from llm_finetune.encoding import IGNORE_INDEX, prompt_and_reference
-from llm_finetune.generation import greedy
+from llm_finetune.draft_answers import drafted_answers
+from llm_finetune.generation import greedy, stop_token_ids
 from llm_finetune.metrics import HEADLINE, score, task_kind
 from llm_finetune.model import load_tokenizer
 from llm_finetune.train import encode_frame
@@ -64,12 +65,17 @@ def load_model(model_dir: str | Path, gguf_file: str = ""):
 
 
 @torch.no_grad()
-def completion_loss(model, tokenizer, frame: pd.DataFrame, data_cfg: DataConfig, batch_size: int) -> float:
-    examples = encode_frame(tokenizer, frame, data_cfg)
-    collate = TokenCollator(tokenizer.pad_token_id)
-    total, count = 0.0, 0
+def scoring_pass(model, examples: list[dict], pad_id: int, batch_size: int) -> tuple[float, list[list[int]]]:
+    """Mean NLL per trained token, and the model's top token at every position of every row.
+
+    The top tokens let ``draft_answers`` read greedy answers off this pass where the model
+    reproduces the reference, instead of generating them.
+    """
+    collate = TokenCollator(pad_id)
+    total, count, tops = 0.0, 0, []
     for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(examples[i : i + batch_size]).items()}
+        chunk = examples[i : i + batch_size]
+        batch = {k: v.to(model.device) for k, v in collate(chunk).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(
@@ -77,7 +83,9 @@ def completion_loss(model, tokenizer, frame: pd.DataFrame, data_cfg: DataConfig,
         )
         total += float(nll)
         count += int((labels != IGNORE_INDEX).sum())
-    return total / max(count, 1)
+        top = logits.argmax(-1).tolist()
+        tops += [row[: len(ex["input_ids"])] for row, ex in zip(top, chunk)]
+    return total / max(count, 1), tops
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -106,23 +114,33 @@ def evaluate(
         return evaluate_preference(model_dir, eval_frame, data_cfg, cfg, gguf_file)
     frame = eval_frame if cfg.max_samples == 0 else eval_frame.head(cfg.max_samples)
     tokenizer = _tokenizer(model_dir, gguf_file)
+    examples = encode_frame(tokenizer, frame, data_cfg)
     llm = None
     if gguf_file and importlib.util.find_spec("llama_cpp"):  # GGUF runs in llama.cpp (llm_finetune/gguf_eval.py)
         from llm_finetune import gguf_eval
 
-        examples = encode_frame(tokenizer, frame, data_cfg)
         llm = gguf_eval.load(model_dir, gguf_file, n_ctx=max([len(e["input_ids"]) for e in examples] + [64]) + cfg.max_new_tokens + 16)
-        loss = gguf_eval.completion_loss(llm, examples)
+        loss, tops = gguf_eval.scoring_pass(llm, examples)
+        stops = gguf_eval.stop_ids(llm, tokenizer)
     else:
         model = load_model(model_dir, gguf_file)
-        loss = completion_loss(model, tokenizer, frame, data_cfg, cfg.batch_size)
+        loss, tops = scoring_pass(model, examples, tokenizer.pad_token_id, cfg.batch_size)
+        stops = set(stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
     rows = []
     instruction_rows = [json.loads(m) for m in frame["messages"] if m]
     if instruction_rows:
         pairs = [prompt_and_reference(tokenizer, conv, data_cfg.prompt_template) for conv in instruction_rows]
         prompts = [p for p, _ in pairs]
-        predictions = (gguf_eval.generate(llm, tokenizer, prompts, cfg.max_new_tokens) if llm is not None
-                       else generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size))
+        prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        drafted = drafted_answers(tops, examples, prompt_ids, stops, cfg.max_new_tokens)
+        todo = [i for i, d in enumerate(drafted) if d is None]  # rows where the model leaves the reference
+        generated = (gguf_eval.generate(llm, tokenizer, [prompts[i] for i in todo], cfg.max_new_tokens) if llm is not None
+                     else generate(model, tokenizer, [prompts[i] for i in todo], cfg.max_new_tokens, cfg.generate_batch_size))
+        predictions = [tokenizer.decode(d, skip_special_tokens=True) if d is not None else "" for d in drafted]
+        for i, text in zip(todo, generated):
+            predictions[i] = text
+        print(f"[evaluate] {len(prompts) - len(todo)} of {len(prompts)} greedy answers verified in the loss pass, "
+              f"{len(todo)} generated", flush=True)
         for conv, (_, ref), pred in zip(instruction_rows, pairs, predictions):
             user = next((m["content"] for m in reversed(conv) if m["role"] == "user"), "")
             rows.append({"prompt": user, "reference": ref, "prediction": pred.strip(), "correct": pred.strip() == ref.strip()})

@@ -22,24 +22,32 @@ def _logits(llm, ids: list[int]) -> np.ndarray:
     return np.asarray(llm.scores[: len(ids)], dtype=np.float64)
 
 
-def completion_loss(llm, examples: list[dict]) -> float:
-    """Mean NLL per trained token (labels != IGNORE_INDEX), as ``evaluate.completion_loss`` computes it."""
-    total, count = 0.0, 0
+def scoring_pass(llm, examples: list[dict]) -> tuple[float, list[list[int]]]:
+    """Mean NLL per trained token (labels != IGNORE_INDEX), as ``evaluate.scoring_pass`` computes
+    it, and llama.cpp's top token at every position (``draft_answers`` reads greedy answers off them)."""
+    total, count, tops = 0.0, 0, []
     for ex in examples:
         ids, labels = list(ex["input_ids"]), list(ex["labels"])
-        logits = _logits(llm, ids)[:-1]
+        logits = _logits(llm, ids)
+        tops.append(logits.argmax(-1).tolist())
+        logits = logits[:-1]
         logp = logits - logits.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
         for t, label in enumerate(labels[1:]):
             if label != IGNORE_INDEX:
                 total -= logp[t, label]
                 count += 1
-    return total / max(count, 1)
+    return total / max(count, 1), tops
+
+
+def stop_ids(llm, tokenizer) -> set[int]:
+    """The tokens ``generate`` stops at."""
+    return {tokenizer.eos_token_id, llm.token_eos()}
 
 
 def generate(llm, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy completions (stop at EOS), decoded with the HF tokenizer."""
-    stop = {tokenizer.eos_token_id, llm.token_eos()}
+    stop = stop_ids(llm, tokenizer)
     out = []
     for prompt in prompts:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
