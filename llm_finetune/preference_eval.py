@@ -81,7 +81,7 @@ def evaluate_preference(model_dir: str | Path, eval_frame: pd.DataFrame, data_cf
     prefers = chosen > rejected
     low, high = bootstrap_interval(prefers)
     prompts = sample_prompts(tokenizer, frame, data_cfg, len(frame))
-    predictions = [p.strip() for p in generate(model, tokenizer, [p for p, _ in prompts], cfg.max_new_tokens, cfg.batch_size)]
+    predictions = [p.strip() for p in generate(model, tokenizer, [p for p, _ in prompts], cfg.max_new_tokens, cfg.generate_batch_size)]
     n_chosen = sum(len(e["chosen_ids"]) for e in examples)
     loss = float(-chosen.sum() / max(n_chosen, 1))  # NLL per chosen-answer token
     table = pd.DataFrame({
