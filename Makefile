@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 VERSION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup test test-fast test-gpu run smoke dpo-smoke package register register-dry-run check-cluster bench bench-gpu clean-cache
+.PHONY: setup test test-fast test-gpu run smoke dpo-smoke package register register-dry-run check-cluster bench bench-pipeline bench-gpu clean-cache
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ check-cluster:
 bench:
 	$(BIN)/python -m bench.prepare_data
 	$(BIN)/python -m bench.train_speed
+
+# The train task as the pipeline runs it (2 processes) against a plain TRL script, same rows (~10 min)
+bench-pipeline:
+	$(BIN)/python -m bench.pipeline_vs_trl
 
 # On a CUDA machine whose python has a CUDA torch, transformers and peft (no Flyte needed):
 #   make bench-gpu PYTHON=python3

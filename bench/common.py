@@ -24,7 +24,7 @@ def environment() -> dict:
     import importlib.metadata as md
 
     versions = {}
-    for pkg in ("torch", "transformers", "peft", "pandas", "pyarrow", "tokenizers"):
+    for pkg in ("torch", "transformers", "peft", "trl", "flytekit", "pandas", "pyarrow", "tokenizers"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
