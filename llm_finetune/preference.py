@@ -25,16 +25,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from llm_finetune.checkpoint import checkpoint_step
 from llm_finetune.checkpoint_upload import BackgroundUploader
 from llm_finetune.config import DataConfig, TrainConfig
 from llm_finetune.data.preference import encode_pairs
@@ -45,7 +42,6 @@ from llm_finetune.model import load_tokenizer
 from llm_finetune.resources import ResourceSampler
 from llm_finetune.train import (
     TrainOutputs,
-    TrainSummary,
     _check_hardware,
     _init_distributed,
     _local_rank,
@@ -58,9 +54,10 @@ from llm_finetune.train import (
     _use_bf16,
     _world_size,
     _zero_stage,
-    merge_adapter,
+    save_outputs,
+    train_summary,
 )
-from llm_finetune.trainer import CheckpointUploader, SampleGenerations, barrier
+from llm_finetune.trainer import CheckpointUploader, SampleGenerations
 
 PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 # what the train deck plots from TRL's logs (train and eval_ prefixed)
@@ -294,44 +291,8 @@ def train_dpo(
         raise
     runtime = time.perf_counter() - start
 
-    state = trainer.state
-    losses = [h["loss"] for h in state.log_history if "loss" in h]
-    tokens = [h["num_tokens"] for h in state.log_history if "num_tokens" in h]
-    trained_tokens = int(tokens[-1]) if tokens else 0
-    ds_config = getattr(args, "hf_deepspeed_config", None)
-    summary = TrainSummary(
-        method=f"dpo ({cfg.dpo.weights}, loss {cfg.dpo.loss_type}, beta {cfg.dpo.beta})",
-        steps=int(result.global_step),
-        world_size=int(args.world_size),
-        first_loss=float(losses[0]) if losses else math.nan,
-        final_loss=float(losses[-1]) if losses else math.nan,
-        runtime_s=runtime,
-        trained_tokens=trained_tokens,
-        tokens_per_s=trained_tokens / runtime if runtime > 0 else 0.0,
-        log_history=[{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in state.log_history],
-        best_step=checkpoint_step(Path(state.best_model_checkpoint)) if keep_best and state.best_model_checkpoint else -1,
-        best_eval_loss=float(state.best_metric) if keep_best and state.best_metric is not None else math.nan,
-        resumed_from_step=checkpoint_step(resume) if resume is not None else 0,
-        samples=samples.rows,
-        resource_profile=sampler.samples if isinstance(sampler, ResourceSampler) else [],
-        deepspeed_config=json.loads(json.dumps(ds_config.config, default=str)) if ds_config is not None else {},
-    )
-
-    model_out = output_dir / "model"
-    adapter_out = output_dir / "adapter" if wcfg.method != "full" else None
-    trainer.save_model(str(adapter_out or model_out))  # all ranks: DeepSpeed ZeRO-3 gathers here
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(adapter_out or model_out)
-        if adapter_out is not None:
-            if deepspeed_config:
-                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-                unset_hf_deepspeed_config()
-            merge_adapter(base_model_dir, adapter_out, model_out, bf16=bf16)
-        (output_dir / "train_summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str))
-    barrier()
-    if uploads is not None:  # after the last collective: the other ranks need not wait for the store
-        uploads.close()
-    if _rank() != 0:
-        return None
-    return TrainOutputs(model_out, adapter_out, summary)
+    tokens = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]
+    summary = train_summary(f"dpo ({cfg.dpo.weights}, loss {cfg.dpo.loss_type}, beta {cfg.dpo.beta})", trainer, result,
+                            runtime, int(tokens[-1]) if tokens else 0, keep_best, resume, samples.rows, sampler)
+    return save_outputs(trainer, tokenizer, output_dir, wcfg.method == "full", base_model_dir, deepspeed_config, bf16,
+                        summary, uploads)

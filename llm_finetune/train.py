@@ -430,11 +430,19 @@ def train(
     runtime = time.perf_counter() - start
     trained_tokens = int(all_reduce_sum(trainer.trained_tokens_local))
 
-    state = trainer.state
+    summary = train_summary(cfg.method, trainer, result, runtime, trained_tokens, keep_best, resume, samples.rows, sampler)
+    return save_outputs(trainer, tokenizer, output_dir, cfg.method == "full", base_model_dir, deepspeed_config, bf16,
+                        summary, uploads)
+
+
+def train_summary(method: str, trainer, result, runtime: float, trained_tokens: int, keep_best: bool, resume,
+                  samples: list, sampler) -> TrainSummary:
+    """What a finished run reports (train_summary.json, the task's outputs); shared by SFT and DPO."""
+    state, args = trainer.state, trainer.args
     losses = [h["loss"] for h in state.log_history if "loss" in h]
     ds_config = getattr(args, "hf_deepspeed_config", None)
-    summary = TrainSummary(
-        method=cfg.method,
+    return TrainSummary(
+        method=method,
         steps=int(result.global_step),
         world_size=int(args.world_size),
         first_loss=float(losses[0]) if losses else math.nan,
@@ -446,13 +454,21 @@ def train(
         best_step=checkpoint_step(Path(state.best_model_checkpoint)) if keep_best and state.best_model_checkpoint else -1,
         best_eval_loss=float(state.best_metric) if keep_best and state.best_metric is not None else math.nan,
         resumed_from_step=checkpoint_step(resume) if resume is not None else 0,
-        samples=samples.rows,
+        samples=samples,
         resource_profile=sampler.samples if isinstance(sampler, ResourceSampler) else [],
         deepspeed_config=json.loads(json.dumps(ds_config.config, default=str)) if ds_config is not None else {},
     )
 
+
+def save_outputs(trainer, tokenizer, output_dir: Path, full: bool, base_model_dir, deepspeed_config, bf16: bool,
+                 summary: TrainSummary, uploads) -> TrainOutputs | None:
+    """Save the model (LoRA: the adapter, then merged into the base) and the summary; shared by SFT and DPO.
+
+    Every rank calls this (DeepSpeed ZeRO-3 gathers the weights in ``save_model``); rank 0
+    writes, and gets the outputs. The checkpoint uploads close after the last collective.
+    """
     model_out = output_dir / "model"
-    adapter_out = output_dir / "adapter" if cfg.method != "full" else None
+    adapter_out = None if full else output_dir / "adapter"
     trainer.save_model(str(adapter_out or model_out))  # all ranks: DeepSpeed ZeRO-3 gathers here
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(adapter_out or model_out)
