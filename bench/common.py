@@ -12,6 +12,18 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def embedded_model_dir() -> Path:
+    """The embedded model as safetensors, rebuilt from its GGUF once per machine ($BENCH_CACHE)."""
+    from llm_finetune.config import EMBEDDED_MODEL
+    from llm_finetune.model import materialize
+
+    cache = Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "llm-finetune-bench"))
+    model_dir = cache / "smollm2-135m"
+    if not (model_dir / "config.json").is_file():
+        materialize(EMBEDDED_MODEL, model_dir)
+    return model_dir
+
+
 def device_name() -> str:
     import torch
 

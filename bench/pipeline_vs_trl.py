@@ -33,7 +33,7 @@ from pathlib import Path
 
 os.environ.setdefault("FLYTE_LOCAL_CACHE_ENABLED", "false")  # measure training, not the local cache
 
-from bench.common import environment, print_table, write_result  # noqa: E402
+from bench.common import embedded_model_dir, environment, print_table, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -48,15 +48,11 @@ def main() -> None:
     from flytekit.types.directory import FlyteDirectory
 
     from bench.alpaca_like import write_jsonl
-    from llm_finetune.config import EMBEDDED_MODEL, DataConfig, TrainConfig, TrainOps
-    from llm_finetune.model import materialize
+    from llm_finetune.config import DataConfig, TrainConfig, TrainOps
     from tasks.data import get_data
     from tasks.train import train_elastic
 
-    cache = Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "llm-finetune-bench"))
-    model_dir = cache / "smollm2-135m"
-    if not (model_dir / "config.json").is_file():
-        materialize(EMBEDDED_MODEL, model_dir)
+    model_dir = embedded_model_dir()
     tmp = Path(tempfile.mkdtemp(prefix="pipeline-vs-trl-"))
     src = write_jsonl(tmp / "rows.jsonl", a.rows)
     data = DataConfig(source=str(src), packing=True, max_length=a.max_length, validation_fraction=0.02, test_fraction=0.02)

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, device_name, print_table, write_result
+from bench.common import RESULTS, device_name, embedded_model_dir, print_table, write_result
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 GPU_MODEL = dict(  # TinyLlama-1.1B's shape, randomly initialised: no download
@@ -41,14 +41,11 @@ GPU_MODEL = dict(  # TinyLlama-1.1B's shape, randomly initialised: no download
 def cpu_examples(n_rows: int, max_length: int) -> tuple[list[dict], str]:
     """Real tokenized Alpaca-like rows for the embedded model (prompt labels -100)."""
     from bench.alpaca_like import write_jsonl
-    from llm_finetune.config import EMBEDDED_MODEL, DataConfig
+    from llm_finetune.config import DataConfig
     from llm_finetune.data.prepare import prepare
-    from llm_finetune.model import load_tokenizer, materialize
+    from llm_finetune.model import load_tokenizer
 
-    cache = Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "llm-finetune-bench"))
-    model_dir = cache / "smollm2-135m"
-    if not (model_dir / "config.json").is_file():
-        materialize(EMBEDDED_MODEL, model_dir)
+    model_dir = embedded_model_dir()
     tok = load_tokenizer(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
         src = write_jsonl(Path(tmp) / "rows.jsonl", n_rows)
