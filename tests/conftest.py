@@ -1,17 +1,34 @@
 """Shared fixtures: the embedded base model is materialised once per test session."""
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tasks/, workflows/, images/ are top-level packages
+# Every temporary file of the session, ours, pytest's, flytekit's and the subprocesses' (torchrun workers,
+# pyflyte runs inherit TMPDIR), goes under one folder that is removed when the session ends. One run of the
+# suite writes several GB there (merged models, checkpoints, flytekit's copies of task outputs); left in /tmp
+# they filled a shared disk. LLM_FINETUNE_KEEP_TEST_TMP=1 keeps the folder for a post-mortem.
+SESSION_TMP = tempfile.mkdtemp(prefix="llm-finetune-tests-")
+os.environ["TMPDIR"] = SESSION_TMP
+tempfile.tempdir = SESSION_TMP
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # local runs write runs/<execution id>/ (decks, summary.json, model card): keep the tests' out of the repo
-os.environ.setdefault("LLM_FINETUNE_RUNS_DIR", __import__("tempfile").mkdtemp(prefix="llm-finetune-test-runs-"))
+os.environ.setdefault("LLM_FINETUNE_RUNS_DIR", tempfile.mkdtemp(prefix="llm-finetune-test-runs-"))
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own tmp_path clean-up
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("LLM_FINETUNE_KEEP_TEST_TMP"):
+        print(f"\n[conftest] kept the session's temporary files in {SESSION_TMP}")
+        return
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
