@@ -34,3 +34,23 @@ def test_missing_local_model_dir_is_explained(tmp_path):
 
     with pytest.raises(ModelError, match="holds no config.json"):
         materialize(str(tmp_path), tmp_path / "out")
+
+
+def test_embedded_rebuild_parses_the_gguf_file_once(tmp_path, monkeypatch):
+    """Tokenizer, config and weights come from one GGUFReader (was three: 17 s of a 22 s rebuild)."""
+    import gguf
+
+    from llm_finetune.model import _from_gguf
+
+    parses = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, mode="r"):
+            parses.append(str(path))
+            super().__init__(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    _from_gguf(embedded_gguf("embedded://SmolLM2-135M-Instruct"), tmp_path / "model")
+    assert len(parses) == 1, parses
+    assert gguf.GGUFReader is CountingReader  # restored after the rebuild
+    assert (tmp_path / "model" / "model.safetensors").is_file() and (tmp_path / "model" / "tokenizer.json").is_file()
