@@ -24,7 +24,7 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -45,6 +45,13 @@ class TrackedRun:
     url: str = ""  # where a person opens it (tracking UI, or the local folder)
     project: str = ""
     uri: str = ""  # MLflow tracking URI (absolute for the local store) / W&B server URL
+    # A later training stage of the same execution (SFT then DPO): its curves go under ``<stage>/`` and
+    # after the earlier stage's steps, so the names do not mix and W&B's step stays monotonic.
+    stage: str = ""
+    step_offset: int = 0
+
+    def for_stage(self, stage: str, step_offset: int) -> "TrackedRun":
+        return replace(self, stage=stage, step_offset=step_offset)
 
 
 def redact_uri(text: str) -> str:
@@ -379,23 +386,26 @@ def tracking_html(run: TrackedRun) -> str:
 # --------------------------------------------------------------------------------------- training
 
 
-def metric_name(key: str) -> str:
-    """The Trainer's log keys as tracker metric names: ``loss`` -> ``train/loss``, ``eval_loss`` -> ``eval/loss``."""
+def metric_name(key: str, stage: str = "") -> str:
+    """The Trainer's log keys as tracker metric names: ``loss`` -> ``train/loss``, ``eval_loss`` -> ``eval/loss``;
+    a later stage's under its name (``dpo/train/loss``)."""
     if key.startswith("eval_"):
-        return "eval/" + key[len("eval_"):]
-    if key == "train_loss":  # the Trainer's mean over the whole run, not a point of the loss curve
-        return "train/mean_loss"
-    return "train/" + key.removeprefix("train_")
+        name = "eval/" + key[len("eval_"):]
+    elif key == "train_loss":  # the Trainer's mean over the whole run, not a point of the loss curve
+        name = "train/mean_loss"
+    else:
+        name = "train/" + key.removeprefix("train_")
+    return f"{stage}/{name}" if stage else name
 
 
-def log_history(tracker: "Tracker", history: list[dict]) -> int:
+def log_history(tracker: "Tracker", history: list[dict], stage: str = "", step_offset: int = 0) -> int:
     """Log the Trainer's ``log_history`` entries (each with its ``step``); returns how many were logged."""
     n = 0
     for entry in history:
         step = entry.get("step")
-        metrics = {metric_name(k): v for k, v in entry.items() if k != "step"}
+        metrics = {metric_name(k, stage): v for k, v in entry.items() if k != "step"}
         if step is not None and metrics:
-            tracker.log_metrics(metrics, int(step))
+            tracker.log_metrics(metrics, int(step) + step_offset)
             n += 1
     return n
 
@@ -417,7 +427,7 @@ class TrackingCallback(TrainerCallback):
             return
         from llm_finetune.resources import memory_snapshot
 
-        metrics = {metric_name(k): v for k, v in logs.items()}
+        metrics = {metric_name(k, self.run.stage): v for k, v in logs.items()}
         if "loss" in logs:  # a training log: the node's memory at the same step
             metrics.update({f"system/{k}": v for k, v in memory_snapshot().items()})
-        self.tracker.log_metrics(metrics, state.global_step)
+        self.tracker.log_metrics(metrics, state.global_step + self.run.step_offset)

@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 from flytekit import current_context, task
 
@@ -98,10 +99,11 @@ def result_summary(result: FineTuneResult, train_summary: dict) -> dict:
 
 @task(container_image=cpu_image, secret_requests=[WANDB_SECRET])
 def finish_tracking(run: TrackedRun, config: FineTuneConfig, train_metrics: FlyteFile, tracked_run_id: str,
-                    result: FineTuneResult) -> str:
+                    result: FineTuneResult, dpo_metrics: Optional[FlyteFile] = None, dpo_tracked_run_id: str = "") -> str:
     """Log base vs tuned vs variant metrics, the summary JSON, the model card and hub links; end the run.
 
-    ``train_metrics`` / ``tracked_run_id``: the train task's train_summary.json and the run it streamed to.
+    ``train_metrics`` / ``tracked_run_id``: the train task's train_summary.json and the run it streamed to;
+    ``dpo_metrics`` / ``dpo_tracked_run_id``: the same for the optional DPO stage after SFT.
     """
     from llm_finetune.hub import model_card
 
@@ -115,6 +117,15 @@ def finish_tracking(run: TrackedRun, config: FineTuneConfig, train_metrics: Flyt
         tracker.set_tags({"train.source": f"cached result of run {tracked_run_id or '(untracked)'}"})
         tracker.log_artifact(train_file, "train")
         print(f"[tracking] training came from the cache: {n} logged steps replayed into run {run.run_id}", flush=True)
+    dpo_summary = {}
+    if dpo_metrics is not None:
+        dpo_file = dpo_metrics.download()
+        dpo_summary = json.loads(Path(dpo_file).read_text())
+        if dpo_tracked_run_id != run.run_id:  # the DPO stage came from the cache: its curves after SFT's steps
+            n = log_history(tracker, dpo_summary.get("log_history", []), "dpo", int(train_summary.get("steps", 0)))
+            tracker.set_tags({"dpo.source": f"cached result of run {dpo_tracked_run_id or '(untracked)'}"})
+            tracker.log_artifact(dpo_file, "dpo")
+            print(f"[tracking] the DPO stage came from the cache: {n} logged steps replayed into run {run.run_id}", flush=True)
     final = {**_metrics("base", result.base_metrics), **_metrics("tuned", result.tuned_metrics)}
     for v in result.quantized_metrics:
         final.update(_metrics(v.variant, v.metrics))
@@ -124,6 +135,8 @@ def finish_tracking(run: TrackedRun, config: FineTuneConfig, train_metrics: Flyt
         final.update({f"{model}/{k}": s for k, s in scores.items()})
     final.update({f"run/{k}": train_summary[k] for k in ("best_eval_loss", "final_loss", "trained_tokens", "tokens_per_s",
                                                            "runtime_s") if isinstance(train_summary.get(k), (int, float))})
+    final.update({f"dpo/run/{k}": dpo_summary[k] for k in ("best_eval_loss", "final_loss", "trained_tokens", "tokens_per_s",
+                                                            "runtime_s") if isinstance(dpo_summary.get(k), (int, float))})
     tracker.log_summary(final)
     tracker.set_tags({"hub.urls": " ".join(result.hub_urls) or "(not published)"}
                      | ({"hub.url": result.hub_url} if result.hub_url else {}))

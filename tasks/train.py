@@ -172,7 +172,7 @@ def suspend_tracking(tracker: TrackingCallback, outputs) -> str:
     """Rank 0 after training: attach train_summary.json and hand the run to finish_tracking; its id or ""."""
     if tracker.tracker is None:
         return ""
-    tracker.tracker.log_artifact(outputs.model_dir.parent / "train_summary.json", "train")
+    tracker.tracker.log_artifact(outputs.model_dir.parent / "train_summary.json", tracker.run.stage or "train")
     tracker.tracker.close("suspended")  # finish_tracking ends the run
     return tracker.run.run_id
 

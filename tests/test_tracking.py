@@ -181,6 +181,59 @@ def test_workflow_run_tracked_in_mlflow(isolated_flyte, tiny, data, secrets, mon
     assert not any(s in printed.out + printed.err for s in (WANDB_SECRET, HF_SECRET, URI_PASSWORD))
 
 
+@pytest.mark.slow
+def test_sft_then_dpo_streams_both_stages_into_one_mlflow_run(isolated_flyte, tiny, data, secrets, monkeypatch,
+                                                                tmp_path):
+    """The DPO stage after SFT streams its curves into the execution's run, under dpo/ and after SFT's steps."""
+    from mlflow import MlflowClient
+
+    from llm_finetune.data import iso_dates_preference
+    from workflows.fine_tune import fine_tune
+
+    monkeypatch.chdir(isolated_flyte)
+    pairs = tmp_path / "pairs_160.jsonl"
+    pairs.write_text("\n".join(iso_dates_preference.SHIPPED_FILE.read_text().splitlines()[:160]) + "\n")
+    dpo_steps, dpo_logging, dpo_eval = 4, 2, 2
+    base = _config(tiny, data, {"backend": "mlflow"}, variants=()).to_dict()
+    cfg = from_dict(FineTuneConfig, {**base, "preference": {
+        "enabled": True,
+        "data": {"source": str(pairs), "format": "preference", "eval_fraction": 0.2, "max_length": 128},
+        "train": {"method": "dpo", "max_steps": dpo_steps, "logging_steps": dpo_logging, "eval_steps": dpo_eval,
+                  "save_steps": dpo_eval, "eval_max_samples": 8, "sample_prompts": 1, "sample_max_new_tokens": 4,
+                  "per_device_batch_size": 4, "learning_rate": 5e-4},
+    }})
+    result = fine_tune(config=cfg)
+
+    client = MlflowClient(tracking_uri=str(isolated_flyte / "runs" / "mlruns"))
+    (exp,) = [e for e in client.search_experiments() if e.name == "flyte-llm-finetune"]
+    (run,) = client.search_runs([exp.experiment_id])
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    steps = lambda key: [m.step for m in client.get_metric_history(run_id, key)]  # noqa: E731
+    # SFT as before; DPO after SFT's last step, its own names, one point per logging step
+    assert steps("train/loss") == _expected_steps(LOGGING_STEPS, first=True)
+    dpo_logged = sorted({1, *range(dpo_logging, dpo_steps + 1, dpo_logging)})
+    assert steps("dpo/train/loss") == [MAX_STEPS + s for s in dpo_logged]
+    assert steps("dpo/eval/loss") == [MAX_STEPS + s for s in range(dpo_eval, dpo_steps + 1, dpo_eval)]
+    assert steps("dpo/train/rewards/margins") == [MAX_STEPS + s for s in dpo_logged]
+    dpo_summary = json.loads(Path(result.tuned_model.download()).parent.joinpath("train_summary.json").read_text())
+    assert dpo_summary["method"].startswith("dpo") and dpo_summary["steps"] == dpo_steps
+    dpo_losses = [h["loss"] for h in dpo_summary["log_history"] if "loss" in h]
+    assert [m.value for m in client.get_metric_history(run_id, "dpo/train/loss")] == pytest.approx(dpo_losses)
+    assert run.data.metrics["dpo/run/final_loss"] == pytest.approx(dpo_summary["final_loss"])
+    arts = {a.path for folder in ("train", "dpo") for a in client.list_artifacts(run_id, folder)}
+    assert arts == {"train/train_summary.json", "dpo/train_summary.json"}
+
+    # an identical second run: both stages come from the cache, and their curves are replayed the same way
+    fine_tune(config=cfg)
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    assert len(runs) == 2
+    second, tags = runs[0].info.run_id, runs[0].data.tags
+    assert tags["train.source"] == tags["dpo.source"] == f"cached result of run {run_id}"
+    assert [m.step for m in client.get_metric_history(second, "dpo/train/loss")] == [MAX_STEPS + s for s in dpo_logged]
+    assert [m.step for m in client.get_metric_history(second, "train/loss")] == _expected_steps(LOGGING_STEPS, first=True)
+
+
 # ------------------------------------------------------------------------------------------------ W&B
 
 

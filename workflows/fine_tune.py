@@ -49,6 +49,7 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
     final = preference_stage(
         enabled=s.preference_enabled, model=trained.model, adapter=trained.adapter, heldout=splits.test,
         preference_data=s.preference_data, preference_train=s.preference_train, preference_train_ops=s.preference_train_ops,
+        tracking=run, first_stage_steps=trained.steps,
     )
     a = assess(base_model=base, tuned_model=final.model, eval_data=final.heldout, config=s.config)
     hub_urls = push_to_hub(
@@ -76,5 +77,5 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
         tracking=run,
     )
     finish_tracking(run=run, config=s.config, train_metrics=trained.metrics, tracked_run_id=trained.tracked_run_id,
-                    result=result)  # last: final metrics, summary, model card; ends the run
+                    result=result, dpo_metrics=final.metrics, dpo_tracked_run_id=final.tracked_run_id)  # last: final metrics, summary, model card; ends the run
     return result
