@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 VERSION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup test test-fast test-gpu run smoke dpo-smoke package register register-dry-run check-cluster bench bench-pipeline bench-gpu clean-cache
+.PHONY: setup test test-fast test-gpu run smoke dpo-smoke package register register-dry-run check-cluster bench bench-pipeline bench-gpu bench-gpu-8b clean-cache
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,10 @@ bench-pipeline:
 #   make bench-gpu PYTHON=python3
 bench-gpu:
 	$(PYTHON) -m bench.train_speed --device cuda
+
+# The 8B-class LoRA row (Llama-3-8B shape, random init, activation checkpointing): tokens/s and peak memory
+bench-gpu-8b:
+	$(PYTHON) -m bench.train_speed --device cuda --model 8b --methods lora --gradient-checkpointing
 
 clean-cache:
 	$(BIN)/pyflyte local-cache clear

@@ -2,6 +2,8 @@
 
     CPU (embedded 135M model, Alpaca-like data):  .venv/bin/python -m bench.train_speed
     GPU (~1.1B Llama from config, seq 2048, bf16): python -m bench.train_speed --device cuda
+    GPU, 8B-class LoRA (Llama-3-8B shape):       python -m bench.train_speed --device cuda --model 8b \
+                                                     --methods lora --gradient-checkpointing
 
 Both rows use the HF Trainer on the same examples. Ours packs examples into
 ``max_length`` rows with a block-diagonal causal mask (no cross-example attention or
@@ -31,10 +33,19 @@ from pathlib import Path
 from bench.common import RESULTS, device_name, embedded_model_dir, print_table, write_result
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-GPU_MODEL = dict(  # TinyLlama-1.1B's shape, randomly initialised: no download
-    hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-    num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096,
-)
+GPU_MODELS = {  # Llama-architecture shapes, randomly initialised on the GPU: no download
+    "1b": ("Llama ~1.1B (TinyLlama shape, random init)", dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096)),
+    "8b": ("Llama ~8B (Llama-3-8B shape, random init)", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)),
+}
+# per-model defaults on CUDA: the 8B-class LoRA row (issue 14: fits in 80 GB?) with activation checkpointing
+GPU_DEFAULTS = {
+    "1b": dict(steps=20, warmup=5, batch_size=16, max_length=2048, rows=4000),
+    "8b": dict(steps=10, warmup=3, batch_size=8, max_length=2048, rows=2000),
+}
 
 
 # ---------------------------------------------------------------- data
@@ -80,10 +91,11 @@ def run_one(a: argparse.Namespace) -> dict:
     ours, trl = a.path == "ours", a.path == "trl_best"
     torch.manual_seed(0)
     if cuda:
-        examples = synthetic_examples(a.rows, a.max_length, GPU_MODEL["vocab_size"])
+        model_name, shape = GPU_MODELS[a.model]
+        examples = synthetic_examples(a.rows, a.max_length, shape["vocab_size"])
         impl = "flex_attention" if ours else "sdpa"
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**GPU_MODEL), attn_implementation=impl, dtype=torch.bfloat16)
-        model_name = "Llama ~1.1B (TinyLlama shape, random init)"
+        with torch.device("cuda"):  # initialised on the GPU: seconds, not minutes of CPU init for 8B
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), attn_implementation=impl, dtype=torch.bfloat16)
     else:
         examples, model_dir = cpu_examples(a.rows, a.max_length)
         impl = "sdpa"
@@ -221,6 +233,7 @@ def run_one(a: argparse.Namespace) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--model", choices=sorted(GPU_MODELS), default="1b", help="CUDA only: the model shape")
     ap.add_argument("--methods", default="lora,full")
     ap.add_argument("--steps", type=int, default=None, help="measured steps (after warm-up)")
     ap.add_argument("--warmup", type=int, default=None)
@@ -234,8 +247,7 @@ def main() -> None:
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     cuda = a.device == "cuda"
-    defaults = dict(steps=20 if cuda else 6, warmup=5 if cuda else 2, batch_size=16 if cuda else 8,
-                    max_length=2048 if cuda else 512, rows=4000 if cuda else 600)
+    defaults = GPU_DEFAULTS[a.model] if cuda else dict(steps=6, warmup=2, batch_size=8, max_length=512, rows=600)
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -248,7 +260,7 @@ def main() -> None:
     rows = []
     for method in a.methods.split(","):
         for path in systems:
-            cmd = [sys.executable, "-m", "bench.train_speed", "--one", method, path, "--device", a.device]
+            cmd = [sys.executable, "-m", "bench.train_speed", "--one", method, path, "--device", a.device, "--model", a.model]
             for k in defaults:
                 cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
             if a.gradient_checkpointing:
@@ -275,7 +287,8 @@ def main() -> None:
     for r in rows:
         if r.get("profile"):
             print(f"\nprofile: {r['method']} / {r['path']}\n{r['profile']}")
-    path = write_result(f"train_speed-{a.device}", {"args": {k: getattr(a, k) for k in defaults}, "rows": rows})
+    suffix = f"-{a.model}" if cuda and a.model != "1b" else ""
+    path = write_result(f"train_speed-{a.device}{suffix}", {"args": {k: getattr(a, k) for k in defaults}, "rows": rows})
     print(f"wrote {path}")
     peers = {  # the issue's side-by-side format, all rows from this one run
         "machine": device_name() if a.device == "cuda" else f"{device_name()}, {_mem_gib()} GiB RAM",
@@ -284,7 +297,7 @@ def main() -> None:
                   "peak_rss_mb" if a.device == "cpu" else "peak_gpu_mem_mb": round(r["peak_mem_gib"] * 1024, 1)}
                  for r in rows],
     }
-    out = RESULTS / f"{a.device}_peers.json"
+    out = RESULTS / f"{a.device}_peers{suffix}.json"
     out.write_text(json.dumps(peers, indent=2) + "\n")
     print(f"wrote {out}")
 
