@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 VERSION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup test test-fast test-gpu run smoke dpo-smoke package register register-dry-run check-cluster bench bench-pipeline bench-gpu bench-gpu-8b clean-cache
+.PHONY: setup test test-fast test-gpu run smoke dpo-smoke package register register-dry-run check-cluster bench bench-pipeline bench-gpu bench-gpu-8b gpu-bundle clean-cache
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,11 @@ bench-pipeline:
 #   make bench-gpu PYTHON=python3
 bench-gpu:
 	$(PYTHON) -m bench.train_speed --device cuda
+
+# What a lent GPU machine lacks, in .gpu/ (wheels + the embedded tokenizer, ~51 MB, under the device's 64 MiB);
+# then on the device: bash bench/gpu/check.sh (carry .gpu)
+gpu-bundle:
+	bash bench/gpu/bundle.sh
 
 # The 8B-class LoRA row (Llama-3-8B shape, random init, activation checkpointing): tokens/s and peak memory
 bench-gpu-8b:

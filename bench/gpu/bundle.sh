@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds .gpu/ (git-ignored): what a lent GPU machine lacks, small enough to travel with the working tree
+# (the device tool sends at most 64 MiB): wheels for Python 3.12 / x86_64 at this project's locked versions,
+# and the embedded model's tokenizer (its 98 MB GGUF cannot travel; the GPU tests build tiny models on it).
+# Then on the device: bash bench/gpu/check.sh (see bench/NOTES.md, "GPU").
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+rm -rf .gpu && mkdir -p .gpu/wheels
+# missing from the device's image (its torch, transformers, peft, accelerate, pandas, pyarrow stay as they are)
+pkgs=(trl datasets dill multiprocess pandera typeguard typing-inspect typing-inspection pydantic pydantic_core
+      annotated-types sniffio pytz bitsandbytes)
+pins=()
+for p in "${pkgs[@]}"; do
+  pins+=("$(grep -i -E "^${p//[-_]/[-_]}==" constraints.txt)")
+done
+.venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+  --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+  -d .gpu/wheels "${pins[@]}"
+.venv/bin/python - <<'PY'
+from llm_finetune.config import EMBEDDED_MODEL
+from llm_finetune.model import load_tokenizer, materialize
+import tempfile
+with tempfile.TemporaryDirectory() as tmp:
+    load_tokenizer(materialize(EMBEDDED_MODEL, tmp + "/m")).save_pretrained(".gpu/tokenizer")
+PY
+du -sh .gpu; git ls-files -z | xargs -0 du -cb | tail -1 | awk '{printf "tracked files: %.1f MB\n", $1/1e6}'
