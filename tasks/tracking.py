@@ -97,6 +97,21 @@ def result_summary(result: FineTuneResult, train_summary: dict) -> dict:
     }
 
 
+def _stage_summary(tracker, run: TrackedRun, metrics: FlyteFile, tracked_run_id: str, folder: str, stage: str,
+                   step_offset: int) -> dict:
+    """A training stage's train_summary.json; if the stage came from the cache (or was not tracked), its
+    curves are replayed into this run (under ``stage``, after ``step_offset``) with the file and a source tag."""
+    path = metrics.download()
+    summary = json.loads(Path(path).read_text())
+    if tracked_run_id != run.run_id:
+        n = log_history(tracker, summary.get("log_history", []), stage, step_offset)
+        tracker.set_tags({f"{folder}.source": f"cached result of run {tracked_run_id or '(untracked)'}"})
+        tracker.log_artifact(path, folder)
+        what = f"the {stage.upper()} stage" if stage else "training"
+        print(f"[tracking] {what} came from the cache: {n} logged steps replayed into run {run.run_id}", flush=True)
+    return summary
+
+
 @task(container_image=cpu_image, secret_requests=[WANDB_SECRET])
 def finish_tracking(run: TrackedRun, config: FineTuneConfig, train_metrics: FlyteFile, tracked_run_id: str,
                     result: FineTuneResult, dpo_metrics: Optional[FlyteFile] = None, dpo_tracked_run_id: str = "") -> str:
@@ -110,22 +125,9 @@ def finish_tracking(run: TrackedRun, config: FineTuneConfig, train_metrics: Flyt
     tracker = resume_run(run, wandb_api_key() if run.backend == "wandb" else "")
     if tracker is None:
         return run.url
-    train_file = train_metrics.download()
-    train_summary = json.loads(Path(train_file).read_text())
-    if tracked_run_id != run.run_id:  # training came from the cache (or was not tracked): replay its curves
-        n = log_history(tracker, train_summary.get("log_history", []))
-        tracker.set_tags({"train.source": f"cached result of run {tracked_run_id or '(untracked)'}"})
-        tracker.log_artifact(train_file, "train")
-        print(f"[tracking] training came from the cache: {n} logged steps replayed into run {run.run_id}", flush=True)
-    dpo_summary = {}
-    if dpo_metrics is not None:
-        dpo_file = dpo_metrics.download()
-        dpo_summary = json.loads(Path(dpo_file).read_text())
-        if dpo_tracked_run_id != run.run_id:  # the DPO stage came from the cache: its curves after SFT's steps
-            n = log_history(tracker, dpo_summary.get("log_history", []), "dpo", int(train_summary.get("steps", 0)))
-            tracker.set_tags({"dpo.source": f"cached result of run {dpo_tracked_run_id or '(untracked)'}"})
-            tracker.log_artifact(dpo_file, "dpo")
-            print(f"[tracking] the DPO stage came from the cache: {n} logged steps replayed into run {run.run_id}", flush=True)
+    train_summary = _stage_summary(tracker, run, train_metrics, tracked_run_id, "train", "", 0)
+    dpo_summary = {} if dpo_metrics is None else _stage_summary(
+        tracker, run, dpo_metrics, dpo_tracked_run_id, "dpo", "dpo", int(train_summary.get("steps", 0)))
     final = {**_metrics("base", result.base_metrics), **_metrics("tuned", result.tuned_metrics)}
     for v in result.quantized_metrics:
         final.update(_metrics(v.variant, v.metrics))
@@ -133,10 +135,9 @@ def finish_tracking(run: TrackedRun, config: FineTuneConfig, train_metrics: Flyt
                       f"{v.variant}/size_mb": v.size_mb})
     for model, scores in result.benchmarks.items():
         final.update({f"{model}/{k}": s for k, s in scores.items()})
-    final.update({f"run/{k}": train_summary[k] for k in ("best_eval_loss", "final_loss", "trained_tokens", "tokens_per_s",
-                                                           "runtime_s") if isinstance(train_summary.get(k), (int, float))})
-    final.update({f"dpo/run/{k}": dpo_summary[k] for k in ("best_eval_loss", "final_loss", "trained_tokens", "tokens_per_s",
-                                                            "runtime_s") if isinstance(dpo_summary.get(k), (int, float))})
+    for prefix, summary in (("run", train_summary), ("dpo/run", dpo_summary)):
+        final.update({f"{prefix}/{k}": summary[k] for k in ("best_eval_loss", "final_loss", "trained_tokens", "tokens_per_s",
+                                                            "runtime_s") if isinstance(summary.get(k), (int, float))})
     tracker.log_summary(final)
     tracker.set_tags({"hub.urls": " ".join(result.hub_urls) or "(not published)"}
                      | ({"hub.url": result.hub_url} if result.hub_url else {}))
