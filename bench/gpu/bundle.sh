@@ -16,11 +16,6 @@ done
 .venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
   --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
   -d .gpu/wheels "${pins[@]}"
-.venv/bin/python - <<'PY'
-from llm_finetune.config import EMBEDDED_MODEL
-from llm_finetune.model import load_tokenizer, materialize
-import tempfile
-with tempfile.TemporaryDirectory() as tmp:
-    load_tokenizer(materialize(EMBEDDED_MODEL, tmp + "/m")).save_pretrained(".gpu/tokenizer")
-PY
+.venv/bin/python -c "from bench.common import embedded_model_dir; from llm_finetune.model import load_tokenizer; \
+load_tokenizer(embedded_model_dir()).save_pretrained('.gpu/tokenizer')"
 du -sh .gpu; git ls-files -z | xargs -0 du -cb | tail -1 | awk '{printf "tracked files: %.1f MB\n", $1/1e6}'
