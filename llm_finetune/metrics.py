@@ -1,10 +1,13 @@
 """Task metrics that fit the answers, each with a bootstrap 95% confidence interval.
 
 The kind of task is read from the references:
-- ``json``: most references parse as a JSON object or array (extraction tasks). Scored by
-  ``valid_json`` (the prediction parses), ``json_structure`` (same key paths with the same
-  value types, values ignored) and ``json_exact`` (equal once parsed: key order and
-  whitespace do not matter).
+- ``json``: most references parse as a JSON object or array (extraction tasks). The headline
+  is ``json_field_f1``: the F1 of the (key path, value) leaves the prediction shares with the
+  reference, so a right key with a wrong value counts against it and one wrong field of ten
+  costs a tenth, which is how users of extraction judge a model (``json_exact`` is
+  all-or-nothing). Beside it ``valid_json`` (the prediction parses), ``json_exact`` (equal
+  once parsed: key order and whitespace do not matter) and ``json_structure`` (same key
+  paths with the same value types, values ignored: a format check).
 - ``exact_match``: short answers (median reference <= ``evaluate.short_answer_words`` words).
 - ``chrf``: free text. Sentence-level chrF from sacrebleu (character n-gram F-score,
   0..1 here), averaged over rows.
@@ -16,11 +19,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
-HEADLINE = {"json": "json_structure", "exact_match": "exact_match", "chrf": "chrf"}
+HEADLINE = {"json": "json_field_f1", "exact_match": "exact_match", "chrf": "chrf"}
 
 
 @dataclass
@@ -71,6 +75,44 @@ def _shape(value, path: str = "$") -> set[tuple[str, str]]:
     return out
 
 
+def _leaf_value(value):
+    """A leaf compared by meaning: numbers numerically (1 == 1.0), strings with whitespace collapsed."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return ("number", float(value))
+    if isinstance(value, str):
+        return ("string", " ".join(value.split()))
+    return value
+
+
+def json_leaves(value, path: str = "$") -> Counter:
+    """The multiset of (key path, leaf value) pairs of a JSON value.
+
+    Array items share the path ``[]``, so an array is compared as the multiset of its leaves
+    (order ignored, repeats counted). An empty object or array is a leaf of its own, so
+    ``{"tags": []}`` and ``{}`` differ.
+    """
+    out: Counter = Counter()
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            out += json_leaves(v, f"{path}.{k}")
+    elif isinstance(value, list) and value:
+        for v in value:
+            out += json_leaves(v, f"{path}[]")
+    else:
+        out[(path, _leaf_value(value) if not isinstance(value, (dict, list)) else type(value).__name__)] += 1
+    return out
+
+
+def field_f1(prediction, reference) -> float:
+    """F1 of the shared (key path, value) leaves: 2 * shared / (predicted leaves + reference leaves)."""
+    p, r = json_leaves(prediction), json_leaves(reference)
+    shared = sum((p & r).values())
+    total = sum(p.values()) + sum(r.values())
+    return 2.0 * shared / total if total else 1.0
+
+
 def task_kind(references: list[str], short_answer_words: int) -> str:
     if not references:
         return "exact_match"
@@ -85,14 +127,15 @@ def row_scores(kind: str, predictions: list[str], references: list[str]) -> dict
     """Per-row scores in [0, 1] for every metric of ``kind`` (exact match always)."""
     out = {"exact_match": [float(p.strip() == r.strip()) for p, r in zip(predictions, references)]}
     if kind == "json":
-        valid, structure, exact = [], [], []
+        valid, structure, exact, f1 = [], [], [], []
         for p, r in zip(predictions, references):
             pj, rj = parse_json(p), parse_json(r)
             ok = pj is not None or str(p).strip() == "null"
             valid.append(float(ok))
             structure.append(float(ok and rj is not None and _shape(pj) == _shape(rj)))
             exact.append(float(ok and pj == rj))
-        out.update(valid_json=valid, json_structure=structure, json_exact=exact)
+            f1.append(field_f1(pj, rj) if ok and rj is not None else 0.0)
+        out.update(json_field_f1=f1, valid_json=valid, json_exact=exact, json_structure=structure)
     elif kind == "chrf":
         from sacrebleu.metrics import CHRF
 

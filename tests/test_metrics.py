@@ -52,6 +52,41 @@ def test_json_metrics():
     assert summary["valid_json"].value == 0.75 and summary["valid_json"].low <= 0.75 <= summary["valid_json"].high
 
 
+def test_json_field_f1_counts_fields_by_their_values():
+    """Hand-counted (key path, value) leaves: F1 = 2 * shared / (predicted + reference leaves)."""
+    ref = json.dumps({"name": "Ana Lopez", "age": 31, "city": "Lima", "tags": ["vip", "new"], "address": {"zip": "15001"}})
+    preds = [
+        # same values, other order, other whitespace, 31.0 for 31, tags reordered: all 6 leaves shared
+        '{"tags": ["new", "vip"], "age": 31.0, "address": {"zip": "15001"}, "city": "Lima", "name": "Ana  Lopez"}',
+        # right keys, one wrong value (city) and age as a string: 4 of 6 shared -> 2*4/12
+        '{"name": "Ana Lopez", "age": "31", "city": "Cusco", "tags": ["vip", "new"], "address": {"zip": "15001"}}',
+        # half the fields, all right: 3 predicted, 6 reference, 3 shared -> 2*3/9
+        '{"name": "Ana Lopez", "age": 31, "city": "Lima"}',
+        # an extra field and a repeated tag: 8 predicted, 6 reference, 6 shared -> 12/14
+        '{"name": "Ana Lopez", "age": 31, "city": "Lima", "tags": ["vip", "new", "vip"], "address": {"zip": "15001"}, "x": 1}',
+        "not json",
+    ]
+    f1 = row_scores("json", preds, [ref] * len(preds))["json_field_f1"]
+    assert f1 == pytest.approx([1.0, 8 / 12, 6 / 9, 12 / 14, 0.0])
+    # the old headline scored the wrong-value row as a perfect structural match only when types agree;
+    # field F1 tells a wrong value from a right one
+    assert row_scores("json", [preds[1].replace('"31"', "31")], [ref])["json_structure"] == [1.0]
+    assert row_scores("json", [preds[1].replace('"31"', "31")], [ref])["json_field_f1"] == [pytest.approx(10 / 12)]
+    assert task_kind([ref] * 3, 8) == "json" and score("json", preds, [ref] * 5)["json_field_f1"].low <= 0.7
+
+
+@pytest.mark.parametrize("references", [
+    ["2021-03-05", "1999-12-31", "2004-02-29"],  # short answers
+    [json.dumps({"id": i, "items": [{"sku": f"A{i}", "qty": i}], "note": None, "ok": True}) for i in range(5)],  # JSON
+    ["The river carries sediment to the sea, where it settles into a wide delta.",
+     "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen over many small steps."],  # free text
+])
+def test_references_scored_against_themselves_score_one_on_every_metric(references):
+    kind = task_kind(references, 8)
+    for name, s in score(kind, references, references).items():
+        assert s.value == 1.0 and s.low == s.high == 1.0, name
+
+
 def test_chrf_is_sacrebleus_chrf():
     from sacrebleu.metrics import CHRF
 
@@ -74,8 +109,10 @@ def test_evaluate_reports_every_metric_with_an_interval(tmp_path, tokenizer):
     conv = lambda i: json.dumps([{"role": "user", "content": f"Extract {i}"}, {"role": "assistant", "content": json.dumps({"id": i})}])  # noqa: E731
     frame = pd.DataFrame({"messages": [conv(i) for i in range(12)], "text": [""] * 12})
     metrics, table = evaluate(model_dir, frame, DataConfig(), EvalConfig(max_new_tokens=4, batch_size=6))
-    assert metrics.task_kind == "json" and metrics.task_metric == "json_structure"
-    assert set(metrics.scores) == {"exact_match", "valid_json", "json_structure", "json_exact"}
+    assert metrics.task_kind == "json" and metrics.task_metric == "json_field_f1"
+    assert set(metrics.scores) == {"exact_match", "valid_json", "json_field_f1", "json_structure", "json_exact"}
+    # an explicit budget below the references: every tiny-model answer spends it and is counted as cut
+    assert metrics.max_new_tokens == 4 and metrics.longest_reference_tokens > 4 and metrics.cut_predictions == 12
     for k, v in metrics.scores.items():
         assert metrics.scores_low[k] <= v <= metrics.scores_high[k]
     assert len(table) == 12
