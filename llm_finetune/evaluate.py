@@ -22,7 +22,8 @@ from llm_finetune.config import DataConfig, EvalConfig
 from llm_finetune.data.preference import is_preference_frame
 from llm_finetune.encoding import IGNORE_INDEX, prompt_and_reference
 from llm_finetune.draft_answers import drafted_answers
-from llm_finetune.generation import greedy, stop_token_ids
+from llm_finetune.data.lengths import model_context
+from llm_finetune.generation import generation_budget, greedy_with_cuts, stop_token_ids
 from llm_finetune.metrics import HEADLINE, score, task_kind
 from llm_finetune.model import load_tokenizer
 from llm_finetune.train import encode_frame
@@ -47,6 +48,11 @@ class EvalMetrics:
     scores: dict[str, float] = field(default_factory=dict)  # every task metric, 0..1
     scores_low: dict[str, float] = field(default_factory=dict)  # bootstrap 95% interval, lower end
     scores_high: dict[str, float] = field(default_factory=dict)  # ... and upper end
+    # the generation budget (evaluate.max_new_tokens, auto = fitted to the references) and the
+    # predictions that spent it without a stop token: a cut answer scores as wrong, so say so
+    max_new_tokens: int = 0
+    longest_reference_tokens: int = 0
+    cut_predictions: int = 0
 
 
 def load_model(model_dir: str | Path, gguf_file: str = ""):
@@ -88,9 +94,14 @@ def scoring_pass(model, examples: list[dict], pad_id: int, batch_size: int) -> t
     return total / max(count, 1), tops
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions that stop at any of the model's stop tokens (generation.py)."""
-    return greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> tuple[list[str], list[bool]]:
+    """Greedy completions that stop at any of the model's stop tokens (generation.py), and which were cut."""
+    return greedy_with_cuts(model, tokenizer, prompts, max_new_tokens, batch_size)
+
+
+def _context(model_dir: str | Path) -> int:
+    config = Path(model_dir) / "config.json"
+    return model_context(json.loads(config.read_text())) if config.is_file() else 0
 
 
 def _tokenizer(model_dir: str | Path, gguf_file: str):
@@ -115,32 +126,37 @@ def evaluate(
     frame = eval_frame if cfg.max_samples == 0 else eval_frame.head(cfg.max_samples)
     tokenizer = _tokenizer(model_dir, gguf_file)
     examples = encode_frame(tokenizer, frame, data_cfg)
+    instruction_rows = [json.loads(m) for m in frame["messages"] if m]
+    pairs = [prompt_and_reference(tokenizer, conv, data_cfg.prompt_template) for conv in instruction_rows]
+    prompts = [p for p, _ in pairs]
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    budget = generation_budget(tokenizer, [r for _, r in pairs], cfg.max_new_tokens, _context(model_dir),
+                               max((len(p) for p in prompt_ids), default=0))
     llm = None
     if gguf_file and importlib.util.find_spec("llama_cpp"):  # GGUF runs in llama.cpp (llm_finetune/gguf_eval.py)
         from llm_finetune import gguf_eval
 
-        llm = gguf_eval.load(model_dir, gguf_file, n_ctx=max([len(e["input_ids"]) for e in examples] + [64]) + cfg.max_new_tokens + 16)
+        llm = gguf_eval.load(model_dir, gguf_file, n_ctx=max([len(e["input_ids"]) for e in examples] + [64]) + budget.max_new_tokens + 16)
         loss, tops = gguf_eval.scoring_pass(llm, examples)
         stops = gguf_eval.stop_ids(llm, tokenizer)
     else:
         model = load_model(model_dir, gguf_file)
         loss, tops = scoring_pass(model, examples, tokenizer.pad_token_id, cfg.batch_size)
         stops = set(stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
-    rows = []
-    instruction_rows = [json.loads(m) for m in frame["messages"] if m]
+    rows, cut = [], 0
     if instruction_rows:
-        pairs = [prompt_and_reference(tokenizer, conv, data_cfg.prompt_template) for conv in instruction_rows]
-        prompts = [p for p, _ in pairs]
-        prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        drafted = drafted_answers(tops, examples, prompt_ids, stops, cfg.max_new_tokens)
+        n = budget.max_new_tokens
+        drafted = drafted_answers(tops, examples, prompt_ids, stops, n)
         todo = [i for i, d in enumerate(drafted) if d is None]  # rows where the model leaves the reference
-        generated = (gguf_eval.generate(llm, tokenizer, [prompts[i] for i in todo], cfg.max_new_tokens) if llm is not None
-                     else generate(model, tokenizer, [prompts[i] for i in todo], cfg.max_new_tokens, cfg.generate_batch_size))
+        generated, cuts = (gguf_eval.generate_with_cuts(llm, tokenizer, [prompts[i] for i in todo], n) if llm is not None
+                           else generate(model, tokenizer, [prompts[i] for i in todo], n, cfg.generate_batch_size))
         predictions = [tokenizer.decode(d, skip_special_tokens=True) if d is not None else "" for d in drafted]
+        cut = sum(len(d) >= n for d in drafted if d is not None) + sum(cuts)  # a verified answer that filled the budget
         for i, text in zip(todo, generated):
             predictions[i] = text
         print(f"[evaluate] {len(prompts) - len(todo)} of {len(prompts)} greedy answers verified in the loss pass, "
-              f"{len(todo)} generated", flush=True)
+              f"{len(todo)} generated; budget {n} new tokens ({'auto: ' if budget.auto else 'evaluate.max_new_tokens; '}"
+              f"longest reference {budget.longest_reference_tokens} tokens); {cut} cut at the budget", flush=True)
         for conv, (_, ref), pred in zip(instruction_rows, pairs, predictions):
             user = next((m["content"] for m in reversed(conv) if m["role"] == "user"), "")
             rows.append({"prompt": user, "reference": ref, "prediction": pred.strip(), "correct": pred.strip() == ref.strip()})
@@ -160,5 +176,8 @@ def evaluate(
         scores={k: v.value for k, v in scores.items()},
         scores_low={k: v.low for k, v in scores.items()},
         scores_high={k: v.high for k, v in scores.items()},
+        max_new_tokens=budget.max_new_tokens if instruction_rows else 0,
+        longest_reference_tokens=budget.longest_reference_tokens,
+        cut_predictions=cut,
     )
     return metrics, table

@@ -47,21 +47,29 @@ def stop_ids(llm, tokenizer) -> set[int]:
 
 def generate(llm, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy completions (stop at EOS), decoded with the HF tokenizer."""
+    return generate_with_cuts(llm, tokenizer, prompts, max_new_tokens)[0]
+
+
+def generate_with_cuts(llm, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], list[bool]]:
+    """``generate``'s completions and, per prompt, whether it ran out of ``max_new_tokens`` before a stop token."""
     stop = stop_ids(llm, tokenizer)
-    out = []
+    out, cuts = [], []
     for prompt in prompts:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         llm.reset()
         llm.eval(ids)
         new: list[int] = []
+        cut = True
         for _ in range(max_new_tokens):
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
             if token in stop:
+                cut = False
                 break
             new.append(token)
             llm.eval([token])
         out.append(tokenizer.decode(new, skip_special_tokens=True))
-    return out
+        cuts.append(cut)
+    return out, cuts
 
 
 def load(model_dir: str | Path, gguf_file: str, n_ctx: int):

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from llm_finetune.config import DataConfig, EvalConfig
+from llm_finetune.generation import generation_budget
 from llm_finetune.preference import pair_examples, sample_prompts
 
 BOOTSTRAP_SAMPLES = 2000
@@ -81,7 +82,9 @@ def evaluate_preference(model_dir: str | Path, eval_frame: pd.DataFrame, data_cf
     prefers = chosen > rejected
     low, high = bootstrap_interval(prefers)
     prompts = sample_prompts(tokenizer, frame, data_cfg, len(frame))
-    predictions = [p.strip() for p in generate(model, tokenizer, [p for p, _ in prompts], cfg.max_new_tokens, cfg.generate_batch_size)]
+    budget = generation_budget(tokenizer, [r for _, r in prompts], cfg.max_new_tokens)
+    texts, cuts = generate(model, tokenizer, [p for p, _ in prompts], budget.max_new_tokens, cfg.generate_batch_size)
+    predictions = [p.strip() for p in texts]
     n_chosen = sum(len(e["chosen_ids"]) for e in examples)
     loss = float(-chosen.sum() / max(n_chosen, 1))  # NLL per chosen-answer token
     table = pd.DataFrame({
@@ -107,5 +110,8 @@ def evaluate_preference(model_dir: str | Path, eval_frame: pd.DataFrame, data_cf
         preference_ci_low=low,
         preference_ci_high=high,
         mean_logp_margin=float((chosen - rejected).mean()) if len(prefers) else 0.0,
+        max_new_tokens=budget.max_new_tokens,
+        longest_reference_tokens=budget.longest_reference_tokens,
+        cut_predictions=sum(cuts),
     )
     return metrics, table

@@ -24,7 +24,7 @@ from llm_finetune.checkpoint import node_part, write_node_marker
 from llm_finetune.collate import model_inputs
 from llm_finetune.encoding import IGNORE_INDEX
 from llm_finetune.label_loss import label_only_loss
-from llm_finetune.generation import greedy
+from llm_finetune.generation import generation_budget, greedy
 
 
 def all_reduce_sum(value: float) -> float:
@@ -121,7 +121,9 @@ class SampleGenerations(TrainerCallback):
     """
 
     def __init__(self, tokenizer, prompts: list[tuple[str, str]], max_new_tokens: int, zero3: bool):
-        self.tokenizer, self.prompts, self.max_new_tokens, self.zero3 = tokenizer, prompts, max_new_tokens, zero3
+        # train.sample_max_new_tokens: auto (0) fits the budget to the sampled rows' references
+        budget = generation_budget(tokenizer, [ref for _, ref in prompts], max_new_tokens)
+        self.tokenizer, self.prompts, self.max_new_tokens, self.zero3 = tokenizer, prompts, budget.max_new_tokens, zero3
         self.rows: list[dict] = []
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):

@@ -114,7 +114,7 @@ def test_generation_stops_at_every_token_of_the_models_stop_list(tmp_path):
 
     prompt = tok.apply_chat_template(ONE[:1], tokenize=False, add_generation_prompt=True)
     calls = _count_forwards(model)
-    assert generate(model, tok, [prompt, prompt], max_new_tokens=20, batch_size=2) == ["", ""]
+    assert generate(model, tok, [prompt, prompt], max_new_tokens=20, batch_size=2) == (["", ""], [False, False])  # stopped, not cut
     assert len(calls) == 1  # stopped at <|end_of_text|> after one step
 
     calls.clear()  # the sample generations during training use the same stop list
