@@ -26,8 +26,13 @@ EMBEDDED_PREFERENCE_DATASET = "embedded://iso_dates_preference"
 DATA_FORMATS = ("auto", "alpaca", "dolly", "chat", "text", "preference")
 INVALID_ROW_POLICIES = ("drop", "fail")
 OVERLONG_POLICIES = ("drop", "truncate_prompt", "fail")
-# int keys that also take the word "auto" in YAML/JSON; the dataclass stores the int on the right
-AUTO_INT_KEYS = {"data.max_length": 0}
+# int keys that also take the word "auto" in YAML/JSON (also inside the preference stage's
+# sections); the dataclass stores the int on the right
+AUTO_INT_KEYS = {"data.max_length": 0, "evaluate.max_new_tokens": 0, "train.sample_max_new_tokens": 0,
+                 "train.per_device_batch_size": 0}
+# train.per_device_batch_size: auto trains this many rows per micro-batch when they fit in memory;
+# when not, get_data lowers it and raises gradient accumulation by the same factor (data/lengths.py)
+AUTO_MICRO_BATCH = 4
 TRAIN_METHODS = ("lora", "qlora", "full", "dpo")
 QUANTIZE_BITS = (0, 4, 8)
 QUANTIZE_VARIANTS = ("int8", "nf4", "gguf_q8_0", "gguf_f16")
@@ -116,7 +121,10 @@ class TrainConfig:
     max_steps: int = 60  # optimizer steps; 0 (or -1) means train for num_epochs
     num_epochs: float = 1.0
     learning_rate: float = 1e-3
-    per_device_batch_size: int = 4
+    # rows per micro-batch; auto (0, the default): 4 when 4 rows of data.max_length fit in memory,
+    # else fewer with more gradient accumulation (same tokens per optimizer step): the rows are the
+    # user's data and the micro-batch a throughput choice. A number is kept as given.
+    per_device_batch_size: int = 0
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -129,7 +137,7 @@ class TrainConfig:
     eval_steps: int = 20  # validation loss + sample generations every N steps; 0 = never
     eval_max_samples: int = 100  # held-out rows used for validation loss during training (0 = all)
     sample_prompts: int = 4  # first N held-out prompts generated (greedy) at each evaluation
-    sample_max_new_tokens: int = 24
+    sample_max_new_tokens: int = 0  # auto (0): the longest sampled reference plus a margin (generation.py)
     collective_timeout_s: int = 600  # a rank stuck this long in a collective fails the run instead of hanging
     profile_interval_s: float = 2.0  # resource sampling period (CPU/RAM, GPU via NVML)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -173,7 +181,7 @@ class TrainOps:
     gradient_checkpointing: bool = False
     logging_steps: int = 5
     sample_prompts: int = 4
-    sample_max_new_tokens: int = 24
+    sample_max_new_tokens: int = 0
     collective_timeout_s: int = 600
     profile_interval_s: float = 2.0
     accelerator: str = ""
@@ -201,7 +209,10 @@ class EvalConfig:
     """Base-vs-tuned evaluation on the test split."""
 
     max_samples: int = 100  # held-out rows scored (0 = all)
-    max_new_tokens: int = 32
+    # greedy tokens per answer; auto (0, the default): the longest reference of the scored rows plus a
+    # margin, capped by the model's context (generation.py). A number is kept; answers that reach it
+    # without a stop token are counted as cut in the summary
+    max_new_tokens: int = 0
     batch_size: int = 16  # rows per loss-pass forward (it holds [rows, length, vocabulary] logits)
     # rows per greedy generation batch: a KV cache per row and one position's logits, so larger
     # batches fit; on 2 CPU cores 48 rows took 24 s where 16 took 37 s (bench/NOTES.md)
@@ -225,6 +236,11 @@ class QuantizeConfig:
     variants: list[str] = field(default_factory=lambda: ["int8", "gguf_q8_0"])
     evaluate: bool = True  # score every variant on the held-out split, deltas vs the unquantized model
     bits: int = -1  # deprecated (use variants): 8 = [int8], 4 = [nf4], 0 = []; -1 = not set
+
+
+def micro_batch(t: TrainConfig) -> int:
+    """Rows per micro-batch: ``train.per_device_batch_size``, or the auto default before get_data fits it."""
+    return t.per_device_batch_size if t.per_device_batch_size > 0 else AUTO_MICRO_BATCH
 
 
 def effective_test_fraction(d: DataConfig) -> float:
@@ -293,7 +309,7 @@ class TrackingConfig:
     backend: str = "none"  # none | mlflow | wandb
     project: str = ""  # MLflow experiment / W&B project; empty = flyte-llm-finetune
     run_name: str = ""  # empty = the Flyte execution id
-    uri: str = ""  # MLflow tracking URI (empty = the local store runs/mlruns) / W&B server URL (empty = wandb.ai)
+    uri: str = ""  # MLflow tracking URI (empty = a local SQLite store, runs/mlflow.db) / W&B server URL (empty = wandb.ai)
     tags: dict[str, str] = field(default_factory=dict)  # added to the run's tags
 
 
@@ -372,12 +388,13 @@ def _coerce(tp: typing.Any, value: typing.Any, path: str, problems: list[str]) -
             problems.append(f"{path}: expected true or false, got {value!r}")
         return bool(value)
     if tp is int:
-        if path in AUTO_INT_KEYS and isinstance(value, str) and value.strip().lower() == "auto":
-            return AUTO_INT_KEYS[path]
+        auto_key = next((k for k in AUTO_INT_KEYS if path == k or path.endswith("." + k)), None)
+        if auto_key and isinstance(value, str) and value.strip().lower() == "auto":
+            return AUTO_INT_KEYS[auto_key]
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            also = " or auto" if path in AUTO_INT_KEYS else ""
+            also = " or auto" if auto_key else ""
             problems.append(f"{path}: expected an integer{also}, got {value!r}")
             return 0
         return value
@@ -487,7 +504,8 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
     elif t.max_steps <= 0 and t.num_epochs <= 0:
         p.append("train.max_steps / train.num_epochs: set max_steps > 0 or num_epochs > 0")
     positive("train.learning_rate", t.learning_rate)
-    positive("train.per_device_batch_size", t.per_device_batch_size)
+    if t.per_device_batch_size < 0:
+        p.append(f"train.per_device_batch_size: must be auto or >= 1, got {t.per_device_batch_size}")
     positive("train.gradient_accumulation_steps", t.gradient_accumulation_steps)
     positive("train.nnodes", t.nnodes)
     positive("train.nproc_per_node", t.nproc_per_node)
@@ -514,7 +532,8 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
             "train.early_stopping_patience: stopping early compares validation losses of saved checkpoints; "
             "set train.eval_steps > 0 and train.save_steps > 0, or set early_stopping_patience: 0"
         )
-    positive("train.sample_max_new_tokens", t.sample_max_new_tokens)
+    if t.sample_max_new_tokens < 0:
+        p.append(f"train.sample_max_new_tokens: must be auto or >= 1, got {t.sample_max_new_tokens}")
     positive("train.collective_timeout_s", t.collective_timeout_s)
     if t.keep_checkpoints < 1:
         p.append(
@@ -558,7 +577,8 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
 
     positive("evaluate.batch_size", e.batch_size)
     positive("evaluate.generate_batch_size", e.generate_batch_size)
-    positive("evaluate.max_new_tokens", e.max_new_tokens)
+    if e.max_new_tokens < 0:
+        p.append(f"evaluate.max_new_tokens: must be auto or >= 1, got {e.max_new_tokens}")
     if e.max_samples < 0:
         p.append(f"evaluate.max_samples: must be >= 0 (0 = all rows), got {e.max_samples}")
 

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from llm_finetune.checkpoint_upload import BackgroundUploader
-from llm_finetune.config import DataConfig, TrainConfig
+from llm_finetune.config import DataConfig, TrainConfig, micro_batch
 from llm_finetune.data.preference import encode_pairs
 from llm_finetune.encoding import prompt_and_reference
 from llm_finetune.errors import ConfigError, DataError
@@ -212,8 +212,8 @@ def train_dpo(
         output_dir=str(checkpoints_dir),
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         num_train_epochs=cfg.num_epochs,
-        per_device_train_batch_size=cfg.per_device_batch_size,
-        per_device_eval_batch_size=cfg.per_device_batch_size,
+        per_device_train_batch_size=micro_batch(cfg),
+        per_device_eval_batch_size=micro_batch(cfg),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from llm_finetune.collate import TokenCollator
-from llm_finetune.config import DataConfig, TrainConfig
+from llm_finetune.config import DataConfig, TrainConfig, micro_batch
 from llm_finetune.encoding import IGNORE_INDEX, encode_row, prompt_and_reference
 from llm_finetune.checkpoint import checkpoint_step, complete_checkpoints, relocate
 from llm_finetune.checkpoint_upload import BackgroundUploader
@@ -351,8 +351,8 @@ def train(
         output_dir=str(checkpoints_dir),
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         num_train_epochs=cfg.num_epochs,
-        per_device_train_batch_size=cfg.per_device_batch_size,
-        per_device_eval_batch_size=cfg.per_device_batch_size,
+        per_device_train_batch_size=micro_batch(cfg),
+        per_device_eval_batch_size=micro_batch(cfg),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,

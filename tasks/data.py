@@ -13,7 +13,7 @@ from flytekit.types.structured import StructuredDataset
 
 from images.specs import cpu_image
 from llm_finetune.config import DataConfig, TrainConfig, TrainOps, deepspeed_config_path, join_train, overlong_policy
-from llm_finetune.data.lengths import choose_max_length
+from llm_finetune.data.lengths import BatchPlan, choose_max_length
 from llm_finetune.data.prepare import PreparedData, prepare
 from llm_finetune.data.validation import RULES
 from llm_finetune.encoding import IGNORE_INDEX, encode_row
@@ -36,6 +36,7 @@ class DataReport:
     max_length: int  # the length used (data.max_length, or fitted when auto)
     length_note: str  # how max_length was chosen and what it costs
     drop_note: str  # non-empty when more than 1% of the rows were dropped: the summary leads with it
+    batch_note: str = ""  # how the micro-batch was fitted to keep the rows (empty: as configured)
 from tasks.preference_data import preference_decks
 
 
@@ -56,6 +57,7 @@ class DataSplits(typing.NamedTuple):
     truncated_rows: int
     token_rows: int  # rows of train_tokens (fewer than train_rows when packed)
     report: DataReport  # what the run summary says about the data (one output, passed whole)
+    batch: BatchPlan  # micro-batch / accumulation / checkpointing that hold max_length (applied by train_model)
 
 
 def _length_histogram(lengths: pd.Series, max_length: int, truncation: bool) -> str:
@@ -161,6 +163,8 @@ def get_data(
     model_dir, n_params = model_metadata(base_model)  # config and tokenizer; the weights stay in the store
     tokenizer = load_tokenizer(model_dir)
     prepared = prepare(data, tokenizer, length_chooser(model_dir, n_params, join_train(train, train_ops)))
+    if prepared.length.plan.note:
+        print(f"[get_data] batch fitted to keep the rows: {prepared.length.plan.note}", flush=True)
     note = prepared.drop_note()
     if note:
         print(f"[get_data] WARNING: {note}", flush=True)
@@ -188,5 +192,7 @@ def get_data(
             max_length=prepared.max_length,
             length_note=prepared.length.describe(),
             drop_note=note,
+            batch_note=prepared.length.plan.note,
         ),
+        batch=prepared.length.plan,
     )

@@ -61,5 +61,6 @@ def preference_stage(
         base_model=model, train_data=splits.train_tokens, eval_data=splits.validation, data=preference_data,
         train=preference_train, train_ops=preference_train_ops,
         tracking=tracking.for_stage("dpo", first_stage_steps) if tracking and tracking.run_id else None,
+        batch=splits.batch,
     )
     return trained.model, trained.adapter, splits.test, trained.metrics, trained.tracked_run_id

@@ -34,6 +34,7 @@ from flytekitplugins.kfpytorch.task import PytorchElasticFunctionTask
 
 from images.specs import cpu_image, gpu_image
 from llm_finetune.config import DataConfig, TrainConfig, TrainOps, deepspeed_config_path, join_train
+from llm_finetune.data.lengths import BatchPlan
 from llm_finetune.errors import ConfigError
 from llm_finetune.tracking import TrackedRun, TrackingCallback, tracking_html
 from llm_finetune.train import train as run_training
@@ -255,8 +256,12 @@ def train_model(
     train: TrainConfig,
     train_ops: TrainOps,
     tracking: Optional[TrackedRun] = None,  # the execution's MLflow / W&B run; not in the cache key
+    batch: Optional[BatchPlan] = None,  # get_data's fitted micro-batch / accumulation / checkpointing
 ) -> TrainResult:
     """Launch the Elastic training task at the scale and on the hardware the config asks for."""
+    # the rows' length decided the micro-batch (an unset input can arrive as a promise while compiling: no truth test)
+    plan = batch if isinstance(batch, BatchPlan) else BatchPlan()
+    train, train_ops = plan.apply(train, train_ops)
     full = join_train(train, train_ops)
     # configure_elastic, not with_overrides(task_config=...): see tasks/elastic.py
     base = preference_train.dpo_elastic if train.method == "dpo" else train_elastic  # DPO: tasks/preference_train.py

@@ -72,16 +72,46 @@ def test_caps_model_context_and_memory():
     lengths = [900] * 100
     ctx = choose_max_length(lengths, 0, {**SMOL, "max_position_embeddings": 512}, 134_515_008, TrainConfig(memory="64Gi"))
     assert (ctx.max_length, ctx.limited_by) == (512, "model context")
-    small = choose_max_length(lengths, 0, SMOL, 134_515_008, TrainConfig())  # 8Gi for 2 CPU processes, batch 4
-    assert small.limited_by == "memory" and 16 <= small.max_length < 900
-    assert "memory allows" in small.describe() and "GiB of activations per micro-batch" in small.describe()
-    more = choose_max_length(lengths, 0, SMOL, 134_515_008, TrainConfig(memory="32Gi"))
-    ckpt = choose_max_length(lengths, 0, SMOL, 134_515_008, TrainConfig(gradient_checkpointing=True))
-    assert more.memory_limit > small.memory_limit and ckpt.memory_limit > small.memory_limit
+    four = TrainConfig(per_device_batch_size=4)
+    small, _ = memory_limit(SMOL, 134_515_008, four)  # 8Gi for 2 CPU processes, 4 rows per micro-batch
+    assert 16 <= small < 900
+    assert memory_limit(SMOL, 134_515_008, TrainConfig(per_device_batch_size=4, memory="32Gi"))[0] > small
+    assert memory_limit(SMOL, 134_515_008, TrainConfig(per_device_batch_size=4, gradient_checkpointing=True))[0] > small
+    assert memory_limit(SMOL, 134_515_008, TrainConfig(per_device_batch_size=1))[0] > small
     h100 = choose_max_length(lengths, 0, SMOL, 134_515_008, TrainConfig(gpus_per_node=1, nproc_per_node=1, accelerator="nvidia-h100"))
-    assert (h100.max_length, h100.limited_by) == (904, "data")
-    explicit = choose_max_length(lengths, 256, SMOL, 134_515_008, TrainConfig())
+    assert (h100.max_length, h100.limited_by, h100.plan.note) == (904, "data", "")
+    explicit = choose_max_length(lengths, 256, SMOL, 134_515_008, TrainConfig(per_device_batch_size=4))
     assert (explicit.max_length, explicit.limited_by, explicit.auto) == (256, "data.max_length", False)
+    # only when even one row with activation checkpointing cannot hold the length is it capped by memory
+    huge = choose_max_length([6000] * 100, 0, SMOL, 134_515_008, TrainConfig())
+    assert huge.limited_by == "memory" and 16 <= huge.max_length < 6000
+    assert (huge.plan.micro_batch, huge.plan.gradient_checkpointing) == (1, True)
+    assert "memory allows" in huge.describe() and "GiB of activations per micro-batch" in huge.describe()
+
+
+def test_fits_the_batch_to_keep_the_rows():
+    """batch auto: 4 rows when they fit, else fewer rows with more accumulation, then checkpointing; never fewer rows kept."""
+    n = 134_515_008
+    short = choose_max_length([60] * 100, 0, SMOL, n, TrainConfig())
+    assert (short.plan.micro_batch, short.plan.gradient_accumulation_steps, short.plan.note) == (4, 1, "")
+    long = choose_max_length([900] * 100, 0, SMOL, n, TrainConfig(gradient_accumulation_steps=2))
+    assert long.max_length == 904 and long.limited_by == "data"
+    p = long.plan
+    assert p.micro_batch * p.gradient_accumulation_steps == 4 * 2  # tokens per optimizer step unchanged
+    # the plan holds the length by the same estimate that capped it before, and the cheaper plans do not
+    assert memory_limit(SMOL, n, TrainConfig(per_device_batch_size=p.micro_batch, gradient_checkpointing=p.gradient_checkpointing))[0] >= 904
+    assert memory_limit(SMOL, n, TrainConfig(per_device_batch_size=4))[0] < 904
+    assert f"micro-batch 4 -> {p.micro_batch}, gradient accumulation 2 -> {p.gradient_accumulation_steps}" in p.note
+    assert "tokens per optimizer step unchanged" in long.describe()
+    train, ops = p.apply(TrainConfig(gradient_accumulation_steps=2), __import__("llm_finetune.config").config.TrainOps())
+    assert (train.per_device_batch_size, train.gradient_accumulation_steps, ops.gradient_checkpointing) == (
+        p.micro_batch, p.gradient_accumulation_steps, p.gradient_checkpointing)
+    # a batch size the user set is kept: the memory problem is an error naming the plan that fits
+    with pytest.raises(DataError) as e:
+        choose_max_length([900] * 100, 0, SMOL, n, TrainConfig(per_device_batch_size=4))
+    msg = str(e.value)
+    assert msg.startswith("train.per_device_batch_size: 4 rows of 904 tokens") and "train.per_device_batch_size: auto" in msg
+    assert f"micro-batch {p.micro_batch}, gradient accumulation {p.micro_batch and 4 // p.micro_batch}" in msg
 
 
 def test_memory_estimate_fills_but_does_not_exceed_the_room():
@@ -89,7 +119,7 @@ def test_memory_estimate_fills_but_does_not_exceed_the_room():
     from llm_finetune.data.lengths import OVERHEAD_BYTES, activation_bytes_per_token, device_memory
     from llm_finetune.fit import training_bytes
 
-    t = TrainConfig()
+    t = TrainConfig(per_device_batch_size=4)
     cap, _ = memory_limit(SMOL, 134_515_008, t)
     room = 0.9 * (device_memory(t)[0] - training_bytes(134_515_008, "lora", False, 0, 2, False) - OVERHEAD_BYTES)
     used = lambda n: t.per_device_batch_size * n * activation_bytes_per_token(SMOL, t, n)  # noqa: E731

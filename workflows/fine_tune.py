@@ -43,6 +43,7 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
         train=s.train,
         train_ops=s.train_ops,
         tracking=run,
+        batch=splits.batch,  # the micro-batch fitted so that the rows fit (data/lengths.py)
     )
     checked >> trained.model  # orders the train node after the checks (any of its outputs names the node)
     # SFT then DPO (config section `preference`); hands the first stage's outputs through when disabled

@@ -16,16 +16,28 @@ attention probabilities, 1.5 x heads x length values per layer. Measured on this
 CPU for the embedded SmolLM2-135M with LoRA in fp32 (peak RSS over the loaded model): 2.56
 MB/token at 2 x 512 tokens and 3.62 MB/token at 1 x 1024; the formula gives 2.85 and 3.68.
 The estimate is printed and shown in the get_data deck with the length it led to.
+
+**Fit the batch, keep the rows.** The micro-batch is a throughput choice; the rows are the
+user's data. With ``train.per_device_batch_size: auto`` (the default) the length that keeps
+99% of the rows is fitted first and the micro-batch second: 4 rows if they fit, else 2, then
+1 (gradient accumulation raised by the same factor, so the tokens per optimizer step stay
+the same), then 1 row with activation checkpointing; only when even that cannot hold the
+length is it capped by memory and rows dropped, with the reason. The plan (``BatchPlan``)
+is printed, shown in the get_data deck and the run summary, and applied by the train task.
+A batch size set in the config is kept: when its rows cannot hold the length, get_data
+fails with the plan that would fit instead of dropping rows.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from llm_finetune.config import TrainConfig
+from llm_finetune.config import AUTO_MICRO_BATCH, TrainConfig, micro_batch
+from llm_finetune.errors import DataError
 from llm_finetune.fit import GiB, training_bytes
 
 COVERAGE = 0.99
@@ -40,6 +52,53 @@ DEFAULT_GPU_GIB = 24  # train.accelerator empty or unknown: assume a 24 GiB GPU 
 
 
 @dataclass
+class BatchPlan:
+    """Rows per micro-batch, gradient accumulation and activation checkpointing for the fitted length.
+
+    get_data's output, applied by the train task (``apply``). ``micro_batch`` 0: no plan, the
+    config's values are used as they are.
+    """
+
+    micro_batch: int = 0
+    gradient_accumulation_steps: int = 0
+    gradient_checkpointing: bool = False
+    note: str = ""  # what changed and why, e.g. "micro-batch 4 -> 1, gradient accumulation 1 -> 4, ..."
+
+    def apply(self, train, ops=None):
+        """``train`` (and ``ops``, the operational half holding gradient_checkpointing) with this plan."""
+        if self.micro_batch <= 0:
+            return train if ops is None else (train, ops)
+        train = dataclasses.replace(train, per_device_batch_size=self.micro_batch,
+                                    gradient_accumulation_steps=self.gradient_accumulation_steps)
+        if ops is None:
+            return dataclasses.replace(train, gradient_checkpointing=self.gradient_checkpointing)
+        return train, dataclasses.replace(ops, gradient_checkpointing=self.gradient_checkpointing)
+
+
+def _plan(train: TrainConfig, rows: int, checkpointing: bool, why: str) -> BatchPlan:
+    """The plan training ``rows`` per micro-batch with the configured tokens per optimizer step."""
+    nominal, accumulation = micro_batch(train), train.gradient_accumulation_steps
+    steps = max(accumulation * nominal // rows, 1)
+    changes = []
+    if rows != nominal:
+        changes.append(f"micro-batch {nominal} -> {rows}, gradient accumulation {accumulation} -> {steps}, "
+                       "tokens per optimizer step unchanged")
+    if checkpointing and not train.gradient_checkpointing:
+        changes.append("activation checkpointing on")
+    note = f"{'; '.join(changes)} ({why})" if changes else ""
+    return BatchPlan(rows, steps, checkpointing, note)
+
+
+def batch_options(train: TrainConfig) -> list[tuple[int, bool]]:
+    """(rows per micro-batch, activation checkpointing) to try, cheapest change first."""
+    if train.per_device_batch_size > 0:
+        return [(train.per_device_batch_size, train.gradient_checkpointing)]
+    rows = [b for b in (AUTO_MICRO_BATCH, 2, 1) if b <= AUTO_MICRO_BATCH]
+    options = [(b, train.gradient_checkpointing) for b in dict.fromkeys(rows)] + [(1, True)]
+    return list(dict.fromkeys(options))
+
+
+@dataclass
 class LengthChoice:
     max_length: int
     auto: bool  # False: data.max_length was set explicitly
@@ -50,7 +109,8 @@ class LengthChoice:
     device: str  # what the memory estimate assumed
     bytes_per_token: float
     activation_gib: float  # estimated activation memory of one micro-batch at max_length
-    batch_size: int = 1  # train.per_device_batch_size the estimate assumed
+    batch_size: int = 1  # rows per micro-batch the estimate assumed (the plan's, when fitted)
+    plan: BatchPlan = field(default_factory=BatchPlan)
 
     def describe(self) -> str:
         how = "auto" if self.auto else "set by data.max_length"
@@ -61,8 +121,10 @@ class LengthChoice:
             caps.append(f"memory allows {self.memory_limit} on {self.device}")
         text = f"max_length {self.max_length} ({how}; limited by {self.limited_by}; {', '.join(caps)})"
         if self.bytes_per_token:
-            text += (f"; costs about {self.activation_gib:.2f} GiB of activations per micro-batch "
+            text += (f"; costs about {self.activation_gib:.2f} GiB of activations per micro-batch of {self.batch_size} "
                      f"({self.bytes_per_token / 1e6:.2f} MB per token)")
+        if self.plan.note:
+            text += f"; batch fitted to keep the rows: {self.plan.note}"
         return text
 
 
@@ -135,7 +197,7 @@ def memory_limit(model_config: dict, n_params: int, train: TrainConfig, zero_sta
     room = 0.9 * (available - static - OVERHEAD_BYTES)
     if room <= 0:
         return 0, device
-    batch = max(train.per_device_batch_size, 1)
+    batch = micro_batch(train)
     lo, hi = 0, 1 << 20  # the per-token cost grows with the length on CPU: bisect
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -149,10 +211,23 @@ def memory_limit(model_config: dict, n_params: int, train: TrainConfig, zero_sta
 def choose_max_length(
     lengths, requested: int, model_config: dict, n_params: int, train: TrainConfig, zero_stage: int = 0, offload: bool = False
 ) -> LengthChoice:
-    """The length to train at: ``requested`` when set (> 0), else fitted (see the module docstring)."""
+    """The length to train at and the batch plan that holds it (see the module docstring).
+
+    ``requested`` > 0 (``data.max_length`` set) is kept; else the length keeping 99% of the
+    rows, capped by the model's context, then by memory only when no batch plan holds it.
+    """
     cover = coverage_length(lengths)
     context = model_context(model_config)
-    mem, device = memory_limit(model_config, n_params, train, zero_stage, offload) if n_params else (0, "unknown")
+    want = requested if requested > 0 else min(cover, context) if context else cover
+    options = batch_options(train)
+    chosen, (mem, device) = options[0], (0, "unknown")
+    for rows, ckpt in options if n_params else []:
+        chosen = (rows, ckpt)
+        mem, device = memory_limit(model_config, n_params, dataclasses.replace(train, per_device_batch_size=rows,
+                                                                           gradient_checkpointing=ckpt), zero_stage, offload)
+        if mem >= want:
+            break
+    rows, ckpt = chosen
     if requested > 0:
         length, by = requested, "data.max_length"
     else:
@@ -163,10 +238,31 @@ def choose_max_length(
             candidates.append((mem, "memory"))
         length, by = min(candidates, key=lambda c: c[0])
         length = max(length, 16)
-    per_token = activation_bytes_per_token(model_config, train, length) if model_config else 0.0
+    if by == "memory" and train.per_device_batch_size > 0:
+        raise DataError(_explicit_batch_problem(train, want, mem, device, lengths, model_config, n_params, zero_stage, offload))
+    why = f"{micro_batch(train)} rows of {want} tokens do not fit on {device}" if (rows, ckpt) != options[0] else ""
+    plan = _plan(train, rows, ckpt, why) if train.per_device_batch_size == 0 else BatchPlan()
+    sized = dataclasses.replace(train, per_device_batch_size=rows, gradient_checkpointing=ckpt)
+    per_token = activation_bytes_per_token(model_config, sized, length) if model_config else 0.0
     return LengthChoice(
         max_length=int(length), auto=requested <= 0, coverage_length=cover, context_limit=context, memory_limit=mem,
-        limited_by=by, device=device, bytes_per_token=per_token,
-        activation_gib=max(train.per_device_batch_size, 1) * length * per_token / GiB,
-        batch_size=max(train.per_device_batch_size, 1),
+        limited_by=by, device=device, bytes_per_token=per_token, activation_gib=rows * length * per_token / GiB,
+        batch_size=rows, plan=plan,
+    )
+
+
+def _explicit_batch_problem(train, want, mem, device, lengths, model_config, n_params, zero_stage, offload) -> str:
+    """The error for a batch size set in the config whose rows cannot hold the length the data needs."""
+    auto = choose_max_length(lengths, 0, model_config, n_params, dataclasses.replace(train, per_device_batch_size=0),
+                             zero_stage, offload)
+    fits = (f"micro-batch {auto.plan.micro_batch}, gradient accumulation {auto.plan.gradient_accumulation_steps}"
+            + (", activation checkpointing" if auto.plan.gradient_checkpointing else "")
+            if auto.limited_by != "memory" else "")
+    return (
+        f"train.per_device_batch_size: {train.per_device_batch_size} rows of {want} tokens (the length that keeps 99% of "
+        f"the rows) do not fit on {device}; at that batch size memory allows {mem} tokens per row, so the longer rows "
+        "would be dropped. Set train.per_device_batch_size: auto to keep the rows"
+        + (f" (here: {fits}, the same tokens per optimizer step)" if fits else "")
+        + ", or set train.gradient_checkpointing: true, raise train.memory or use a larger GPU, "
+        "or set data.max_length to accept dropping the longer rows."
     )
