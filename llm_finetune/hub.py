@@ -41,6 +41,44 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+INTERVAL = " interval"  # metrics[model][f"{metric} interval"] = (low, high): the metric's 95% interval
+
+
+def card_metrics(m, benchmarks: dict[str, float] | None = None) -> dict:
+    """One model's column of the card's table, from an ``EvalMetrics`` (duck-typed, so this module needs no torch).
+
+    Rows: loss, perplexity, every task metric in ``m.scores`` (headline ``m.task_metric`` first,
+    the rest sorted, whatever their names) with its bootstrap interval under ``"<name> interval"``,
+    then ``benchmarks``. Names stay clean so base, tuned and variants share one row per metric.
+    """
+    out = {"loss": m.loss, "perplexity": m.perplexity}
+    for k in sorted(m.scores, key=lambda k: (k != m.task_metric, k)):
+        out[k] = m.scores[k]
+        if k in m.scores_low and k in m.scores_high:
+            out[k + INTERVAL] = (m.scores_low[k], m.scores_high[k])
+    if "exact_match" not in m.scores and m.exact_match_rows:  # metrics computed without per-metric scores
+        out["exact_match"] = m.exact_match
+    out.update(benchmarks or {})
+    return out
+
+
+def metrics_table(metrics: dict[str, dict]) -> str:
+    """Markdown table: one row per metric, a column per model (base, tuned, variants) and, when any
+    interval is known, a "<model> 95% CI" column right after it; a cell is empty where a model has no value."""
+    names = list(metrics)
+    keys = list(dict.fromkeys(k for m in metrics.values() for k in m if not k.endswith(INTERVAL)))
+    with_ci = any(k.endswith(INTERVAL) for m in metrics.values() for k in m)
+
+    def cells(n: str, k: str) -> list[str]:
+        v, ci = metrics[n].get(k), metrics[n].get(k + INTERVAL)
+        value = "" if v is None else _fmt(v)
+        return [value, f"{_fmt(ci[0])}-{_fmt(ci[1])}" if ci else ""] if with_ci else [value]
+
+    header = ["metric"] + [c for n in names for c in ([n, f"{n} 95% CI"] if with_ci else [n])]
+    rows = [[k] + [c for n in names for c in cells(n, k)] for k in keys]
+    return "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
+
+
 def hub_id(name: str) -> str:
     """The hub repo id a base model or dataset name stands for ("" for a local path or an embedded dataset)."""
     name = EMBEDDED_ORIGIN.get(name, name)
@@ -125,8 +163,8 @@ def model_card(
 
     Metadata: base model (hub id) and relation, its resolved revision, dataset and its
     revision, licence, tags, the training config. ``metrics`` maps a model name (base, tuned,
-    int8, ...) to its values (a value may be a (low, high) interval, shown after it); the card
-    shows them side by side, plus how to load the artifact, intended use and limits.
+    int8, ...) to its values (``card_metrics``; ``"<metric> interval"`` holds a (low, high) 95%
+    interval); ``metrics_table`` shows them side by side, plus how to load the artifact, intended use and limits.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -144,15 +182,7 @@ def model_card(
         dataset_revision=dataset_revision or None,
         training_config=config,
     )
-    names = list(metrics)
-    keys = list(dict.fromkeys(k for m in metrics.values() for k in m if not k.endswith(" interval")))
-
-    def cell(n: str, k: str) -> str:
-        v, ci = metrics[n].get(k, ""), metrics[n].get(f"{k} interval")
-        return _fmt(v) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
-
-    table = "| metric | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
-    table += "\n".join(f"| {k} | " + " | ".join(cell(n, k) for n in names) + " |" for k in keys)
+    table = metrics_table(metrics)
     if relation == "adapter":
         load = f"```python\n{adapter_snippet(repo_id, base_model, base_revision, example_prompt)}```"
     elif relation == "gguf":

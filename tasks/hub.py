@@ -13,7 +13,7 @@ from flytekit.types.directory import FlyteDirectory
 
 from images.specs import cpu_image
 from llm_finetune.config import FineTuneConfig
-from llm_finetune.hub import HUB_TOKEN_ENV, adapter_for_hub, model_card, push_folder
+from llm_finetune.hub import HUB_TOKEN_ENV, adapter_for_hub, card_metrics, model_card, push_folder
 from llm_finetune.tracking import redacted  # credentials inside URIs (tracking.uri, data.source) stay out of cards
 from tasks.common import write_run_file
 from tasks.evaluate import EvalReport, VariantMetrics
@@ -38,12 +38,15 @@ def hub_token() -> str:
         return os.environ.get(HUB_TOKEN_ENV, "").strip()
 
 
-def _metrics(report: EvalReport) -> dict:
-    m = report.metrics
-    out = {"loss": m.loss, "perplexity": m.perplexity, "exact match": m.exact_match}
-    out.update({f"{k} (test, 95% CI {m.scores_low[k]:.3f}-{m.scores_high[k]:.3f})": v for k, v in m.scores.items() if k != "exact_match"})
-    out.update(report.benchmarks)
-    return out
+def card_table(base: EvalReport, tuned: EvalReport, variants: list[VariantMetrics]) -> dict[str, dict]:
+    """Every card's metrics: base, tuned and each evaluated variant as columns of one table.
+
+    Metric names stay clean (intervals go to their own column, see ``card_metrics``), so the
+    same metric of every model lands on one row.
+    """
+    table = {"base": card_metrics(base.metrics, base.benchmarks), "tuned": card_metrics(tuned.metrics, tuned.benchmarks)}
+    table.update({v.variant: card_metrics(v.metrics) for v in variants})
+    return table
 
 
 def variant_repo(repo_id: str, variant: str) -> str:
@@ -66,9 +69,9 @@ def push_to_hub(
 ) -> list[str]:
     """URLs of the pushed repos (merged model first); empty when ``hub.repo_id`` is empty (skipped)."""
     h = config.hub
+    metrics = card_table(base, tuned, variants)
     preview = model_card(h.repo_id or "your-name/model", base_model=config.model.base_model, dataset=config.data.source,
-                         config=config.to_dict(), license=h.license, metrics={"base": _metrics(base), "tuned": _metrics(tuned)},
-                         variant="merged model")
+                         config=config.to_dict(), license=h.license, metrics=metrics, variant="merged model")
     card_path = write_run_file("model_card.md", preview)  # local runs: runs/<execution id>/model_card.md
     if card_path is not None:
         print(f"[push_to_hub] model card preview: {card_path}", flush=True)
@@ -76,25 +79,20 @@ def push_to_hub(
         print("[push_to_hub] hub.repo_id is empty: not publishing (set hub.repo_id: owner/name to push)")
         return []
     token = hub_token()
-    before_after = {"base": _metrics(base), "tuned": _metrics(tuned)}
     by_variant = {v.variant: v for v in variants}
     m = config.model
     common = dict(base_model=m.base_model, dataset=config.data.source, config=redacted(config.to_dict()), license=h.license,
                   base_revision=m.revision, dataset_revision=config.data.revision)
     push = dict(token=token, private=h.private, endpoint=h.endpoint or None, max_retries=h.max_retries)
 
-    targets = [(model.download(), h.repo_id, model_card(h.repo_id, metrics=before_after, variant="merged model", **common))]
+    targets = [(model.download(), h.repo_id, model_card(h.repo_id, metrics=metrics, variant="merged model", **common))]
     if adapter is not None:
         name = f"{h.repo_id}-lora"
         # adapter_config.json names the base by hub id + revision, not the pod's temporary folder
         folder = adapter_for_hub(adapter.download(), tempfile.mkdtemp(prefix="adapter-hub-"), m.base_model, m.revision)
-        targets.append((folder, name, model_card(name, metrics=before_after, variant="LoRA adapter", relation="adapter", **common)))
+        targets.append((folder, name, model_card(name, metrics=metrics, variant="LoRA adapter", relation="adapter", **common)))
     for q in quantized:
         name = variant_repo(h.repo_id, q.variant)
-        metrics = dict(before_after)
-        if q.variant in by_variant:
-            v = by_variant[q.variant]
-            metrics[q.variant] = {"loss": v.metrics.loss, "perplexity": v.metrics.perplexity, "exact match": v.metrics.exact_match}
         text = QUANTIZATION_TEXT[q.variant] + f" Weights: {q.size_mb:.1f} MB."
         if q.variant in by_variant:
             v = by_variant[q.variant]

@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from llm_finetune.errors import HubError
-from llm_finetune.hub import model_card, push_folder
+from llm_finetune.hub import card_metrics, model_card, push_folder
 from tests.hub_standin import HubStandIn
 
 TOKEN = "hf_standinSECRETtoken1234567890"
@@ -97,3 +97,58 @@ def test_token_never_appears_in_logs_card_or_errors(hub, folder, caplog, capsys)
     texts = [caplog.text, out.out, out.err, str(e.value), repr(r)] + [v.decode("utf-8", "replace") for v in hub.repos["alice/tuned"].files.values()]
     assert all(TOKEN not in t for t in texts)
     assert any(auth == f"Bearer {TOKEN}" for _, _, auth in hub.requests)  # it was really sent, only to the hub
+
+
+def parse_table(card: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The card's metrics table read back from the markdown: header cells, and each row's cells by metric name."""
+    from huggingface_hub import ModelCard
+
+    lines = [ln.strip() for ln in ModelCard(card).text.splitlines() if ln.strip().startswith("|")]
+    header, sep, *rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    assert set("".join(sep)) <= set("-:") and len(sep) == len(header)
+    assert all(len(r) == len(header) for r in rows)
+    names = [r[0] for r in rows]
+    assert len(names) == len(set(names)), f"a metric on more than one row: {names}"
+    return header, {r[0]: r[1:] for r in rows}
+
+
+def test_card_table_has_one_row_per_metric_with_intervals_in_their_own_columns():
+    from huggingface_hub import ModelCard
+
+    from llm_finetune.evaluate import EvalMetrics
+
+    def metrics(loss, ppl, scores):  # scores: name -> (value, low, high), a JSON task
+        return EvalMetrics(rows=120, loss=loss, perplexity=ppl, exact_match=scores["exact_match"][0], exact_match_rows=120,
+                           task_metric="json_field_f1", task_kind="json", scores={k: v[0] for k, v in scores.items()},
+                           scores_low={k: v[1] for k, v in scores.items()}, scores_high={k: v[2] for k, v in scores.items()})
+
+    inputs = {
+        "base": (1.8342, 6.2607, {"exact_match": (0.05, 0.0167, 0.0917), "json_field_f1": (0.4123, 0.3561, 0.4702),
+                                  "json_structure": (0.6, 0.5083, 0.6833)}, {"arc_easy": 0.5412}),
+        "tuned": (0.3127, 1.3671, {"exact_match": (0.7833, 0.7083, 0.85), "json_field_f1": (0.9517, 0.9288, 0.9731),
+                                   "json_structure": (0.9917, 0.975, 1.0)}, {"arc_easy": 0.5377}),
+        "int8": (0.3161, 1.3718, {"exact_match": (0.775, 0.7, 0.85), "json_field_f1": (0.9489, 0.9247, 0.9712),
+                                  "json_structure": (0.9917, 0.975, 1.0)}, None),  # variants run no benchmarks
+    }
+    table = {name: card_metrics(metrics(loss, ppl, scores), bench) for name, (loss, ppl, scores, bench) in inputs.items()}
+    text = model_card("alice/tuned", "HuggingFaceTB/SmolLM2-135M-Instruct", "embedded://iso_dates", {"train": {"max_steps": 6}},
+                      table, "merged model")
+
+    header, rows = parse_table(text)
+    assert header == ["metric", "base", "base 95% CI", "tuned", "tuned 95% CI", "int8", "int8 95% CI"]
+    # loss and perplexity, the headline first, the other task metrics sorted, then benchmarks; names carry no intervals
+    assert list(rows) == ["loss", "perplexity", "json_field_f1", "exact_match", "json_structure", "arc_easy"]
+    for i, (name, (loss, ppl, scores, bench)) in enumerate(inputs.items()):
+        value = {m: cells[2 * i] for m, cells in rows.items()}
+        ci = {m: cells[2 * i + 1] for m, cells in rows.items()}
+        assert float(value["loss"]) == pytest.approx(loss, abs=5e-5) and float(value["perplexity"]) == pytest.approx(ppl, abs=5e-5)
+        assert ci["loss"] == ci["perplexity"] == ci["arc_easy"] == ""
+        for metric, (v, low, high) in scores.items():
+            assert float(value[metric]) == pytest.approx(v, abs=5e-5)
+            assert [float(x) for x in ci[metric].split("-")] == pytest.approx([low, high], abs=5e-5)
+        if bench is None:
+            assert value["arc_easy"] == ""  # an empty cell where a model has no value
+        else:
+            assert float(value["arc_easy"]) == pytest.approx(bench["arc_easy"], abs=5e-5)
+    data = ModelCard(text).data  # the YAML metadata still parses
+    assert data.base_model == ["HuggingFaceTB/SmolLM2-135M-Instruct"] and data.license == "apache-2.0"

@@ -8,6 +8,7 @@ from flytekit.types.structured import StructuredDataset
 from llm_finetune.config import FineTuneConfig, from_dict
 from llm_finetune.evaluate import EvalMetrics
 from tests.hub_standin import HubStandIn
+from tests.test_hub import parse_table
 
 SECRET = "hf_flyteSECRETvalue_5d9c2e"
 
@@ -61,6 +62,8 @@ def test_publishes_every_artifact_idempotently_without_leaking_the_token(hub, tm
     assert "base_model_relation: quantized" in card and "license: apache-2.0" in card and "GGUF q8_0" in card
     assert "| loss | 0.6000 | 0.0100 | 0.0200 |" in card  # base, tuned and the variant side by side
     assert "iso-q8_0.gguf" in hub.repos["alice/iso-gguf-q8-0"].files
+    header, rows = parse_table(hub.repos["alice/iso"].files["README.md"].decode())  # the merged model's card shows variants too
+    assert header == ["metric", "base", "tuned", "gguf_q8_0"] and list(rows) == ["loss", "perplexity", "exact_match"]
 
     commits = {r: len(repo.commits) for r, repo in hub.repos.items()}
     assert push_to_hub(**args) == urls and {r: len(repo.commits) for r, repo in hub.repos.items()} == commits
