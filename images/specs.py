@@ -67,6 +67,8 @@ COMMON_PACKAGES = [
     "sqlparse==0.6.1",
     "fastapi==0.165.0",
     "databricks-sdk==0.156.0",
+    "sqlalchemy==2.1.9",  # MLflow's SQLite store (the default local one; its tables are created by alembic)
+    "alembic==1.20.1",
 ]
 # mlflow-skinny 3.17.2 caps cachetools / importlib_metadata below the lock: installed without its resolver,
 # as `make setup` does (docs/tracking.md); what it imports is in COMMON_PACKAGES.

@@ -32,7 +32,10 @@ from transformers import TrainerCallback
 from llm_finetune.config import TrackingConfig
 
 DEFAULT_PROJECT = "flyte-llm-finetune"
-LOCAL_MLFLOW_STORE = Path("runs/mlruns")  # empty tracking.uri: a local MLflow store, opened by `mlflow ui`
+# Empty tracking.uri with backend mlflow: a local SQLite store (MLflow 3 keeps the plain-folder store in maintenance
+# mode and refuses to open it without MLFLOW_ALLOW_FILE_STORE=true), its artifacts as plain files in a folder beside it.
+LOCAL_MLFLOW_DB = Path("runs/mlflow.db")
+MLFLOW_ARTIFACTS_DIR = "mlartifacts"  # beside a local SQLite store: runs/mlartifacts/<run id>/artifacts/
 LOCAL_WANDB_DIR = Path("runs")  # wandb writes runs/wandb/(offline-)run-*/ (WANDB_DIR overrides it)
 
 
@@ -57,6 +60,45 @@ class TrackedRun:
 def redact_uri(text: str) -> str:
     """``scheme://user:password@host/...`` -> ``scheme://***@host/...`` (credentials never reach a tracker)."""
     return re.sub(r"(?<=://)[^/@\s]+@", "***@", text)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///<path>`` MLflow store (None for any other URI or an in-memory one)."""
+    if not uri.startswith("sqlite:///") or uri.split("?", 1)[0] in ("sqlite:///", "sqlite:///:memory:"):
+        return None
+    return Path(uri.split("?", 1)[0].removeprefix("sqlite:///"))
+
+
+def is_file_store(uri: str) -> bool:
+    """MLflow's plain-folder store (a path or a ``file:`` URI): it opens only with MLFLOW_ALLOW_FILE_STORE=true."""
+    return uri.startswith("file:") or ("://" not in uri and not uri.startswith(("sqlite:", "databricks")))
+
+
+def mlflow_uri(uri: str) -> str:
+    """The tracking URI every task of an execution uses: empty -> the local SQLite store ``runs/mlflow.db``;
+    a relative database file or folder -> absolute, so tasks started in other directories share the store."""
+    uri = uri.strip()
+    if not uri:
+        return f"sqlite:///{LOCAL_MLFLOW_DB.expanduser().resolve()}"
+    db = sqlite_path(uri)
+    if db is not None and not db.is_absolute():
+        rest = uri.split("?", 1)[1] if "?" in uri else ""
+        return f"sqlite:///{db.expanduser().resolve()}" + (f"?{rest}" if rest else "")
+    if is_file_store(uri) and not uri.startswith("file:"):  # a plain folder (the file store): absolute
+        return str(Path(uri).expanduser().resolve())
+    return uri
+
+
+def open_command(run: TrackedRun) -> str:
+    """The shell command that opens a run kept in a local MLflow store (``mlflow ui``, from the full ``mlflow``
+    package); empty for a tracking server, W&B or no tracking."""
+    if run.backend != "mlflow" or not run.uri:
+        return ""
+    if sqlite_path(run.uri) is not None:
+        return f"mlflow ui --backend-store-uri {run.uri}"
+    if is_file_store(run.uri):  # the user's choice of the folder store: MLflow 3 opens it only when allowed
+        return f"MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {run.uri}"
+    return ""
 
 
 def wandb_offline() -> bool:
@@ -117,8 +159,8 @@ class _Mlflow:
     """MLflow through ``MlflowClient`` (explicit run ids; no global active run, safe across tasks)."""
 
     def __init__(self, uri: str):
-        if "://" not in uri or uri.startswith("file:"):
-            # the plain-folder store is in maintenance mode in MLflow 3 and refuses to open unless allowed
+        if is_file_store(uri):
+            # an explicitly chosen plain-folder store: in maintenance mode in MLflow 3, refused unless allowed
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         # a down server must not hold a training step for minutes: few retries, short timeouts
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -127,20 +169,43 @@ class _Mlflow:
         from mlflow import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        self.db = sqlite_path(uri)
+        if self.db is None:
+            self.client = MlflowClient(tracking_uri=uri)
+        else:
+            # the first client on a new database creates its tables; two processes doing that at once collide
+            # ("table ... already exists"), so that step is serialized. After it, SQLite's own locking (MLflow
+            # sets a 20 s busy timeout) lets several processes log to the store at the same time.
+            from filelock import FileLock
+
+            self.db.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(self.db) + ".lock"):
+                self.client = MlflowClient(tracking_uri=uri)
         self.run_id = ""
 
     def create(self, project: str, run_name: str, tags: dict[str, str]) -> tuple[str, str]:
         exp = self.client.get_experiment_by_name(project)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(project)
+        exp_id = exp.experiment_id if exp is not None else self._create_experiment(project)
         run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         return self.run_id, self._url(exp_id)
 
+    def _create_experiment(self, project: str) -> str:
+        # a local SQLite store keeps the artifacts as plain files beside it (MLflow's default, ./mlruns, would
+        # depend on each task's working directory)
+        location = None if self.db is None else (self.db.parent / MLFLOW_ARTIFACTS_DIR).as_uri()
+        try:
+            return self.client.create_experiment(project, artifact_location=location)
+        except Exception:  # another execution created it meanwhile
+            exp = self.client.get_experiment_by_name(project)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
     def _url(self, exp_id: str) -> str:
         if self.uri.startswith(("http://", "https://")):
             return f"{redact_uri(self.uri.rstrip('/'))}/#/experiments/{exp_id}/runs/{self.run_id}"
-        if "://" not in self.uri:  # a local store: the run's folder
+        if is_file_store(self.uri) and not self.uri.startswith("file:"):  # a local folder store: the run's folder
             return f"{Path(self.uri).as_uri()}/{exp_id}/{self.run_id}"
         return f"{redact_uri(self.uri)} (experiment {exp_id}, run {self.run_id})"
 
@@ -256,9 +321,7 @@ def start_run(cfg: TrackingConfig, run_name: str, params: dict[str, str], tags: 
     if cfg.backend == "none":
         return TrackedRun()
     project = cfg.project or DEFAULT_PROJECT
-    uri = cfg.uri.strip() or (str(LOCAL_MLFLOW_STORE) if cfg.backend == "mlflow" else "")
-    if cfg.backend == "mlflow" and ":" not in uri:  # a local store: the same folder for every local task
-        uri = str(Path(uri).expanduser().resolve())
+    uri = mlflow_uri(cfg.uri) if cfg.backend == "mlflow" else cfg.uri.strip()
     ref = TrackedRun(backend=cfg.backend, project=project, uri=uri)
     all_tags = {**{k: redact_uri(str(v)) for k, v in cfg.tags.items()}, **tags}
     try:
@@ -376,9 +439,8 @@ def tracking_html(run: TrackedRun) -> str:
         return f"<p>{html.escape(run.backend)}: the run could not be created (see the start_tracking log); not tracked.</p>"
     url = html.escape(run.url)
     link = f"<a href='{url}' target='_blank'>{url}</a>" if run.url.startswith(("http://", "https://", "file://")) else url
-    extra = ""
-    if run.backend == "mlflow" and "://" not in run.uri:
-        extra = f"<p>Open it with <code>mlflow ui --backend-store-uri {html.escape(run.uri)}</code>.</p>"
+    command = open_command(run)
+    extra = f"<p>Open it with <code>{html.escape(command)}</code> (the full mlflow package).</p>" if command else ""
     return (f"<p>{html.escape(run.backend)} run <b>{html.escape(run.run_id)}</b> in project "
             f"<b>{html.escape(run.project)}</b>: {link}</p>{extra}")
 

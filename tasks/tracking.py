@@ -30,6 +30,7 @@ from llm_finetune.tracking import (
     TrackedRun,
     config_params,
     log_history,
+    open_command,
     redact_uri,
     redacted,
     resume_run,
@@ -70,8 +71,14 @@ def start_tracking(config: FineTuneConfig) -> TrackedRun:
         tags["flyte.execution_url"] = os.environ["FLYTE_EXECUTION_URL"]
     run = start_run(cfg, name, config_params(config.to_dict()), tags, api_key=wandb_api_key() if cfg.backend == "wandb" else "")
     if run.run_id:
-        print(f"[tracking] {run.backend} run {run.run_id}: {run.url}", flush=True)
+        print(f"[tracking] {run.backend} run {run.run_id}: {run.url}{_open_hint(run)}", flush=True)
     return run
+
+
+def _open_hint(run: TrackedRun) -> str:
+    """``; open it: mlflow ui --backend-store-uri ...`` for a run in a local MLflow store, else nothing."""
+    command = open_command(run)
+    return f"; open it: {command}" if command else ""
 
 
 def _metrics(prefix: str, m) -> dict[str, float]:
@@ -151,7 +158,7 @@ def finish_tracking(run: TrackedRun, config: FineTuneConfig, train_metrics: Flyt
     tracker.log_artifact(out / "summary.json", "summary")
     tracker.log_artifact(out / "README.md", "model_card")
     tracker.close("finished")
-    print(f"[tracking] {run.backend} run {run.run_id} finished: {run.url}", flush=True)
+    print(f"[tracking] {run.backend} run {run.run_id} finished: {run.url}{_open_hint(run)}", flush=True)
     return run.url
 
 

@@ -64,6 +64,13 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture
+def no_file_store(monkeypatch):
+    """MLFLOW_ALLOW_FILE_STORE unset, and unset again afterwards (the folder store's client sets it in the process)."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+
+
+@pytest.fixture
 def secrets(monkeypatch):
     """The Flyte secrets as flytekit serves them locally; HF_TOKEN / WANDB_API_KEY must not be what is used."""
     monkeypatch.setenv("_FSEC_WANDB_API_KEY", WANDB_SECRET)
@@ -103,8 +110,11 @@ def test_wandb_without_api_key_fails_in_validate_config(monkeypatch):
 
 
 @pytest.mark.slow
-def test_workflow_run_tracked_in_mlflow(isolated_flyte, tiny, data, secrets, monkeypatch, capfd):
-    """Empty tracking.uri: a real MLflow store under runs/mlruns, read back with MlflowClient."""
+def test_workflow_run_tracked_in_mlflow(isolated_flyte, tiny, data, secrets, no_file_store, monkeypatch, capfd):
+    """Empty tracking.uri: a real MLflow SQLite store, runs/mlflow.db, read back with MlflowClient as a user would
+    (MLflow 3 opens it as is; the folder store would need MLFLOW_ALLOW_FILE_STORE=true)."""
+    import os
+
     from mlflow import MlflowClient
 
     from workflows.fine_tune import fine_tune
@@ -113,8 +123,10 @@ def test_workflow_run_tracked_in_mlflow(isolated_flyte, tiny, data, secrets, mon
     cfg = _config(tiny, data, {"backend": "mlflow", "tags": {"team": "nlp", "mirror": f"https://bob:{URI_PASSWORD}@example.org/x"}})
     result = fine_tune(config=cfg)
 
-    store = isolated_flyte / "runs" / "mlruns"
-    client = MlflowClient(tracking_uri=str(store))
+    store = isolated_flyte / "runs"
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ and not (store / "mlruns").exists()
+    client = MlflowClient(tracking_uri=uri)
     (exp,) = [e for e in client.search_experiments() if e.name == "flyte-llm-finetune"]
     (run,) = client.search_runs([exp.experiment_id])
     run_id = run.info.run_id
@@ -150,6 +162,9 @@ def test_workflow_run_tracked_in_mlflow(isolated_flyte, tiny, data, secrets, mon
     arts = {a.path for folder in ("summary", "model_card", "train") for a in client.list_artifacts(run_id, folder)}
     assert arts == {"summary/summary.json", "model_card/README.md", "train/train_summary.json"}
     local = Path(client.download_artifacts(run_id, "summary/summary.json", str(isolated_flyte)))
+    # the artifacts are plain files beside the database, wherever the task ran
+    assert run.info.artifact_uri == (store / "mlartifacts" / run_id / "artifacts").as_uri()
+    assert (store / "mlartifacts" / run_id / "artifacts" / "model_card" / "README.md").is_file()
     assert json.loads(local.read_text())["tuned_metrics"]["loss"] == pytest.approx(result.tuned_metrics.loss)
     tags = run.data.tags
     assert tags["flyte.execution_id"] == run.info.run_name and tags["team"] == "nlp"
@@ -158,11 +173,14 @@ def test_workflow_run_tracked_in_mlflow(isolated_flyte, tiny, data, secrets, mon
     assert tags["base_model.revision"] == params["model.revision"] and tags["base_model.revision"].startswith("sha256:")
     assert tags["hub.urls"] == "(not published)" and tags["mirror"] == "https://***@example.org/x"
 
-    # the link is on the train and summary decks and in the summary printout
+    # the run and how to open it are on the train and summary decks and in the printout
     printed = capfd.readouterr()
     for deck in ("train", "summary"):
-        assert run_id in (isolated_flyte / "decks" / f"{deck}.html").read_text(), deck
-    assert f"tracking:    mlflow file://{store}" in printed.out
+        text = (isolated_flyte / "decks" / f"{deck}.html").read_text()
+        assert run_id in text and f"<code>mlflow ui --backend-store-uri {uri}</code>" in text, deck
+    where = f"{uri} (experiment {exp.experiment_id}, run {run_id})"
+    assert f"tracking:    mlflow {where}\n               open it: mlflow ui --backend-store-uri {uri}\n" in printed.out
+    assert f"finished: {where}; open it: mlflow ui --backend-store-uri {uri}" in printed.out
 
     # an identical second run: training comes from the cache (same key despite a new run id), and the new
     # run still gets the curves, replayed from the cached training's summary
@@ -182,8 +200,8 @@ def test_workflow_run_tracked_in_mlflow(isolated_flyte, tiny, data, secrets, mon
 
 
 @pytest.mark.slow
-def test_sft_then_dpo_streams_both_stages_into_one_mlflow_run(isolated_flyte, tiny, data, secrets, monkeypatch,
-                                                                tmp_path):
+def test_sft_then_dpo_streams_both_stages_into_one_mlflow_run(isolated_flyte, tiny, data, secrets, no_file_store,
+                                                                monkeypatch, tmp_path):
     """The DPO stage after SFT streams its curves into the execution's run, under dpo/ and after SFT's steps."""
     from mlflow import MlflowClient
 
@@ -204,7 +222,7 @@ def test_sft_then_dpo_streams_both_stages_into_one_mlflow_run(isolated_flyte, ti
     }})
     result = fine_tune(config=cfg)
 
-    client = MlflowClient(tracking_uri=str(isolated_flyte / "runs" / "mlruns"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{isolated_flyte / 'runs' / 'mlflow.db'}")
     (exp,) = [e for e in client.search_experiments() if e.name == "flyte-llm-finetune"]
     (run,) = client.search_runs([exp.experiment_id])
     run_id = run.info.run_id
@@ -283,17 +301,20 @@ def fine_tune_once(cfg):
 # ------------------------------------------------------------------------------------------------ failures
 
 
-def test_tracker_failing_mid_run_never_stops_training(tiny, tmp_path, monkeypatch, capfd):
-    """The real MLflow client on a local store accepts the first logs, then the 'server' goes away."""
+def test_tracker_failing_mid_run_never_stops_training(tiny, tmp_path, no_file_store, monkeypatch, capfd):
+    """The real MLflow client on a local store accepts the first logs, then the 'server' goes away.
+
+    The store is a plain folder, the user's explicit choice: it still works (the client allows it itself)."""
     import mlflow
     import pandas as pd
 
     from llm_finetune.config import DataConfig, TrackingConfig, TrainConfig
-    from llm_finetune.tracking import TrackingCallback, start_run
+    from llm_finetune.tracking import TrackingCallback, open_command, start_run
     from llm_finetune.train import train
 
     run = start_run(TrackingConfig(backend="mlflow", uri=str(tmp_path / "mlruns")), "mid-run-failure", {"a": "1"}, {})
-    assert run.run_id
+    assert run.run_id and run.url == f"{(tmp_path / 'mlruns').as_uri()}/{run.url.split('/')[-2]}/{run.run_id}"
+    assert open_command(run) == f"MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {tmp_path / 'mlruns'}"
     calls = {"n": 0}
     real = mlflow.MlflowClient.log_batch
 
@@ -328,3 +349,87 @@ def test_unreachable_tracking_server_leaves_the_execution_untracked(tmp_path, ca
     assert run.backend == "mlflow" and run.run_id == ""
     assert resume_run(run) is None
     assert "could not start a mlflow run at http://127.0.0.1:9" in capfd.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ local MLflow store
+
+
+def test_local_mlflow_store_is_sqlite_and_says_how_to_open_it(tmp_path, monkeypatch):
+    """Empty uri: runs/mlflow.db (absolute, so every task shares it); the user's own choices are kept."""
+    from llm_finetune.tracking import TrackedRun, mlflow_uri, open_command, tracking_html
+
+    monkeypatch.chdir(tmp_path)
+    db = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert mlflow_uri("") == mlflow_uri("  ") == db
+    assert mlflow_uri("sqlite:///runs/mlflow.db") == db  # relative file: made absolute
+    assert mlflow_uri("sqlite:////srv/m.db") == "sqlite:////srv/m.db"
+    assert mlflow_uri("mlruns") == str(tmp_path / "mlruns")  # a folder: the file store, absolute as before
+    for kept in ("file:///srv/mlruns", "http://mlflow:5000", "databricks", "postgresql://u@db/mlflow"):
+        assert mlflow_uri(kept) == kept
+
+    run = lambda uri: TrackedRun("mlflow", "abc123", f"{uri} (experiment 1, run abc123)", "p", uri)  # noqa: E731
+    assert open_command(run(db)) == f"mlflow ui --backend-store-uri {db}"
+    assert f"Open it with <code>mlflow ui --backend-store-uri {db}</code>" in tracking_html(run(db))
+    # the folder store still works, but MLflow 3 opens it only when allowed: the command says so
+    folder = str(tmp_path / "mlruns")
+    assert open_command(run(folder)) == f"MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {folder}"
+    assert open_command(run("file:///srv/mlruns")).startswith("MLFLOW_ALLOW_FILE_STORE=true mlflow ui")
+    for remote in ("http://mlflow:5000", "databricks"):
+        assert open_command(run(remote)) == "" and "Open it" not in tracking_html(run(remote))
+    assert open_command(TrackedRun("wandb", "abc", "https://wandb.ai/x", "p", "")) == ""
+
+
+def _store_worker(job: tuple) -> tuple[str, int]:
+    """One process of the concurrency test (top level, so a spawned process can run it)."""
+    import os
+
+    from llm_finetune.config import TrackingConfig
+    from llm_finetune.tracking import TrackedRun, Tracker, start_run
+
+    what, cwd, arg = job
+    os.chdir(cwd)
+    if what == "start":  # a new database: every process creates the tables and the experiment at once
+        run = start_run(TrackingConfig(backend="mlflow"), f"start-{arg}", {"i": str(arg)}, {"w": str(arg)})
+        return run.run_id, 0
+    run, i = TrackedRun(**arg[0]), arg[1]
+    tracker = Tracker(run)
+    for step in range(1, 31):
+        tracker.log_metrics({f"w{i}/loss": 1.0 / step, "shared/x": float(i)}, step)
+    tracker.set_tags({f"w{i}": "done"})
+    artifact = Path(cwd) / f"w{i}.json"
+    artifact.write_text(json.dumps({"i": i}))
+    tracker.log_artifact(artifact, "workers")
+    tracker.close("suspended")
+    return run.run_id, tracker.failures
+
+
+def test_local_sqlite_store_takes_several_processes_at_once(tmp_path, no_file_store):
+    """Rank 0 of training and the other tasks may write at the same time: SQLite's locking serializes them
+    (nothing is lost), and the first use of a new database is serialized by a lock file."""
+    import multiprocessing
+    import os
+
+    from mlflow import MlflowClient
+
+    n = 3
+    with multiprocessing.get_context("spawn").Pool(n) as pool:
+        started = pool.map(_store_worker, [("start", str(tmp_path), i) for i in range(n)])
+        run_ids = [r for r, _ in started]
+        assert all(run_ids) and len(set(run_ids)) == n
+        uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+        # the first run, as a TrackedRun's fields, to every process
+        run = {"backend": "mlflow", "run_id": run_ids[0], "url": "", "project": "flyte-llm-finetune", "uri": uri}
+        logged = pool.map(_store_worker, [("log", str(tmp_path), (run, i)) for i in range(n)])
+    assert [failures for _, failures in logged] == [0] * n
+
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ
+    client = MlflowClient(tracking_uri=uri)
+    (exp,) = [e for e in client.search_experiments() if e.name == "flyte-llm-finetune"]
+    assert exp.artifact_location == (tmp_path / "runs" / "mlartifacts").as_uri()
+    assert {r.info.run_id for r in client.search_runs([exp.experiment_id])} == set(run_ids)
+    got = client.get_run(run_ids[0])
+    for i in range(n):
+        assert [m.step for m in client.get_metric_history(run_ids[0], f"w{i}/loss")] == list(range(1, 31))
+        assert got.data.tags[f"w{i}"] == "done"
+    assert len(client.get_metric_history(run_ids[0], "shared/x")) == 30 * n
+    assert {a.path for a in client.list_artifacts(run_ids[0], "workers")} == {f"workers/w{i}.json" for i in range(n)}
