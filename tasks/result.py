@@ -12,7 +12,7 @@ from flytekit.types.directory import FlyteDirectory
 
 from images.specs import cpu_image
 from llm_finetune.evaluate import EvalMetrics
-from llm_finetune.tracking import TrackedRun, tracking_html
+from llm_finetune.tracking import TrackedRun, open_command, tracking_html
 from tasks.common import is_local, local_deck_dir, publish_deck, run_dir, table_html, write_run_file
 from tasks.data import DataReport
 from tasks.evaluate import EvalReport, VariantMetrics, metric_cell, metrics_html, task_metrics_table, variants_table
@@ -44,6 +44,34 @@ def side_by_side(base: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
         "tuned": tuned["prediction"], "base correct": base["correct"].values if len(base) == len(tuned) else "",
         "tuned correct": tuned["correct"],
     })
+
+
+def evaluation_section(models: list[tuple[str, EvalMetrics]]) -> dict:
+    """summary.json's ``evaluation``: the generation budget, the longest reference and the cut predictions.
+
+    ``cut_predictions`` is the tuned model's (the one the run is about); every model's count is beside it.
+    """
+    by_name = dict(models)
+    t = by_name["tuned"]
+    return {
+        "max_new_tokens": t.max_new_tokens,
+        "longest_reference_tokens": t.longest_reference_tokens,
+        "cut_predictions": t.cut_predictions,
+        "cut_predictions_by_model": {name: m.cut_predictions for name, m in models},
+    }
+
+
+def cut_warnings(models: list[tuple[str, EvalMetrics]]) -> list[str]:
+    """One warning per model whose greedy answers hit the generation budget without a stop token."""
+    out = []
+    for name, m in models:
+        if m.cut_predictions:
+            out.append(
+                f"{m.cut_predictions} of {m.exact_match_rows} {name} predictions reached the generation budget of "
+                f"{m.max_new_tokens} new tokens without a stop token (longest reference {m.longest_reference_tokens} "
+                "tokens) and are scored cut; set evaluate.max_new_tokens: auto, or higher"
+            )
+    return out
 
 
 def selection_line(train_steps: int, best_step: int, best_eval_loss: float, report: Optional[DataReport]) -> str:
@@ -94,12 +122,16 @@ def summarize(
     preference_lines, preference_gain = preference_summary(b, t, base_table, tuned_table)
     splits = data_report
     drop_note = splits.drop_note if splits is not None else ""
+    models = [("base", b), ("tuned", t)] + [(v.variant, v.metrics) for v in variants]
+    warnings = ([drop_note] if drop_note else []) + cut_warnings(models)
     selection = selection_line(train_steps, best_step, best_eval_loss, splits)
-    lead = (f"<p style='color:#b00'><b>{html.escape(drop_note)}</b></p>" if drop_note else "") + (
+    lead = "".join(f"<p style='color:#b00'><b>{html.escape(w)}</b></p>" for w in warnings) + (
         f"<p>{html.escape(selection)}</p>" if selection else "")
     if splits is not None:
         lead += f"<p>{html.escape(splits.length_note)}.</p>"
-    models = [("base", b), ("tuned", t)] + [(v.variant, v.metrics) for v in variants]
+    if t.max_new_tokens:
+        lead += (f"<p>Generation budget {t.max_new_tokens} new tokens (longest reference {t.longest_reference_tokens} "
+                 f"tokens); cut predictions: {', '.join(f'{n} {m.cut_predictions}' for n, m in models)}.</p>")
     sections = {
         "Base vs tuned": lead
         + f"<table><tr><th>metric (test split, 95% interval)</th><th>base</th><th>tuned</th></tr>{table}</table>"
@@ -114,10 +146,12 @@ def summarize(
     if tracking is not None and tracking.backend != "none":
         sections["Tracking"] = tracking_html(tracking)
     publish_deck("summary", sections)
-    lines = [f"  WARNING: {drop_note}"] if drop_note else []
+    lines = [f"  WARNING: {w}" for w in warnings]
     lines += preference_lines
     if selection:
         lines.append(f"  {selection}")
+    if splits is not None and splits.batch_note:
+        lines.append(f"  batch:       {splits.batch_note}")
     lines += [f"  {name:<12} base {x:>22}   tuned {y:>22}" for name, x, y in rows]
     for v in variants:
         lines.append(f"  {v.variant:<12} loss {v.metrics.loss:.4f} ({v.loss_delta:+.4f})   {t.task_metric} "
@@ -133,6 +167,8 @@ def summarize(
     lines.append(f"  hub:         {', '.join(hub_urls) if hub_urls else '(not published: hub.repo_id is empty)'}")
     if tracking is not None and tracking.run_id:
         lines.append(f"  tracking:    {tracking.backend} {tracking.url}")
+        if open_command(tracking):
+            lines.append(f"               open it: {open_command(tracking)}")
     result = FineTuneResult(
         tuned_model=tuned_model,
         adapter=adapter,
@@ -148,10 +184,11 @@ def summarize(
     )
     if is_local():
         summary = {
-            "warnings": [drop_note] if drop_note else [],
+            "warnings": warnings,
             "checkpoint": selection,
             "data": asdict(splits) if splits is not None else {},
             "training": {"steps": train_steps, "best_step": best_step, "best_eval_loss": best_eval_loss} if train_steps else {},
+            "evaluation": evaluation_section(models),
             "base": asdict(b), "tuned": asdict(t),
             "quantized": {v.variant: {**asdict(v.metrics), "size_mb": v.size_mb} for v in variants},
             "outputs": {"tuned_model": str(tuned_model.path), "adapter": str(adapter.path) if adapter else "",

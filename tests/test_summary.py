@@ -42,3 +42,27 @@ def test_summary_leads_with_dropped_rows_and_names_the_checkpoint(tmp_path, monk
     assert saved["warnings"] == [note] and saved["training"]["best_step"] == 40
     deck = (folder / "decks" / "summary.html").read_text()
     assert deck.index(note) < deck.index("checkpoint: step 40") < deck.index("<table>")
+
+
+def test_summary_warns_about_cut_answers_and_records_the_budget(tmp_path, monkeypatch, capfd):
+    """Answers that reached the generation budget without a stop token lead the summary, per model."""
+    import dataclasses
+
+    from tasks.result import summarize
+
+    monkeypatch.setenv("LLM_FINETUNE_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("LLM_FINETUNE_RUN_ID", raising=False)
+    base, tuned = _report(0.0, 0.0, 0.0), _report(0.9, 0.8, 1.0)
+    base.metrics = dataclasses.replace(base.metrics, max_new_tokens=520, longest_reference_tokens=456, cut_predictions=31)
+    tuned.metrics = dataclasses.replace(tuned.metrics, max_new_tokens=520, longest_reference_tokens=456, cut_predictions=0)
+    (tmp_path / "m").mkdir()
+    summarize(tuned_model=FlyteDirectory(str(tmp_path / "m")), adapter=None, quantized=[], base=base, tuned=tuned,
+              variants=[], tuned_mb=1.0, hub_urls=[])
+    lines = capfd.readouterr().out.split("[summary] fine-tune results\n", 1)[1].splitlines()
+    assert lines[0].startswith("  WARNING: 31 of 40 base predictions reached the generation budget of 520 new tokens "
+                               "without a stop token (longest reference 456 tokens)")
+    assert not any("tuned predictions reached" in line for line in lines)
+    saved = json.loads(((tmp_path / "runs" / "latest").resolve() / "summary.json").read_text())
+    assert saved["evaluation"] == {"max_new_tokens": 520, "longest_reference_tokens": 456, "cut_predictions": 0,
+                                   "cut_predictions_by_model": {"base": 31, "tuned": 0}}
+    assert len(saved["warnings"]) == 1 and "31 of 40 base predictions" in saved["warnings"][0]
