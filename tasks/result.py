@@ -65,12 +65,14 @@ def cut_warnings(models: list[tuple[str, EvalMetrics]]) -> list[str]:
     """One warning per model whose greedy answers hit the generation budget without a stop token."""
     out = []
     for name, m in models:
-        if m.cut_predictions:
-            out.append(
-                f"{m.cut_predictions} of {m.exact_match_rows} {name} predictions reached the generation budget of "
-                f"{m.max_new_tokens} new tokens without a stop token (longest reference {m.longest_reference_tokens} "
-                "tokens) and are scored cut; set evaluate.max_new_tokens: auto, or higher"
-            )
+        if not m.cut_predictions:
+            continue
+        head = (f"{m.cut_predictions} of {m.exact_match_rows} {name} predictions reached the generation budget of "
+                f"{m.max_new_tokens} new tokens without a stop token (longest reference {m.longest_reference_tokens} tokens)")
+        if m.max_new_tokens < m.longest_reference_tokens:
+            out.append(f"{head}: the budget is shorter than the answers; set evaluate.max_new_tokens: auto, or higher")
+        else:
+            out.append(f"{head}: the model did not end these answers; they are scored as generated, cut at the budget")
     return out
 
 

@@ -127,7 +127,7 @@ def finish_tracking(run: TrackedRun, config: FineTuneConfig, train_metrics: Flyt
     ``train_metrics`` / ``tracked_run_id``: the train task's train_summary.json and the run it streamed to;
     ``dpo_metrics`` / ``dpo_tracked_run_id``: the same for the optional DPO stage after SFT.
     """
-    from llm_finetune.hub import model_card
+    from llm_finetune.hub import card_metrics, model_card
 
     tracker = resume_run(run, wandb_api_key() if run.backend == "wandb" else "")
     if tracker is None:
@@ -153,7 +153,9 @@ def finish_tracking(run: TrackedRun, config: FineTuneConfig, train_metrics: Flyt
     h = config.hub
     card = model_card(h.repo_id or "(not published)", base_model=config.model.base_model, dataset=config.data.source,
                       config=redacted(config.to_dict()), license=h.license, variant="merged model",
-                      metrics={"base": _card(result.base_metrics), "tuned": _card(result.tuned_metrics)})
+                      metrics={"base": card_metrics(result.base_metrics, result.benchmarks.get("base")),
+                               "tuned": card_metrics(result.tuned_metrics, result.benchmarks.get("tuned")),
+                               **{v.variant: card_metrics(v.metrics) for v in result.quantized_metrics}})
     (out / "README.md").write_text(card)
     tracker.log_artifact(out / "summary.json", "summary")
     tracker.log_artifact(out / "README.md", "model_card")
@@ -161,6 +163,3 @@ def finish_tracking(run: TrackedRun, config: FineTuneConfig, train_metrics: Flyt
     print(f"[tracking] {run.backend} run {run.run_id} finished: {run.url}{_open_hint(run)}", flush=True)
     return run.url
 
-
-def _card(m) -> dict:
-    return {"loss": m.loss, "perplexity": m.perplexity, "exact match": m.exact_match}
