@@ -46,3 +46,46 @@ def json_extraction_rows(n: int, seed: int = 0) -> list[dict]:
         output = json.dumps({"name": name, "city": city, "date": date, "items": items})
         rows.append({"instruction": INSTRUCTION, "input": " ".join(sentences), "output": output})
     return rows
+
+
+PRODUCTS = [
+    ("KT", "stainless steel kettle 1.7 l"), ("LP", "brass desk lamp with linen shade"), ("CH", "oak dining chair"),
+    ("BK", "city bicycle, 7 gears"), ("PR", "laser printer, duplex"), ("GT", "acoustic guitar with case"),
+    ("TN", "two-person trekking tent"), ("CM", "mirrorless camera body"), ("DK", "standing desk frame"),
+    ("BL", "high-speed blender 1.5 l"), ("MG", "ceramic mug set of four"), ("PN", "cast iron frying pan 28 cm"),
+]
+CURRENCIES = ["EUR", "USD", "GBP"]
+ORDER_INSTRUCTION = (
+    "Extract the purchase order from the email as JSON with the keys order_id, customer (name, email, city), "
+    "date, currency, items (sku, product, quantity, unit_price) and total. Answer with JSON only."
+)
+
+
+def order_extraction_rows(n: int, seed: int = 0) -> list[dict]:
+    """Alpaca rows whose answers are purchase orders of 1-19 line items: JSON answers of about 100-900 tokens.
+
+    The shape of a real extraction set (a request in prose, the whole record as JSON), where a
+    fixed 32-token generation budget or a 256-token row limit would cut every answer.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        name, city = rng.choice(NAMES), rng.choice(CITIES)
+        email = name.lower().replace(" ", ".") + "@example.com"
+        date = f"2024-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+        currency = rng.choice(CURRENCIES)
+        items = []
+        for _ in range(rng.randint(1, 19)):
+            code, product = rng.choice(PRODUCTS)
+            items.append({"sku": f"{code}-{rng.randint(1000, 9999)}", "product": product,
+                          "quantity": rng.randint(1, 9), "unit_price": round(rng.uniform(3, 400), 2)})
+        total = round(sum(it["quantity"] * it["unit_price"] for it in items), 2)
+        lines = [f"{it['quantity']} x {it['product']} (SKU {it['sku']}) at {it['unit_price']:.2f} {currency} each."
+                 for it in items]
+        text = (f"Hello, this is {name} from {city} ({email}). {rng.choice(FILLER)} I would like to confirm order "
+                f"PO-{20000 + i}, placed on {date}: " + " ".join(lines) + f" That makes {total:.2f} {currency} in total. "
+                + rng.choice(FILLER))
+        answer = {"order_id": f"PO-{20000 + i}", "customer": {"name": name, "email": email, "city": city}, "date": date,
+                  "currency": currency, "items": items, "total": total}
+        rows.append({"instruction": ORDER_INSTRUCTION, "input": text, "output": json.dumps(answer)})
+    return rows
