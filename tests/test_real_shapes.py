@@ -140,8 +140,8 @@ def test_alpaca_seed_tasks_at_defaults(monkeypatch, base_model_dir, tokenizer):
 def test_fine_tune_on_long_json_answers_at_defaults(isolated_flyte, monkeypatch, tokenizer):
     """The whole workflow with only data.source / data.format and a few steps set.
 
-    The model is a 2-layer Llama with the embedded model's 49k vocabulary, so the run takes a
-    minute on CPU where SmolLM2-135M takes over ten (README: the measured run); its fp32 logits
+    The model is a 2-layer Llama with the embedded model's 49k vocabulary, so the run takes about two
+    minutes on CPU where SmolLM2-135M took 16 (README: the measured run); its fp32 logits
     alone (3 x vocabulary x 4 bytes per token) keep 4 rows of ~1,700 tokens out of 4 GiB per
     process, so the batch is fitted here too.
     """
