@@ -16,6 +16,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from llm_finetune.errors import ConfigError
 
@@ -148,7 +149,11 @@ class TrainConfig:
     accelerator: str = ""  # e.g. nvidia-h100, nvidia-tesla-a100; empty = any
     cpu: str = "2"
     memory: str = "8Gi"
-    interruptible: bool = True
+    # spot/preemptible nodes for the training pods: true | false | auto (None, the default) = true exactly when
+    # gpus_per_node > 0. The runbook's only spot pools are GPU pools (docs/deploy.md), so an interruptible CPU
+    # pod would never schedule; GPU training takes spot first and propeller runs its last attempt on-demand
+    # (interruptible-failure-threshold in deploy/flyte-binary-values.yaml). See is_interruptible.
+    interruptible: Optional[bool] = None
     retries: int = 2
     keep_checkpoints: int = 2  # newest complete checkpoints kept in the checkpoint store (plus the best one they name)
     dpo: DPOSettings = field(default_factory=DPOSettings)  # used when method is dpo
@@ -187,9 +192,20 @@ class TrainOps:
     accelerator: str = ""
     cpu: str = "2"
     memory: str = "8Gi"
-    interruptible: bool = True
+    interruptible: Optional[bool] = None
     retries: int = 2
     keep_checkpoints: int = 2
+
+
+def is_interruptible(cfg: TrainConfig | TrainOps, gpus_per_node: int | None = None) -> bool:
+    """Whether the training pods go to spot nodes: ``train.interruptible``, or for auto (None) whether they use GPUs.
+
+    ``gpus_per_node`` is needed when ``cfg`` is a ``TrainOps`` (it lives in the keyed ``TrainConfig``).
+    """
+    if cfg.interruptible is not None:
+        return cfg.interruptible
+    gpus = cfg.gpus_per_node if gpus_per_node is None else gpus_per_node
+    return gpus > 0
 
 
 def split_train(cfg: TrainConfig) -> tuple[TrainConfig, TrainOps]:
@@ -383,6 +399,13 @@ def _coerce(tp: typing.Any, value: typing.Any, path: str, problems: list[str]) -
             problems.append(f"{path}: expected a mapping, got {value!r}")
             return {}
         return {str(k): str(v) for k, v in value.items()}
+    if tp == Optional[bool]:  # true | false | auto (or null): None stands for auto
+        if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+            return None
+        if not isinstance(value, bool):
+            problems.append(f"{path}: expected true, false or auto, got {value!r}")
+            return None
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             problems.append(f"{path}: expected true or false, got {value!r}")

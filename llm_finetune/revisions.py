@@ -10,7 +10,8 @@ the old model. ``validate_config`` therefore resolves, once per execution:
 - a local file or directory -> ``sha256:`` of its bytes (files sorted by relative path);
 - an object-store file or prefix (s3://, gs://, abfs://) -> ``etag:`` over every object's key
   and ETag / generation / md5 (no download), size when the store gives nothing better;
-- an embedded model or dataset -> ``sha256:`` of the packaged file.
+- an embedded model or dataset -> ``sha256:`` of the packaged file; a missing one is an error, never
+  the digest of empty bytes.
 
 An unreachable hub or store raises ``TransientError`` (the task retries); a missing repo,
 revision or file is the user's to fix (``ConfigError`` naming the key).
@@ -31,7 +32,14 @@ _CHUNK = 1 << 20
 
 def sha256_path(path: Path) -> str:
     """``sha256:<hex>`` of a file's bytes (as ``sha256sum`` prints it), or of a directory's
-    files: relative path, size and bytes of each, in sorted order."""
+    files: relative path, size and bytes of each, in sorted order.
+
+    A path that does not exist raises FileNotFoundError: its "fingerprint" would be the digest of
+    no bytes at all, the same for every missing file, and a cache key built on it would hit.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory; there is nothing to fingerprint")
     h = hashlib.sha256()
     if path.is_file():
         _update(h, path)
@@ -120,7 +128,16 @@ def data_revision(source: str, revision: str = "") -> str:
     from llm_finetune.data.sources import EMBEDDED, _looks_like_file
 
     if source.startswith("embedded://"):
-        return sha256_path(EMBEDDED[source]) if source in EMBEDDED else revision
+        if source not in EMBEDDED:
+            return revision  # an unknown name: reading it fails with the list of embedded datasets
+        packaged = EMBEDDED[source]
+        if not packaged.is_file():  # the code arrived without its data files (pyflyte run --remote, --copy auto)
+            raise ConfigError([
+                f"data.source: {source} is the packaged file {packaged}, which is missing here. On a cluster, run "
+                "pyflyte run --remote --copy all (the images hold no source; --copy auto ships only Python modules); "
+                "locally, restore llm_finetune/data/ from the repository."
+            ])
+        return sha256_path(packaged)
     local = Path(source[len("file://"):] if source.startswith("file://") else source).expanduser()
     if (source.startswith("file://") or "://" not in source) and local.exists():
         return sha256_path(local)

@@ -2,20 +2,24 @@
 
 A dynamic workflow so the resources can follow ``train.gpus_per_node`` (read at run time):
 evaluation and quantization take one GPU (and the CUDA image) when training used GPUs, and
-the CPU image with no GPU otherwise; never the training job's 8 GPUs.
-Locally the overrides are ignored and tasks run in-process.
+the CPU image with no GPU otherwise; never the training job's 8 GPUs. Each pod's disk
+(ephemeral storage) is sized from the models it reads, listed in the store without a download
+(llm_finetune/disk.py). Locally the overrides are ignored and tasks run in-process.
 """
 
 import typing
 
-from flytekit import dynamic
+from flytekit import Resources, dynamic
 from flytekit.extras.accelerators import GPUAccelerator
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.structured import StructuredDataset
 
 from images.specs import cpu_image, gpu_image
 from llm_finetune.config import FineTuneConfig
+from llm_finetune.disk import EVAL_COPIES, EVAL_QUANTIZED_COPIES, QUANTIZE_COPIES, disk_gib
+from tasks.common import is_local
 from tasks.evaluate import EvalReport, VariantMetrics, eval_resources, evaluate_model, evaluate_quantized
+from tasks.model_files import directory_bytes
 from tasks.quantize import QuantizedModel, model_size_mb, quantize_model
 
 Assessment = typing.NamedTuple(
@@ -33,19 +37,30 @@ def gguf_stem(config: FineTuneConfig) -> str:
 @dynamic(container_image=cpu_image)
 def assess(base_model: FlyteDirectory, tuned_model: FlyteDirectory, eval_data: StructuredDataset, config: FineTuneConfig) -> Assessment:
     res = eval_resources(config.train)
-    over = dict(
-        requests=res,
-        limits=res,
-        accelerator=GPUAccelerator(config.train.accelerator) if config.train.accelerator and res.gpu else None,
-        container_image=(gpu_image if res.gpu else cpu_image).image_name(),  # the override takes an image URI
-    )
-    base = evaluate_model(model=base_model, eval_data=eval_data, data=config.data, evaluate=config.evaluate, label="base").with_overrides(**over)
-    tuned = evaluate_model(model=tuned_model, eval_data=eval_data, data=config.data, evaluate=config.evaluate, label="tuned").with_overrides(**over)
-    quantized = quantize_model(model=tuned_model, quantize_cfg=config.quantize, name=gguf_stem(config)).with_overrides(**over)
-    size = model_size_mb(model=tuned_model)
+    base_bytes, tuned_bytes = (None, None) if is_local() else (directory_bytes(base_model), directory_bytes(tuned_model))
+
+    def over(model_bytes, copies: int, r: Resources = res) -> dict:
+        """Node overrides: the hardware above, and a disk request for ``copies`` copies of the model (unset if unknown)."""
+        disk = f"{disk_gib(model_bytes, copies)}Gi" if model_bytes is not None else None
+        sized = Resources(cpu=r.cpu, mem=r.mem, gpu=r.gpu, ephemeral_storage=disk)
+        return dict(
+            requests=sized,
+            limits=sized,
+            accelerator=GPUAccelerator(config.train.accelerator) if config.train.accelerator and r.gpu else None,
+            container_image=(gpu_image if r.gpu else cpu_image).image_name(),  # the override takes an image URI
+        )
+
+    base = evaluate_model(model=base_model, eval_data=eval_data, data=config.data, evaluate=config.evaluate, label="base").with_overrides(
+        **over(base_bytes, EVAL_COPIES))
+    tuned = evaluate_model(model=tuned_model, eval_data=eval_data, data=config.data, evaluate=config.evaluate, label="tuned").with_overrides(
+        **over(tuned_bytes, EVAL_COPIES))
+    quantized = quantize_model(model=tuned_model, quantize_cfg=config.quantize, name=gguf_stem(config)).with_overrides(
+        **over(tuned_bytes, QUANTIZE_COPIES))
+    # downloads the tuned model to weigh it: its own small CPU pod, with the disk for one copy
+    size = model_size_mb(model=tuned_model).with_overrides(**over(tuned_bytes, EVAL_COPIES, Resources(cpu="1", mem="1Gi")))
     variants = []
     if config.quantize.evaluate:
         variants = evaluate_quantized(
             quantized=quantized, eval_data=eval_data, data=config.data, evaluate=config.evaluate, tuned=tuned, tuned_mb=size
-        ).with_overrides(**over)
+        ).with_overrides(**over(tuned_bytes, EVAL_QUANTIZED_COPIES))
     return base, tuned, quantized, variants, size

@@ -27,6 +27,17 @@ CACHE_TRAIN = Cache(version="train-3")
 CACHE_EVAL = Cache(version="eval-3")
 CACHE_QUANTIZE = Cache(version="quantize-2")
 
+# Disk (ephemeral storage) of the pods that hold a whole model whose size is not known when the workflow
+# is compiled: prepare_base_model (the download) and push_to_hub (the merged model, then each variant, one
+# at a time). On Flyte a request is also the pod's limit (llm_finetune/disk.py), and it must fit the
+# smallest node a CPU pod lands on: about 44 GiB on the runbook's GKE default pool, 100 GB boot disk
+# (deploy/node-pools.yaml). 40Gi holds up to about 38 GB of weights (a 13B model in bf16 is 26 GB). For a
+# larger model give the default pool a larger boot disk, update deploy/node-pools.yaml and raise this.
+# (The training, evaluation and quantization pods are sized from the model at run time instead.)
+MODEL_DISK = "40Gi"
+# printed where publishing is decided (validate_config) and by push_to_hub if called without a repo
+NOT_PUBLISHING = "[push_to_hub] hub.repo_id is empty: not publishing (set hub.repo_id: owner/name to push)"
+
 LOCAL_DECK_DIR_ENV = "LLM_FINETUNE_DECK_DIR"  # an explicit deck folder (overrides runs/<execution id>/decks)
 RUNS_DIR_ENV = "LLM_FINETUNE_RUNS_DIR"  # where local executions keep their folders; default ./runs
 RUN_ID_ENV = "LLM_FINETUNE_RUN_ID"  # the current local execution, inherited by the Elastic worker processes

@@ -2,22 +2,28 @@
 
 The token is the Flyte Secret huggingface/token (HF_TOKEN for local runs): never a task
 input, so it is not in the execution's inputs, outputs, decks or cache keys.
+
+The workflow runs it only when ``hub.repo_id`` is set (validate_config's ``publish``); otherwise
+``no_hub_urls`` answers an empty list without a pod (workflows/fine_tune.py). The local model
+card preview is written by finish_tracking, which always runs.
 """
 
+import contextlib
 import os
+import shutil
 import tempfile
 from typing import Optional
 
 from flytekit import Resources, Secret, current_context, task
+from flytekit.core.task import Echo
 from flytekit.types.directory import FlyteDirectory
 
 from images.specs import cpu_image
 from llm_finetune.config import FineTuneConfig
 from llm_finetune.hub import HUB_TOKEN_ENV, adapter_for_hub, card_metrics, model_card, push_folder
 from llm_finetune.tracking import redacted  # credentials inside URIs (tracking.uri, data.source) stay out of cards
-from tasks.common import write_run_file
+from tasks.common import MODEL_DISK, NOT_PUBLISHING, recoverable
 from tasks.evaluate import EvalReport, VariantMetrics
-from tasks.common import recoverable
 from tasks.quantize import QuantizedModel
 
 HF_SECRET = Secret(group="huggingface", key="token")
@@ -54,9 +60,28 @@ def variant_repo(repo_id: str, variant: str) -> str:
     return f"{repo_id}-{variant.replace('_', '-')}"
 
 
-# retries on top of push_folder's own backoff: a re-run makes no duplicate commits. The disk holds
-# the merged model and every variant while they upload.
-@task(container_image=cpu_image, secret_requests=[HF_SECRET], retries=3, requests=Resources(cpu="1", mem="4Gi", ephemeral_storage="100Gi"))
+# The branch of the workflow that does not publish (hub.repo_id empty): propeller's echo plugin hands its
+# input ([]) back as its output without a pod (enabled in deploy/flyte-binary-values.yaml); locally it is
+# a plain function call.
+no_hub_urls = Echo(name="no_hub_urls", inputs={"urls": list[str]})
+
+
+@contextlib.contextmanager
+def fetched(directory: FlyteDirectory):
+    """A local copy of ``directory`` while it is pushed. A downloaded copy is deleted afterwards, so the
+    pod's disk holds one artifact at a time (MODEL_DISK); a local folder (a local run) is left alone."""
+    path = directory.download()
+    try:
+        yield path
+    finally:
+        if getattr(directory, "_remote_source", None):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# retries on top of push_folder's own backoff: a re-run makes no duplicate commits. The disk holds the
+# largest single artifact (the merged model): each is downloaded, pushed and deleted in turn.
+@task(container_image=cpu_image, secret_requests=[HF_SECRET], retries=3,
+      requests=Resources(cpu="1", mem="4Gi", ephemeral_storage=MODEL_DISK))
 @recoverable()
 def push_to_hub(
     config: FineTuneConfig,
@@ -69,28 +94,32 @@ def push_to_hub(
 ) -> list[str]:
     """URLs of the pushed repos (merged model first); empty when ``hub.repo_id`` is empty (skipped)."""
     h = config.hub
-    metrics = card_table(base, tuned, variants)
-    preview = model_card(h.repo_id or "your-name/model", base_model=config.model.base_model, dataset=config.data.source,
-                         config=config.to_dict(), license=h.license, metrics=metrics, variant="merged model")
-    card_path = write_run_file("model_card.md", preview)  # local runs: runs/<execution id>/model_card.md
-    if card_path is not None:
-        print(f"[push_to_hub] model card preview: {card_path}", flush=True)
     if not h.repo_id:
-        print("[push_to_hub] hub.repo_id is empty: not publishing (set hub.repo_id: owner/name to push)")
+        print(NOT_PUBLISHING)
         return []
+    metrics = card_table(base, tuned, variants)
     token = hub_token()
     by_variant = {v.variant: v for v in variants}
     m = config.model
     common = dict(base_model=m.base_model, dataset=config.data.source, config=redacted(config.to_dict()), license=h.license,
                   base_revision=m.revision, dataset_revision=config.data.revision)
-    push = dict(token=token, private=h.private, endpoint=h.endpoint or None, max_retries=h.max_retries)
+    options = dict(token=token, private=h.private, endpoint=h.endpoint or None, max_retries=h.max_retries)
+    urls = []
 
-    targets = [(model.download(), h.repo_id, model_card(h.repo_id, metrics=metrics, variant="merged model", **common))]
+    def push(folder, name: str, card: str) -> None:
+        r = push_folder(folder, name, card=card, **options)
+        print(f"[push_to_hub] {name}: {'new commit ' + r.commit[:10] if r.new_commit else 'unchanged (no new commit)'} {r.url}", flush=True)
+        urls.append(r.url)
+
+    with fetched(model) as folder:
+        push(folder, h.repo_id, model_card(h.repo_id, metrics=metrics, variant="merged model", **common))
     if adapter is not None:
         name = f"{h.repo_id}-lora"
-        # adapter_config.json names the base by hub id + revision, not the pod's temporary folder
-        folder = adapter_for_hub(adapter.download(), tempfile.mkdtemp(prefix="adapter-hub-"), m.base_model, m.revision)
-        targets.append((folder, name, model_card(name, metrics=metrics, variant="LoRA adapter", relation="adapter", **common)))
+        with fetched(adapter) as downloaded:
+            # adapter_config.json names the base by hub id + revision, not the pod's temporary folder
+            folder = adapter_for_hub(downloaded, tempfile.mkdtemp(prefix="adapter-hub-"), m.base_model, m.revision)
+            push(folder, name, model_card(name, metrics=metrics, variant="LoRA adapter", relation="adapter", **common))
+            shutil.rmtree(folder, ignore_errors=True)
     for q in quantized:
         name = variant_repo(h.repo_id, q.variant)
         text = QUANTIZATION_TEXT[q.variant] + f" Weights: {q.size_mb:.1f} MB."
@@ -99,11 +128,6 @@ def push_to_hub(
             text += f" Change against the unquantized tuned model: loss {v.loss_delta:+.4f}, exact match {v.exact_match_delta:+.1%}."
         card = model_card(name, metrics=metrics, variant=f"{q.variant} quantized model", quantization=text,
                           relation="gguf" if q.gguf_file else "quantized", **common)
-        targets.append((q.model.download(), name, card))
-
-    urls = []
-    for folder, name, card in targets:
-        r = push_folder(folder, name, card=card, **push)
-        print(f"[push_to_hub] {name}: {'new commit ' + r.commit[:10] if r.new_commit else 'unchanged (no new commit)'} {r.url}", flush=True)
-        urls.append(r.url)
+        with fetched(q.model) as folder:
+            push(folder, name, card)
     return urls

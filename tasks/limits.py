@@ -61,7 +61,7 @@ def platform_limits(values: dict) -> tuple[dict, str]:
 @dataclass
 class Request:
     who: str  # the config key or the task that makes the request
-    resource: str  # cpu | memory | gpu | storage (flyteadmin's names; storage = ephemeral storage)
+    resource: str  # cpu | memory | gpu | ephemeralStorage (flyteadmin 1.16's keys in task_resources)
     value: str
     when: str  # "registration" (static) or "run time" (with_overrides)
 
@@ -87,7 +87,7 @@ def _static_requests() -> list[Request]:
                 for r in ("cpu", "mem", "gpu", "ephemeral_storage"):
                     v = getattr(req, r, None) if req is not None else None
                     if v not in (None, "", 0):
-                        key = {"mem": "memory", "ephemeral_storage": "storage"}.get(r, r)  # flyteadmin's limit names
+                        key = {"mem": "memory", "ephemeral_storage": "ephemeralStorage"}.get(r, r)  # flyteadmin's limit names
                         out.append(Request(f"task {obj.name}", key, str(v), "registration"))
     return out
 
@@ -105,6 +105,24 @@ def _runtime_requests(config) -> list[Request]:
         if v not in (None, "", 0):
             out.append(Request("evaluate/quantize pods (sized from train.gpus_per_node)", key, str(v), "run time"))
     return out
+
+
+NODE_POOLS = Path(__file__).resolve().parents[1] / "deploy" / "node-pools.yaml"
+
+
+def node_pools(path: Path = NODE_POOLS) -> dict[str, dict]:
+    """The runbook's node pools and the ephemeral storage one node of each offers to pods (deploy/node-pools.yaml)."""
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))["pools"]
+
+
+def smallest_disk(pools: dict[str, dict], gpu: str | None = "") -> tuple[str, float]:
+    """(pool name, bytes) of the pool offering the least ephemeral storage among those a pod may land on:
+    ``gpu=""`` CPU pods (the untainted pools), an accelerator name its GPU pools, ``None`` any pool."""
+    fits = {n: quantity(p["ephemeral_storage"]) for n, p in pools.items() if gpu is None or p["gpu"] == gpu}
+    name = min(fits, key=fits.get)
+    return name, fits[name]
 
 
 def check(config, values: dict) -> list[str]:

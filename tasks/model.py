@@ -8,7 +8,7 @@ from flytekit.types.directory import FlyteDirectory
 from images.specs import cpu_image
 from llm_finetune.config import ModelConfig
 from llm_finetune.model import materialize
-from tasks.common import CACHE_MODEL, HF_TOKEN_ENV_SECRET, recoverable
+from tasks.common import CACHE_MODEL, HF_TOKEN_ENV_SECRET, MODEL_DISK, recoverable
 
 
 @task(
@@ -16,7 +16,8 @@ from tasks.common import CACHE_MODEL, HF_TOKEN_ENV_SECRET, recoverable
     cache=CACHE_MODEL,
     retries=3,  # hub downloads fail transiently
     secret_requests=[HF_TOKEN_ENV_SECRET],
-    requests=Resources(cpu="2", mem="8Gi", ephemeral_storage="50Gi"),
+    # the download's disk: fits the smallest CPU node, see MODEL_DISK (was 50Gi, more than a GKE default node offers)
+    requests=Resources(cpu="2", mem="8Gi", ephemeral_storage=MODEL_DISK),
 )
 @recoverable()
 def prepare_base_model(model: ModelConfig) -> FlyteDirectory:

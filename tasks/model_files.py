@@ -3,6 +3,7 @@
 ``check_outputs`` and ``get_data`` need the config, the tokenizer files and the parameter
 count; ``FlyteDirectory.download()`` would pull every weight shard into a CPU pod (16 GB for
 an 8B model) only to read a few JSON files. See llm_finetune/model_files.py.
+``directory_bytes`` sizes a model from a listing, for the disk requests of the pods that read it.
 """
 
 from __future__ import annotations
@@ -26,3 +27,18 @@ def model_metadata(directory: FlyteDirectory) -> tuple[Path, int]:
     fs = FlyteContextManager.current_context().file_access.get_filesystem_for_path(source)
     local = Path(tempfile.mkdtemp(prefix="model-metadata-"))
     return local, fetch_metadata(fs, source, local)
+
+
+def directory_bytes(directory: FlyteDirectory) -> int | None:
+    """Bytes of the files under ``directory``, from a listing of the store (no download); None if it cannot be listed.
+
+    The ``train_model`` and ``assess`` dynamics size their pods' disk from it (llm_finetune/disk.py).
+    """
+    source = getattr(directory, "_remote_source", None)  # set by flytekit when the input lives in the object store
+    try:
+        if not source:
+            return sum(f.stat().st_size for f in Path(directory.path).rglob("*") if f.is_file())
+        return int(FlyteContextManager.current_context().file_access.get_filesystem_for_path(source).du(source))
+    except Exception as e:  # unreadable listing: the caller leaves the disk request unset rather than guess
+        print(f"[disk] cannot list {source or directory.path} to size the pod's disk: {type(e).__name__}: {e}", flush=True)
+        return None

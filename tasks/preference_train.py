@@ -17,7 +17,7 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.structured import StructuredDataset
 
 from images.specs import gpu_image
-from llm_finetune.config import DataConfig, TrainConfig, TrainOps, deepspeed_config_path, join_train
+from llm_finetune.config import DataConfig, TrainConfig, TrainOps, deepspeed_config_path, is_interruptible, join_train
 from llm_finetune.preference import REWARD_METRICS, train_dpo
 from llm_finetune.tracking import TrackedRun, tracking_html
 from tasks.checkpoint import FlyteCheckpointStore
@@ -57,7 +57,7 @@ def reward_curves(log_history: list[dict]) -> str:
     cache=CACHE_TRAIN_IGNORING_OPS,
     requests=resources(TrainConfig()),
     retries=2,
-    interruptible=True,
+    interruptible=is_interruptible(TrainConfig()),  # train_model sets it per config, as for train_elastic
     shared_memory=True,
     enable_deck=True,
     secret_requests=[WANDB_SECRET],

@@ -37,7 +37,7 @@ from llm_finetune.tracking import (
     start_run,
     tracking_problems,
 )
-from tasks.common import WANDB_SECRET, is_local, wandb_api_key
+from tasks.common import WANDB_SECRET, is_local, wandb_api_key, write_run_file
 from flytekit.types.file import FlyteFile
 
 from tasks.result import FineTuneResult
@@ -119,6 +119,19 @@ def _stage_summary(tracker, run: TrackedRun, metrics: FlyteFile, tracked_run_id:
     return summary
 
 
+def run_model_card(config: FineTuneConfig, result: FineTuneResult) -> str:
+    """The merged model's card with the execution's metrics (base, tuned, each variant): the preview a local
+    run keeps in runs/<execution id>/model_card.md and the card the tracked run stores."""
+    from llm_finetune.hub import card_metrics, model_card
+
+    h = config.hub
+    return model_card(h.repo_id or "(not published)", base_model=config.model.base_model, dataset=config.data.source,
+                      config=redacted(config.to_dict()), license=h.license, variant="merged model",
+                      metrics={"base": card_metrics(result.base_metrics, result.benchmarks.get("base")),
+                               "tuned": card_metrics(result.tuned_metrics, result.benchmarks.get("tuned")),
+                               **{v.variant: card_metrics(v.metrics) for v in result.quantized_metrics}})
+
+
 @task(container_image=cpu_image, secret_requests=[WANDB_SECRET])
 def finish_tracking(run: TrackedRun, config: FineTuneConfig, train_metrics: FlyteFile, tracked_run_id: str,
                     result: FineTuneResult, dpo_metrics: Optional[FlyteFile] = None, dpo_tracked_run_id: str = "") -> str:
@@ -126,9 +139,13 @@ def finish_tracking(run: TrackedRun, config: FineTuneConfig, train_metrics: Flyt
 
     ``train_metrics`` / ``tracked_run_id``: the train task's train_summary.json and the run it streamed to;
     ``dpo_metrics`` / ``dpo_tracked_run_id``: the same for the optional DPO stage after SFT.
+    Local runs also keep the card as runs/<execution id>/model_card.md, published or not (this task always
+    runs; push_to_hub runs only when hub.repo_id is set).
     """
-    from llm_finetune.hub import card_metrics, model_card
-
+    card = run_model_card(config, result)
+    card_path = write_run_file("model_card.md", card)
+    if card_path is not None:
+        print(f"[finish_tracking] model card preview: {card_path}", flush=True)
     tracker = resume_run(run, wandb_api_key() if run.backend == "wandb" else "")
     if tracker is None:
         return run.url
@@ -150,12 +167,6 @@ def finish_tracking(run: TrackedRun, config: FineTuneConfig, train_metrics: Flyt
                      | ({"hub.url": result.hub_url} if result.hub_url else {}))
     out = Path(tempfile.mkdtemp(prefix="tracking-"))
     (out / "summary.json").write_text(json.dumps(result_summary(result, train_summary), indent=2, default=str))
-    h = config.hub
-    card = model_card(h.repo_id or "(not published)", base_model=config.model.base_model, dataset=config.data.source,
-                      config=redacted(config.to_dict()), license=h.license, variant="merged model",
-                      metrics={"base": card_metrics(result.base_metrics, result.benchmarks.get("base")),
-                               "tuned": card_metrics(result.tuned_metrics, result.benchmarks.get("tuned")),
-                               **{v.variant: card_metrics(v.metrics) for v in result.quantized_metrics}})
     (out / "README.md").write_text(card)
     tracker.log_artifact(out / "summary.json", "summary")
     tracker.log_artifact(out / "README.md", "model_card")

@@ -33,14 +33,16 @@ from flytekitplugins.kfpytorch import Elastic
 from flytekitplugins.kfpytorch.task import PytorchElasticFunctionTask
 
 from images.specs import cpu_image, gpu_image
-from llm_finetune.config import DataConfig, TrainConfig, TrainOps, deepspeed_config_path, join_train
+from llm_finetune.config import DataConfig, TrainConfig, TrainOps, deepspeed_config_path, is_interruptible, join_train
 from llm_finetune.data.lengths import BatchPlan
+from llm_finetune.disk import disk_gib, training_copies
 from llm_finetune.errors import ConfigError
 from llm_finetune.tracking import TrackedRun, TrackingCallback, tracking_html
 from llm_finetune.train import train as run_training
 from tasks.checkpoint import FlyteCheckpointStore
 from tasks.elastic import configure_elastic
 from tasks.common import CACHE_TRAIN, DEEPSPEED_DIR, WANDB_SECRET, is_local, publish_deck, recoverable, table_html, wandb_api_key
+from tasks.model_files import directory_bytes
 from tasks.node_inputs import node_local_directory, node_local_frame
 
 
@@ -81,8 +83,20 @@ def elastic_config(cfg: TrainConfig) -> Elastic:
     )
 
 
-def resources(cfg: TrainConfig) -> Resources:
-    return Resources(cpu=cfg.cpu, mem=cfg.memory, gpu=cfg.gpus_per_node or None)
+def resources(cfg: TrainConfig, ephemeral_storage: str | None = None) -> Resources:
+    """The training pod's requests (= limits): the config's CPU, memory and GPUs, and the disk sized from the model."""
+    return Resources(cpu=cfg.cpu, mem=cfg.memory, gpu=cfg.gpus_per_node or None, ephemeral_storage=ephemeral_storage)
+
+
+def training_disk(cfg: TrainConfig, base_model_bytes: int | None) -> str | None:
+    """The training pod's ephemeral-storage request from the base model's size (llm_finetune/disk.py).
+
+    None when the size is unknown: no request, as the pod cannot be sized (it then fits any node
+    but has no disk reserved). The request is also the pod's limit, so it errs on the large side.
+    """
+    if base_model_bytes is None:
+        return None
+    return f"{disk_gib(base_model_bytes, training_copies(cfg.method, cfg.dpo.weights))}Gi"
 
 
 def _curves(log_history: list[dict]) -> str:
@@ -184,7 +198,7 @@ def suspend_tracking(tracker: TrackingCallback, outputs) -> str:
     cache=CACHE_TRAIN_IGNORING_OPS,
     requests=resources(TrainConfig()),
     retries=2,
-    interruptible=True,
+    interruptible=is_interruptible(TrainConfig()),  # train_model sets it per config (CPU: no; GPUs: spot)
     shared_memory=True,
     enable_deck=True,
     secret_requests=[WANDB_SECRET],
@@ -270,12 +284,16 @@ def train_model(
         base_model=base_model, train_data=train_data, eval_data=eval_data, data=data, train=train, train_ops=train_ops,
         tracking=tracking,  # a promise on a cluster: passed on as it is
     )
+    # the disk from the base model's size, listed in the store (no download); locally the overrides are ignored
+    res = resources(full, None if is_local() else training_disk(full, directory_bytes(base_model)))
     return result.with_overrides(
-        requests=resources(full),
-        limits=resources(full),
+        requests=res,
+        limits=res,
         accelerator=GPUAccelerator(full.accelerator) if full.accelerator else None,
         retries=full.retries,
-        interruptible=full.interruptible,
+        # spot nodes for GPU training (auto), never for CPU training: the runbook's spot pools are GPU pools.
+        # Propeller runs the last attempt on-demand (interruptible-failure-threshold, deploy/flyte-binary-values.yaml).
+        interruptible=is_interruptible(full),
         container_image=training_image(full).image_name(),  # the override takes an image URI
     )
 

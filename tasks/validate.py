@@ -12,6 +12,10 @@ It also pins moving names to content (``llm_finetune/revisions.py``): ``model.re
 ``data.revision`` become a commit sha or a content fingerprint, so a rerun after the data
 or the hub model changed misses the cache, and an identical rerun hits it. The operational
 train keys travel as ``train_ops``, which the training cache key ignores.
+
+Before anything else it checks that the data files beside the code reached the pod
+(``check_package_files``): with ``pyflyte run --remote`` and the default ``--copy auto`` they do
+not, and the run would otherwise fail later in ``get_data`` or training.
 """
 
 import dataclasses
@@ -33,9 +37,13 @@ from llm_finetune.config import (
     validate,
 )
 from llm_finetune.errors import ConfigError
+from llm_finetune.package_data import missing_package_files
 from llm_finetune.revisions import data_revision, model_revision
 from llm_finetune.tracking import tracking_problems
-from tasks.common import DEEPSPEED_DIR, HF_TOKEN_ENV_SECRET, WANDB_SECRET, is_local, recoverable, start_local_run, wandb_api_key
+from tasks.common import (
+    DEEPSPEED_DIR, HF_TOKEN_ENV_SECRET, NOT_PUBLISHING, REPO_ROOT, WANDB_SECRET, is_local, recoverable, start_local_run,
+    wandb_api_key,
+)
 
 Sections = typing.NamedTuple(
     "Sections",
@@ -53,6 +61,8 @@ Sections = typing.NamedTuple(
         ("preference_data", DataConfig),
         ("preference_train", TrainConfig),
         ("preference_train_ops", TrainOps),
+        # hub.repo_id is set: the workflow runs push_to_hub; otherwise an echo node answers [] without a pod
+        ("publish", bool),
     ],
 )
 
@@ -79,8 +89,32 @@ def sections(config: FineTuneConfig) -> Sections:
     if stage.enabled:
         stage_data = dataclasses.replace(stage_data, revision=data_revision(stage_data.source, stage_data.revision))
     stage_train, stage_ops = split_train(stage.train)
+    publish = bool(config.hub.repo_id)
+    if not publish:
+        print(NOT_PUBLISHING, flush=True)
     return Sections(config, config.data, config.model, train, ops, config.evaluate, config.quantize, config.hub,
-                    stage.enabled, stage_data, stage_train, stage_ops)
+                    stage.enabled, stage_data, stage_train, stage_ops, publish)
+
+
+def check_package_files() -> None:
+    """Fail first, naming them, when the data files beside the code did not reach this pod (``--copy auto``)."""
+    missing = missing_package_files(DEEPSPEED_DIR)
+    if missing:
+        names = ", ".join(_repo_path(f) for f in missing)
+        raise ConfigError([
+            f"{names}: missing from the code this task received. The images hold no source and "
+            "`pyflyte run --remote` without `--copy all` ships only the imported Python modules, not these data files. "
+            "Run pyflyte run --remote --copy all workflows/fine_tune.py fine_tune --config <file> "
+            "(or register with `make register`, which passes --copy all, and launch the registered version)."
+        ], source="deployment")
+
+
+def _repo_path(f) -> str:
+    """``f`` relative to the repository root when it lies under it (the names a user finds in the repo)."""
+    try:
+        return f.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return str(f)
 
 
 def check_tracking(config: FineTuneConfig) -> None:
@@ -94,6 +128,7 @@ def check_tracking(config: FineTuneConfig) -> None:
 @task(container_image=cpu_image, retries=2, secret_requests=[HF_TOKEN_ENV_SECRET, WANDB_SECRET])
 def validate_config(config: FineTuneConfig) -> Sections:
     """Raise ConfigError listing every problem; otherwise the pinned config and its sections."""
+    check_package_files()  # first: without the data files every later check and task is moot
     check_tracking(config)
     if is_local():
         start_local_run()  # a new runs/<execution id>/ for this execution's decks, summary and model card

@@ -144,3 +144,24 @@ def test_every_shipped_config_validates(name):
 
     root = Path(__file__).resolve().parents[1]
     validate(load_config(root / "configs" / name), deepspeed_dir=root / "deepspeed_configs")
+
+
+def test_interruptible_auto_means_spot_only_for_gpu_training(tmp_path):
+    """The runbook's only spot pools are GPU pools: an interruptible CPU pod would never schedule."""
+    from llm_finetune.config import TrainConfig, TrainOps, is_interruptible, split_train
+
+    assert FineTuneConfig().train.interruptible is None and not is_interruptible(TrainConfig())  # default: auto, CPU
+    assert is_interruptible(TrainConfig(gpus_per_node=1, nproc_per_node=1))  # auto on GPUs: spot
+    assert not is_interruptible(TrainConfig(gpus_per_node=8, nproc_per_node=8, interruptible=False))
+    assert is_interruptible(TrainConfig(interruptible=True))  # explicit: as given (a cluster with CPU spot nodes)
+    keyed, ops = split_train(TrainConfig(gpus_per_node=1, nproc_per_node=1))
+    assert ops == TrainOps() and is_interruptible(ops, keyed.gpus_per_node)  # the ops half needs the GPU count
+    f = tmp_path / "c.yaml"
+    for text, want in (("auto", None), ("null", None), ("true", True), ("false", False)):
+        f.write_text(f"train:\n  interruptible: {text}\n")
+        assert load_config(f).train.interruptible is want, text
+    with pytest.raises(ConfigError, match=r"train.interruptible: expected true, false or auto, got 'sometimes'"):
+        FineTuneConfig.from_json('{"train": {"interruptible": "sometimes"}}')
+    runs = {p.stem: load_config(p) for p in (ROOT / "configs").glob("*.yaml")}
+    assert {name for name, c in runs.items() if is_interruptible(c.train)} == {
+        name for name, c in runs.items() if c.train.gpus_per_node > 0}  # shipped: spot for GPU training only

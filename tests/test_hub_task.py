@@ -1,5 +1,7 @@
 """The push_to_hub and summarize tasks, run locally against the hub stand-in: token from the Flyte Secret, never leaked."""
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from flytekit.types.directory import FlyteDirectory
@@ -76,3 +78,28 @@ def test_publishes_every_artifact_idempotently_without_leaking_the_token(hub, tm
     assert "Generations side by side" in decks and "unchanged (no new commit)" in printed.out
     for text in (printed.out, printed.err, decks, cards, repr(result), repr(urls)):
         assert SECRET not in text
+
+
+def test_downloaded_artifacts_leave_the_disk_one_at_a_time(tmp_path):
+    """On a cluster each artifact is a download: pushed, then deleted, so the pod's 40Gi disk holds the
+    largest one, not all of them (tasks/common.py MODEL_DISK). A local folder (a local run) is left alone."""
+    from tasks.hub import fetched
+
+    copy = _folder(tmp_path / "pod" / "model", {"model.safetensors": b"w" * 4096})
+    downloaded = FlyteDirectory(copy.path)
+    downloaded._remote_source = "s3://bucket/model"  # what flytekit sets on a task input that lives in the store
+    with fetched(downloaded) as folder:
+        assert (Path(folder) / "model.safetensors").is_file()
+    assert not (tmp_path / "pod" / "model").exists()
+    local = _folder(tmp_path / "mine", {"model.safetensors": b"w"})
+    with fetched(local):
+        pass
+    assert (tmp_path / "mine" / "model.safetensors").is_file()
+
+
+def test_nothing_to_publish_is_an_empty_list_without_a_pod():
+    """hub.repo_id empty: the workflow's other branch, propeller's echo plugin (no pod); locally a call."""
+    from tasks.hub import no_hub_urls
+
+    assert no_hub_urls.task_type == "echo" and no_hub_urls.get_container(None) is None
+    assert no_hub_urls(urls=[]) == []

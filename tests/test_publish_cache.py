@@ -31,7 +31,7 @@ def test_no_cached_node_of_the_workflow_reads_publishing_settings():
     wf = next(s for k, s in entities.items() if getattr(k, "name", None) == fine_tune.name and isinstance(getattr(s, "template", None), WorkflowTemplate))
     validate = next(n.id for n in wf.template.nodes if n.task_node and n.task_node.reference_id.name.endswith("validate_config"))
     readers = {}
-    for node in wf.template.nodes:
+    for node in _with_branches(wf.template.nodes):  # push_to_hub sits in the `publish` branch
         name = node.task_node.reference_id.name if node.task_node else node.id
         for b in node.inputs:
             p = b.binding.promise
@@ -40,6 +40,16 @@ def test_no_cached_node_of_the_workflow_reads_publishing_settings():
     assert len(cached) >= 4
     assert not set(readers) & cached, readers  # only uncached nodes (assess, push_to_hub) see hub settings
     assert any(n.endswith("push_to_hub") for n in readers)
+
+
+def _with_branches(nodes):
+    """The nodes and, for a branch node, the nodes of each of its cases."""
+    for node in nodes:
+        yield node
+        if node.branch_node:
+            ie = node.branch_node.if_else
+            inner = [ie.case.then_node, *(c.then_node for c in ie.other or []), ie.else_node]
+            yield from _with_branches([n for n in inner if n is not None])
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from flyteidl.core import dynamic_job_pb2
 from google.protobuf import json_format
 
 from images.specs import cpu_image, gpu_image
-from llm_finetune.config import DataConfig, FineTuneConfig, TrainConfig, load_config, split_train
+from llm_finetune.config import DataConfig, FineTuneConfig, TrainConfig, is_interruptible, load_config, split_train
 from tasks import common
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,13 +68,13 @@ def _requests(resources: dict) -> dict:
 # task -> (image, cache version or None, retries, requested resources)
 EXPECTED = {
     "tasks.validate.validate_config": (CPU, None, 2, {}),
-    "tasks.model.prepare_base_model": (CPU, common.CACHE_MODEL.version, 3, {"CPU": "2", "MEMORY": "8Gi", "EPHEMERAL_STORAGE": "50Gi"}),
+    "tasks.model.prepare_base_model": (CPU, common.CACHE_MODEL.version, 3, {"CPU": "2", "MEMORY": "8Gi", "EPHEMERAL_STORAGE": "40Gi"}),
     "tasks.data.get_data": (CPU, common.CACHE_DATA.version, 2, {"CPU": "2", "MEMORY": "8Gi"}),
     "tasks.train.train_model": (CPU, common.CACHE_TRAIN.version, 0, {}),
     "tasks.train.train_elastic": (GPU, common.CACHE_TRAIN.version, 2, {"CPU": "2", "MEMORY": "8Gi"}),
     "tasks.evaluate.evaluate_model": (CPU, common.CACHE_EVAL.version, 1, {"CPU": "2", "MEMORY": "8Gi"}),
     "tasks.quantize.quantize_model": (CPU, common.CACHE_QUANTIZE.version, 1, {"CPU": "2", "MEMORY": "8Gi"}),
-    "tasks.hub.push_to_hub": (CPU, None, 3, {"CPU": "1", "MEMORY": "4Gi", "EPHEMERAL_STORAGE": "100Gi"}),
+    "tasks.hub.push_to_hub": (CPU, None, 3, {"CPU": "1", "MEMORY": "4Gi", "EPHEMERAL_STORAGE": "40Gi"}),
     "tasks.result.summarize": (CPU, None, 0, {}),
     "tasks.assess.assess": (CPU, None, 0, {}),
     "tasks.evaluate.evaluate_quantized": (CPU, common.CACHE_EVAL.version, 1, {"CPU": "2", "MEMORY": "8Gi"}),
@@ -102,12 +102,57 @@ def test_task_image_cache_retries_resources(package, name):
     assert "GPU" not in _requests(t["container"].get("resources", {}))  # GPUs come from the run's config
 
 
-def test_training_task_is_interruptible_with_shared_memory_and_only_it_is(package):
+def test_no_task_is_registered_interruptible_and_training_has_shared_memory(package):
+    """Spot or not is decided per config when train_model launches the training node (see the dynamic
+    test below); registered as the default config (CPU) decides: not interruptible, as the runbook's only
+    spot pools are GPU pools and an interruptible CPU pod would never schedule."""
     for name in EXPECTED:
-        t = _task(package, name)
-        assert bool(t["metadata"].get("interruptible")) == (name in TRAINING_TASKS), name
+        assert not _task(package, name)["metadata"].get("interruptible"), name
     for name in TRAINING_TASKS:
         assert _task(package, name)["extendedResources"]["sharedMemory"]["mountPath"] == "/dev/shm"
+
+
+def _quantity(value: str) -> float:
+    from tasks.limits import quantity
+
+    return quantity(value)
+
+
+def test_no_task_asks_for_more_disk_than_the_smallest_node_it_may_land_on_offers(package):
+    """A pod whose ephemeral-storage request exceeds every node's allocatable stays Pending (until
+    pod-pending-timeout). Registered tasks request no GPU, so they land on the untainted default pools;
+    the smallest is the GKE default pool's 100 GB boot disk, about 44 GiB (deploy/node-pools.yaml).
+    prepare_base_model used to ask 50Gi and push_to_hub 100Gi."""
+    import yaml
+
+    from tasks.limits import node_pools, smallest_disk
+
+    pool, offered = smallest_disk(node_pools(), gpu="")
+    assert pool == "gke-default" and offered == _quantity("44Gi")
+    values = yaml.safe_load((ROOT / "deploy" / "flyte-binary-values.yaml").read_text())
+    default = values["configuration"]["inline"]["task_resources"]["defaults"].get("ephemeralStorage")
+    assert default is None or _quantity(default) <= offered  # a platform default is the request of tasks that set none
+    tasks = [key[0] for key, msg in package.items() if key[1] == "1"]
+    assert set(EXPECTED) <= set(tasks)
+    for name in tasks:
+        resources = json_format.MessageToDict(package[(name, "1")].template).get("container", {}).get("resources", {})
+        disk = _requests(resources).get("EPHEMERAL_STORAGE")
+        assert disk is None or _quantity(disk) <= offered, f"{name} requests {disk} of disk; a {pool} node offers {offered / 2**30:.0f}Gi"
+
+
+def test_push_to_hub_runs_only_when_publishing_and_the_other_branch_has_no_pod(package):
+    wf = json_format.MessageToDict(package[("workflows.fine_tune.fine_tune", "2")].template)
+    (branch,) = [n for n in wf["nodes"] if "branchNode" in n]
+    if_else = branch["branchNode"]["ifElse"]
+    condition = if_else["case"]["condition"]["comparison"]
+    assert condition["leftValue"]["var"].endswith("publish") and condition["rightValue"]["primitive"]["boolean"] is True
+    assert if_else["case"]["thenNode"]["taskNode"]["referenceId"]["name"] == "tasks.hub.push_to_hub"
+    other = if_else["elseNode"]["taskNode"]["referenceId"]["name"]
+    echo = _task(package, other)
+    assert echo["type"] == "echo" and "container" not in echo  # propeller's echo plugin: no pod
+    summarize = next(n for n in wf["nodes"] if n.get("taskNode", {}).get("referenceId", {}).get("name") == "tasks.result.summarize")
+    urls = next(b for b in summarize["inputs"] if b["var"] == "hub_urls")
+    assert urls["binding"]["promise"]["nodeId"] == branch["id"]
 
 
 def test_training_cache_key_ignores_the_tracked_run(package):
@@ -216,9 +261,10 @@ MULTI_NODE = TrainConfig(
     nnodes=2, nproc_per_node=8, gpus_per_node=8, accelerator="nvidia-h100", cpu="48", memory="400Gi",
     retries=4, interruptible=False,
 )
+ONE_L4 = TrainConfig(nproc_per_node=1, gpus_per_node=1, accelerator="nvidia-l4", method="qlora")  # interruptible: auto
 
 
-@pytest.mark.parametrize("train", [MULTI_NODE, TrainConfig()], ids=["2x8xH100", "default-1-node-cpu"])
+@pytest.mark.parametrize("train", [MULTI_NODE, TrainConfig(), ONE_L4], ids=["2x8xH100", "default-1-node-cpu", "1xL4-auto-spot"])
 def test_dynamic_compiles_the_configured_elastic_task(package, tmp_path, train):
     spec = _compile_train_model(package, tmp_path, train)
     (node,) = spec["nodes"]
@@ -242,7 +288,8 @@ def test_dynamic_compiles_the_configured_elastic_task(package, tmp_path, train):
     accel = node["taskNode"]["overrides"].get("extendedResources", {}).get("gpuAccelerator", {}).get("device")
     assert accel == (train.accelerator or None)
     assert node["metadata"]["retries"].get("retries", 0) == train.retries
-    assert node["metadata"].get("interruptible", False) == train.interruptible
+    # spot for GPU training (auto), on-demand for CPU training (no CPU spot pool) and where the config says false
+    assert node["metadata"].get("interruptible", False) == is_interruptible(train) == (train is ONE_L4)
     assert task["extendedResources"]["sharedMemory"]["mountPath"] == "/dev/shm"
     # the pod recomputes the ImageSpec and must land on the image registration built; CPU training
     # runs on the CPU image (no multi-GB CUDA image pulled for nothing)

@@ -7,14 +7,15 @@
 validate_config -> prepare_base_model (cached) -> check_outputs -> get_data -> train_model (Elastic: SFT, or DPO
 with train.method: dpo) -> preference_stage (optional DPO after SFT) -> assess (evaluate base and tuned, quantize, evaluate the variants) -> push_to_hub -> summarize
 start_tracking (after validate_config) -> ... -> finish_tracking (last): one MLflow / W&B run per execution
+push_to_hub runs only when hub.repo_id is set; otherwise an echo node (no pod) gives summarize an empty list.
 """
 
-from flytekit import workflow
+from flytekit import conditional, workflow
 
 from llm_finetune.config import FineTuneConfig
 from tasks.assess import assess
 from tasks.data import get_data
-from tasks.hub import push_to_hub
+from tasks.hub import no_hub_urls, push_to_hub
 from tasks.model import prepare_base_model
 from tasks.preference_stage import preference_stage
 from tasks.quantize import check_outputs
@@ -53,14 +54,21 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
         tracking=run, first_stage_steps=trained.steps,
     )
     a = assess(base_model=base, tuned_model=final.model, eval_data=final.heldout, config=s.config)
-    hub_urls = push_to_hub(
-        config=s.config,
-        model=final.model,
-        adapter=final.adapter,
-        quantized=a.quantized,
-        base=a.base,
-        tuned=a.tuned,
-        variants=a.variants,
+    # no pod, and no 40Gi disk to find, when there is nothing to publish (hub.repo_id empty: s.publish is false)
+    hub_urls = (
+        conditional("publish")
+        .if_(s.publish.is_true())
+        .then(push_to_hub(
+            config=s.config,
+            model=final.model,
+            adapter=final.adapter,
+            quantized=a.quantized,
+            base=a.base,
+            tuned=a.tuned,
+            variants=a.variants,
+        ))
+        .else_()
+        .then(no_hub_urls(urls=[]))
     )
     result = summarize(
         tuned_model=final.model,
