@@ -119,11 +119,26 @@ def position_ids(seq_lens: list[list[int]], width: int) -> torch.Tensor:
     return out
 
 
+# Key lengths that torch's compiled CPU flex attention computes correctly on every x86 CPU.
+# torch 2.13's inductor C++ flex template (CppMicroGemmFP32Vec, torch/_inductor/codegen/cpp_micro_gemm.py)
+# computes q @ k^T 16 key columns at a time; for a last block of fewer columns, its tail kernel takes the
+# full-block path whenever that tail is a multiple of the vector width (`N % VLEN == 0`) and then reads and
+# writes all 16 columns. With AVX2 (8 floats a vector) a tail of exactly 8 columns (key length = 8 mod 16)
+# takes it: 8 key rows past the end are read, and for a key length under 128 the last query row's extra
+# 8 scores land on the running row maxima of the first 8 queries, so those rows come out wrong or NaN,
+# depending on stale memory (with AVX-512 a tail is never a multiple of 16 and the branch is dead).
+# No upstream issue was found for it (bench/NOTES.md: "Flex attention NaN on AVX2 CPUs"). Lengths that
+# are multiples of 16 leave no tail; CPU callers of flex pad to this (padding after a causal example,
+# or a packed row's padding document, cannot change the real tokens' logits).
+CPU_FLEX_LENGTH_MULTIPLE = 16
+
+
 def flex_block_mask(doc_ids: torch.Tensor):
     """The block-diagonal causal pattern as a flex-attention ``BlockMask``.
 
     Flex attention skips fully masked blocks, so packed rows cost about what the examples
-    would cost alone; this is the GPU path (flex has no backward on CPU).
+    would cost alone; this is the GPU path (flex has no backward on CPU, and its compiled CPU
+    forward needs widths that are multiples of ``CPU_FLEX_LENGTH_MULTIPLE`` on AVX2).
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
