@@ -39,7 +39,7 @@ from llm_finetune.fit import check_fits, count_parameters, deepspeed_offload
 from llm_finetune.model import load_tokenizer
 from llm_finetune.node_once import run_once_per_node
 from llm_finetune.resources import ResourceSampler
-from llm_finetune.trainer import CheckpointUploader, FineTuneTrainer, SampleGenerations, all_reduce_sum, barrier
+from llm_finetune.trainer import CheckpointUploader, FineTuneTrainer, SampleGenerations, all_reduce_sum
 
 
 @dataclass
@@ -115,7 +115,11 @@ def sample_prompts(tokenizer, frame: pd.DataFrame, data_cfg: DataConfig, n: int)
 
 
 def attention_implementation(packed: bool) -> str:
-    """Flex attention skips the masked blocks of packed rows on GPU; SDPA elsewhere."""
+    """Flex attention skips the masked blocks of packed rows on GPU; SDPA elsewhere.
+
+    Never flex on CPU: it has no backward there, and torch's compiled CPU forward is wrong on AVX2 CPUs
+    for key lengths of 8 mod 16 (packing.CPU_FLEX_LENGTH_MULTIPLE; bench/NOTES.md).
+    """
     if packed and torch.cuda.is_available():
         return "flex_attention"
     return "sdpa"
@@ -465,7 +469,11 @@ def save_outputs(trainer, tokenizer, output_dir: Path, full: bool, base_model_di
     """Save the model (LoRA: the adapter, then merged into the base) and the summary; shared by SFT and DPO.
 
     Every rank calls this (DeepSpeed ZeRO-3 gathers the weights in ``save_model``); rank 0
-    writes, and gets the outputs. The checkpoint uploads close after the last collective.
+    writes, and gets the outputs. ``save_model`` is the last collective: while rank 0 merges
+    (minutes for a large base) the others wait in ``wait_for_rank0``, on the store with its own
+    long timeout, not in a barrier bounded by ``train.collective_timeout_s`` (which would time
+    out, or have the NCCL watchdog abort the group, during a long merge). The checkpoint
+    uploads close after that wait.
     """
     model_out = output_dir / "model"
     adapter_out = None if full else output_dir / "adapter"
@@ -480,12 +488,34 @@ def save_outputs(trainer, tokenizer, output_dir: Path, full: bool, base_model_di
                 unset_hf_deepspeed_config()
             merge_adapter(base_model_dir, adapter_out, model_out, bf16=bf16)
         (output_dir / "train_summary.json").write_text(json.dumps(asdict(summary), indent=2, default=str))
-    barrier()
+    wait_for_rank0("llm_finetune/outputs_saved", FINAL_WAIT_S)
     if uploads is not None:  # after the last collective: the other ranks need not wait for the store
         uploads.close()
     if _rank() != 0:
         return None
     return TrainOutputs(model_out, adapter_out, summary)
+
+
+# How long the other ranks wait for rank 0 to merge and write the outputs. Generous on purpose: if
+# rank 0 dies instead, the launcher ends the whole group (the store goes with it) long before this.
+FINAL_WAIT_S = 6 * 3600
+
+
+def wait_for_rank0(key: str, timeout_s: float) -> None:
+    """Rank 0 marks ``key`` done in the process group's store; the other ranks wait for it there.
+
+    Not a collective: no NCCL/gloo operation is outstanding, so neither the process group's
+    timeout nor the NCCL watchdog applies, only ``timeout_s`` (the store wait's own).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    store = dist.distributed_c10d._get_default_store()
+    if dist.get_rank() == 0:
+        store.set(key, "done")
+    else:
+        store.wait([key], timedelta(seconds=timeout_s))
 
 
 def merge_adapter(base_model_dir: Path, adapter_dir: Path, out_dir: Path, bf16: bool = False) -> Path:
