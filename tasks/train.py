@@ -13,7 +13,8 @@ the dynamic runs a copy of the task configured the same way: the local run honou
 Checkpoints go to Flyte's intra-task checkpoint (tasks/checkpoint.py); a retry, whether
 from a spot preemption (``interruptible``) or ``retries``, resumes from the last one. The
 Elastic launcher runs with ``max_restarts=0`` and the core bounds every collective by
-``train.collective_timeout_s``, so a dead rank fails the attempt instead of hanging it.
+``train.collective_timeout_s``, so a dead rank fails the attempt instead of hanging it; a rank
+killed by a signal and a rendezvous failure are retried as well (tasks/elastic.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from llm_finetune.errors import ConfigError
 from llm_finetune.tracking import TrackedRun, TrackingCallback, tracking_html
 from llm_finetune.train import train as run_training
 from tasks.checkpoint import FlyteCheckpointStore
-from tasks.elastic import configure_elastic
+from tasks.elastic import configure_elastic, recoverable_elastic
 from tasks.common import CACHE_TRAIN, DEEPSPEED_DIR, WANDB_SECRET, is_local, publish_deck, recoverable, table_html, wandb_api_key
 from tasks.model_files import directory_bytes
 from tasks.node_inputs import node_local_directory, node_local_frame
@@ -78,7 +79,11 @@ def elastic_config(cfg: TrainConfig) -> Elastic:
         nnodes=cfg.nnodes,
         nproc_per_node=cfg.nproc_per_node,
         max_restarts=0,  # Flyte retries the whole task (and resumes from its checkpoint) instead
-        rdzv_configs={"timeout": 900, "join_timeout": 900},
+        # timeout / join_timeout: how long the rendezvous waits for every node to join. read_timeout:
+        # the c10d rendezvous store's per-read timeout (torch's default 60 s), which a node that joins
+        # while another is still pulling a 20 GB training image would otherwise hit and fail the
+        # attempt; sized like the join, so a node pulling its image on a fresh GPU node is waited for.
+        rdzv_configs={"timeout": 900, "join_timeout": 900, "read_timeout": 900},
         increase_shared_mem=False,  # deprecated; shared memory is requested on the task
     )
 
@@ -249,13 +254,17 @@ def train_elastic(
     return train_result(outputs, tracked_run_id)
 
 
+# a rank killed by a signal, or the launcher's rendezvous failing, is retried too (tasks/elastic.py)
+train_elastic = recoverable_elastic(train_elastic)
+
+
 def _configured_copy(cfg: TrainConfig, base: PytorchElasticFunctionTask | None = None) -> PytorchElasticFunctionTask:
     """A copy of ``train_elastic`` (or ``base``) with the config's Elastic settings, for local runs."""
     if cfg.nnodes > 1:
         raise ConfigError(
             [f"train.nnodes: {cfg.nnodes} nodes need a cluster; run with pyflyte run --remote, or set nnodes: 1 locally"]
         )
-    local = copy.copy(base or train_elastic)
+    local = recoverable_elastic(copy.copy(base or train_elastic))
     local._task_config = elastic_config(cfg)
     local.min_nodes = local.max_nodes = 1
     return local
