@@ -62,7 +62,8 @@ register-dry-run:
 	$(BIN)/pyflyte register --dry-run --copy none --version $(VERSION) workflows
 
 # Before registering or launching: does every request of CONFIG fit the platform limits in the
-# Helm values VALUES? (flyteadmin rejects registrations over them; propeller clamps run-time requests)
+# Helm values VALUES (flyteadmin rejects registrations over them; propeller clamps run-time requests),
+# and does every pod CONFIG creates land on a node pool of deploy/node-pools.yaml? Prints task -> pool.
 CONFIG ?= configs/default.yaml
 VALUES ?= deploy/flyte-binary-values.yaml
 check-cluster:

@@ -56,8 +56,8 @@ def assess(base_model: FlyteDirectory, tuned_model: FlyteDirectory, eval_data: S
         **over(tuned_bytes, EVAL_COPIES))
     quantized = quantize_model(model=tuned_model, quantize_cfg=config.quantize, name=gguf_stem(config)).with_overrides(
         **over(tuned_bytes, QUANTIZE_COPIES))
-    # downloads the tuned model to weigh it: its own small CPU pod, with the disk for one copy
-    size = model_size_mb(model=tuned_model).with_overrides(**over(tuned_bytes, EVAL_COPIES, Resources(cpu="1", mem="1Gi")))
+    # weighs the tuned model from the store's listing: a small CPU pod with no disk
+    size = model_size_mb(model=tuned_model)
     variants = []
     if config.quantize.evaluate:
         variants = evaluate_quantized(

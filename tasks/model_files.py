@@ -29,6 +29,22 @@ def model_metadata(directory: FlyteDirectory) -> tuple[Path, int]:
     return local, fetch_metadata(fs, source, local)
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf")  # what llm_finetune.quantize.weights_mb counts
+
+
+def weights_mb_listed(directory: FlyteDirectory) -> float:
+    """``llm_finetune.quantize.weights_mb`` of ``directory`` from a listing of the store: no download, so no disk.
+
+    Weighing a 12B model in fp32 by downloading it needed a 53Gi disk on a CPU pod, more than the
+    runbook's default GKE pool offers (deploy/node-pools.yaml).
+    """
+    source = getattr(directory, "_remote_source", None) or str(directory.path)
+    fs = FlyteContextManager.current_context().file_access.get_filesystem_for_path(source)
+    root = source.rstrip("/")
+    files = {f for pattern in WEIGHT_PATTERNS for f in fs.glob(f"{root}/{pattern}")}
+    return round(sum(int(fs.size(f)) for f in files) / 2**20, 2)
+
+
 def directory_bytes(directory: FlyteDirectory) -> int | None:
     """Bytes of the files under ``directory``, from a listing of the store (no download); None if it cannot be listed.
 

@@ -10,7 +10,7 @@ from images.specs import cpu_image
 from llm_finetune.benchmarks import check_available
 from llm_finetune.config import EvalConfig, QuantizeConfig, quantize_variants
 from llm_finetune.gguf_export import check_exportable
-from llm_finetune.quantize import GGUF_VARIANTS, quantize_variant, weights_mb
+from llm_finetune.quantize import GGUF_VARIANTS, quantize_variant
 from tasks.common import CACHE_QUANTIZE, recoverable
 from tasks.model_files import model_metadata
 
@@ -56,6 +56,7 @@ def quantize_model(model: FlyteDirectory, quantize_cfg: QuantizeConfig, name: st
 
 @task(container_image=cpu_image, cache=CACHE_QUANTIZE, requests=Resources(cpu="1", mem="1Gi"))
 def model_size_mb(model: FlyteDirectory) -> float:
-    from pathlib import Path
+    """The tuned model's weights in MB, weighed from the store's listing (no download, no disk)."""
+    from tasks.model_files import weights_mb_listed
 
-    return weights_mb(Path(model.download()))
+    return weights_mb_listed(model)

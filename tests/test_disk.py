@@ -76,3 +76,25 @@ def test_a_model_directory_is_sized_from_its_files(tmp_path, capsys):
     unreadable._remote_source = "nosuchprotocol://bucket/model"  # a store that cannot be listed from here
     assert directory_bytes(unreadable) is None
     assert "cannot list nosuchprotocol://bucket/model" in capsys.readouterr().out
+
+
+def test_model_size_is_weighed_from_the_store_listing_without_a_download(tmp_path):
+    """model_size_mb's pod has no disk: it lists the weights in the object store instead of downloading them."""
+    import fsspec
+    from flytekit.types.directory import FlyteDirectory
+
+    from llm_finetune.quantize import weights_mb
+    from tasks.model_files import weights_mb_listed
+
+    local = tmp_path / "model"
+    local.mkdir()
+    for name, size in (("model-00001-of-00002.safetensors", 3_000_000), ("model-00002-of-00002.safetensors", 1_500_000),
+                       ("tokenizer.json", 700_000), ("config.json", 900)):
+        (local / name).write_bytes(b"\0" * size)
+    store = fsspec.filesystem("memory")
+    for f in local.iterdir():
+        store.pipe(f"/bucket/model/{f.name}", f.read_bytes())
+    remote = FlyteDirectory(str(tmp_path / "never-downloaded"))
+    remote._remote_source = "memory://bucket/model"
+    assert weights_mb_listed(remote) == weights_mb(local) == round(4_500_000 / 2**20, 2)
+    assert not (tmp_path / "never-downloaded").exists()
