@@ -2,7 +2,7 @@
 
 The same function scores the base model, the tuned model and every quantized variant,
 with the same prompts, so the numbers are comparable. The task metrics fit the answers
-(metrics.py): exact match for short answers, valid-JSON rate and structural match when
+(metrics.py): exact match for short answers, field-level F1 (json_field_f1), valid-JSON rate and exact match when
 the references are JSON, chrF for free text; each with a bootstrap 95% interval.
 """
 
@@ -36,7 +36,7 @@ class EvalMetrics:
     perplexity: float = 0.0
     exact_match: float = 0.0  # share of rows whose completion equals the reference
     exact_match_rows: int = 0  # rows with a reference completion (0 for raw text data)
-    task_metric: str = "exact_match"  # the headline metric: exact_match, json_structure (JSON answers) or chrf (free text)
+    task_metric: str = "exact_match"  # the headline metric: exact_match, json_field_f1 (JSON answers) or chrf (free text)
     median_reference_words: float = 0.0
     # preference pairs (preference_eval.py): share of held-out pairs whose chosen answer the model
     # gives more log-probability than the rejected one, with its bootstrap 95% interval
