@@ -126,7 +126,7 @@ def test_gguf_answers_equal_llama_cpp_token_by_token(base_model_dir, tokenizer, 
     answers = gguf_eval.generate(llm, gguf_tok, _prompts(gguf_tok, frame, data), cfg.max_new_tokens)
     llm.close()
     frame = _with_references(frame, answers)
-    generated = _spy(monkeypatch, gguf_eval, "generate")
+    generated = _spy(monkeypatch, gguf_eval, "generate_with_cuts")  # what evaluate calls for GGUF rows
     _, table = ev.evaluate(q.path, frame, data, cfg, gguf_file=q.gguf_file)
     assert list(table["prediction"]) == [a.strip() for a in answers]
     _read_off_the_pass(generated, _prompts(gguf_tok, frame, data))
