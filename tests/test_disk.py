@@ -13,20 +13,12 @@ from flytekit.types.directory import FlyteDirectory
 
 from llm_finetune.config import TrainConfig, load_config
 from llm_finetune.disk import EVAL_COPIES, QUANTIZE_COPIES, disk_gib, training_copies
-from tasks.limits import node_pools, quantity, smallest_disk
+from tasks.limits import KNOWN_MODEL_BYTES, node_pools, quantity, smallest_disk
 from tasks.model_files import directory_bytes
 from tasks.train import training_disk
 
 ROOT = Path(__file__).resolve().parents[1]
-GB = 10**9
-# Size on the hub of each shipped config's base model (safetensors weights, as prepare_base_model downloads them)
-MODEL_BYTES = {
-    "embedded://SmolLM2-135M-Instruct": int(0.54 * GB),  # 135M parameters, materialised in fp32
-    "huggyllama/llama-7b": int(13.5 * GB),
-    "huggyllama/llama-13b": int(26.0 * GB),
-    "meta-llama/Meta-Llama-3-8B-Instruct": int(16.1 * GB),
-    "EleutherAI/pythia-12b": int(23.8 * GB),
-}
+MODEL_BYTES = KNOWN_MODEL_BYTES  # the shipped configs' base-model sizes, declared once in tasks/limits.py
 
 
 def test_the_pool_file_is_the_runbook():
