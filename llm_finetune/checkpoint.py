@@ -171,10 +171,10 @@ def steps_to_prune(complete: list[int], present: list[int], keep: int, best: int
 
 
 class PrefixCheckpointStore:
-    """save / restore / prune over five primitives of a flat key space (a directory or a bucket prefix).
+    """save / restore / prune / carry over six primitives of a flat key space (a directory or a bucket prefix).
 
     Subclasses implement ``_listing`` (checkpoint name -> relative path -> size), ``_read``,
-    ``_put_files``, ``_delete`` and ``restore``.
+    ``_put_files``, ``_delete``, ``_copy_in`` and ``restore``.
     """
 
     def _listing(self) -> dict[str, dict[str, int]]:
@@ -201,6 +201,40 @@ class PrefixCheckpointStore:
     def contains_complete(self, name: str) -> bool:
         files = self._listing().get(name)
         return files is not None and listing_problem(files, lambda rel: self._read(name, rel)) is None
+
+    def _copy_in(self, previous: "PrefixCheckpointStore", name: str, rels: list[str]) -> None:
+        """Copy ``name``'s files ``rels`` from ``previous`` (another prefix of the same kind) into this store."""
+        raise NotImplementedError
+
+    def carry_from(self, previous: "PrefixCheckpointStore") -> list[str]:
+        """Copy ``previous``'s newest complete checkpoint, and the best one it names, into this store.
+
+        A retried attempt is given only the previous attempt's prefix to read. Carried forward
+        as the attempt's first act, the newest checkpoint survives an attempt that dies in
+        start-up (a preemption while the model downloads): the attempt after it finds the
+        checkpoint in its predecessor's prefix. Files already here with the right size are
+        skipped, so carrying twice (every node of a multi-node attempt carries) costs little;
+        the manifests are copied last, so a carry cut short leaves an incomplete checkpoint
+        that restore skips. Returns the names carried (empty: nothing complete to carry).
+        """
+        listing = previous._listing()
+        complete = sorted((n for n, files in listing.items()
+                           if listing_problem(files, lambda rel, n=n: previous._read(n, rel)) is None),
+                          key=checkpoint_step, reverse=True)
+        if not complete:
+            return []
+        names = [complete[0]]
+        if "trainer_state.json" in listing[complete[0]]:
+            best = best_step(previous._read(complete[0], "trainer_state.json"))
+            if f"checkpoint-{best}" in complete[1:]:
+                names.append(f"checkpoint-{best}")
+        mine = self._listing()
+        for name in names:
+            have, files = mine.get(name, {}), listing[name]
+            todo = [rel for rel, size in files.items() if have.get(rel) != size]
+            self._copy_in(previous, name, [rel for rel in todo if not _MARKER.match(rel)])
+            self._copy_in(previous, name, [rel for rel in todo if _MARKER.match(rel)])  # last: they say "complete"
+        return names
 
     def prune(self, keep: int) -> list[str]:
         problems = self.problems()
@@ -250,6 +284,9 @@ class LocalCheckpointStore(PrefixCheckpointStore):
 
     def _delete(self, name: str) -> None:
         shutil.rmtree(self.root / name)
+
+    def _copy_in(self, previous: "LocalCheckpointStore", name: str, rels: list[str]) -> None:
+        self._put_files(previous.root / name, rels)
 
     def save(self, ckpt_dir: Path) -> None:
         super().save(ckpt_dir)

@@ -7,9 +7,11 @@ its completion manifest, which is uploaded after them, so a checkpoint cut short
 preemption is skipped rather than half-loaded. All nodes of a multi-node run write into the
 same prefix (their shard files have distinct names); node 0 alone deletes old checkpoints.
 
-A retry restores the previous attempt's prefix, and the core re-uploads the checkpoint it
-resumes from into the new prefix, so an attempt that dies before its first save does not
-lose the checkpoints of the attempts before it.
+A retry restores the previous attempt's prefix. Before that, as the first thing an attempt
+does (in the launcher, before the workers start, the rendezvous waits or the model
+downloads), ``carry_forward`` copies the previous attempt's newest complete checkpoint into
+this attempt's own prefix (tasks/elastic.py). An attempt preempted in start-up then still
+hands the next attempt that checkpoint: the chain of attempts never falls back to step 0.
 
 The file access object is captured when the store is created: uploads run on a background
 thread, which does not see the task's Flyte context (a ``ContextVar``).
@@ -17,8 +19,11 @@ thread, which does not see the task's Flyte context (a ``ContextVar``).
 
 from __future__ import annotations
 
+import copy
+import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import flytekit
@@ -76,6 +81,57 @@ class FlyteCheckpointStore(PrefixCheckpointStore):
 
     def _delete(self, name: str) -> None:
         self._fs(self.dest).rm(f"{self.dest}/{name}", recursive=True)
+
+    def _copy_in(self, previous: "FlyteCheckpointStore", name: str, rels: list[str]) -> None:
+        """Store-side copies (an object store copies without the bytes passing through the pod)."""
+        fs = self._fs(self.dest)
+        same_fs = type(previous._fs(previous.dest)) is type(fs)
+        local = "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
+        for rel in rels:
+            src, dst = f"{previous.dest}/{name}/{rel}", f"{self.dest}/{name}/{rel}"
+            if not same_fs:  # two kinds of store: through this pod's disk
+                with tempfile.TemporaryDirectory(prefix="ckpt-carry-") as tmp:
+                    self.file_access.get_data(src, f"{tmp}/f")
+                    self.file_access.put_data(f"{tmp}/f", dst)
+            elif local:  # a local file appears whole (other nodes carry the same files at the same time)
+                fs.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+                part = f"{dst}.{os.getpid()}.part"
+                fs.copy(src, part)
+                os.replace(fs._strip_protocol(part), fs._strip_protocol(dst))
+            else:  # an object appears whole on its own
+                fs.copy(src, dst)
+
+    def previous(self) -> "FlyteCheckpointStore | None":
+        """The previous attempt's prefix as a store to read (None on a first attempt)."""
+        if not self.src:
+            return None
+        view = copy.copy(self)
+        view.dest, view.src = str(self.src).rstrip("/"), None
+        return view
+
+    def carry_forward(self) -> list[str]:
+        """Copy the previous attempt's newest complete checkpoint (and its best) into this attempt's prefix.
+
+        A failure to carry is reported and ignored: restore still reads the previous prefix
+        directly, so the carry only protects the attempt after this one.
+        """
+        previous = self.previous()
+        if previous is None:
+            return []
+        start = time.perf_counter()
+        try:
+            names = self.carry_from(previous)
+        except Exception as e:  # noqa: BLE001 - the carry is a safety net, not a step training needs
+            print(f"[train] could not carry the previous attempt's checkpoint from {previous.dest} into {self.dest} "
+                  f"({type(e).__name__}: {e}); this attempt still resumes from it", flush=True)
+            return []
+        if names:
+            print(f"[train] carried {', '.join(names)} from the previous attempt's checkpoint prefix {previous.dest} into "
+                  f"this attempt's {self.dest} in {time.perf_counter() - start:.1f}s, before loading anything: "
+                  f"a retry after this attempt resumes from it even if this attempt dies in start-up", flush=True)
+        else:
+            print(f"[train] the previous attempt left no complete checkpoint at {previous.dest}", flush=True)
+        return names
 
     def restore(self, dest_dir: Path) -> Path | None:
         """Download the previous attempt's prefix; None on a first attempt or when it saved nothing."""

@@ -15,7 +15,8 @@ the same copy inside the pod, so the PyTorchJob spec and torchrun's launch confi
 The copies are ``RecoverableElasticTask``s: flytekit classifies a failed launch by the first
 failed worker's marker file, which a rank killed by a signal never writes, and lets the
 launcher's own rendezvous errors escape unclassified; both would end the attempt as a
-non-retryable user error. See ``RecoverableElasticTask``.
+non-retryable user error. See ``RecoverableElasticTask``. Before launching, they carry the
+previous attempt's newest checkpoint into the attempt's own prefix (tasks/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from flytekit.core.tracker import TrackedInstance, extract_task_module
 from flytekit.exceptions.user import FlyteRecoverableException, FlyteUserRuntimeException
 from flytekitplugins.kfpytorch import Elastic
 from flytekitplugins.kfpytorch.task import PytorchElasticFunctionTask
+
+from tasks.checkpoint import FlyteCheckpointStore
 
 _FIELDS = ("nnodes", "nproc_per_node", "max_restarts")
 
@@ -95,6 +98,11 @@ class RecoverableElasticTask(PytorchElasticFunctionTask):
     """
 
     def execute(self, **kwargs) -> Any:
+        # The attempt's first act, before the rendezvous, the workers or any download: keep the resume
+        # chain whole should this attempt die in start-up (tasks/checkpoint.py ``carry_forward``).
+        store = FlyteCheckpointStore.current()
+        if store is not None:
+            store.carry_forward()
         try:
             return super().execute(**kwargs)
         except FlyteRecoverableException:

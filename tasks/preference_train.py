@@ -21,6 +21,7 @@ from llm_finetune.config import DataConfig, TrainConfig, TrainOps, deepspeed_con
 from llm_finetune.preference import REWARD_METRICS, train_dpo
 from llm_finetune.tracking import TrackedRun, tracking_html
 from tasks.checkpoint import FlyteCheckpointStore
+from tasks.elastic import recoverable_elastic
 from tasks.common import DEEPSPEED_DIR, WANDB_SECRET, publish_deck, recoverable, table_html
 from tasks.node_inputs import node_local_directory, node_local_frame
 from tasks.train import (
@@ -103,3 +104,7 @@ def dpo_elastic(
         },
     )
     return train_result(outputs, tracked_run_id)
+
+
+# a rank killed by a signal, or the launcher's rendezvous failing, is retried too (tasks/elastic.py)
+dpo_elastic = recoverable_elastic(dpo_elastic)

@@ -147,6 +147,19 @@ def test_a_hub_outage_is_retried(tmp_path):
 # reading from a flaky store or a peer would), on the first attempt only.
 FAULT = textwrap.dedent('''
     import os
+    if os.environ.get("TEST_DIE_IN_STARTUP"):
+        # rank 0 is killed as it starts to fetch the base model (a preemption during start-up)
+        import signal
+        from flytekit.types.directory import FlyteDirectory
+
+        _download = FlyteDirectory.download
+
+        def download(self):
+            if os.environ.get("RANK") == "0":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return _download(self)
+
+        FlyteDirectory.download = download
     if os.environ.get("TEST_FAULT_AT_STEP"):
         import llm_finetune.trainer as _trainer
 
@@ -178,7 +191,7 @@ def _weights(out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_a_transient_fault_mid_training_is_retried_and_the_retry_resumes(tmp_path, tokenizer):
+def test_a_transient_fault_mid_training_is_retried_and_the_retry_resumes_even_after_an_attempt_dies_in_start_up(tmp_path, tokenizer):
     from flytekit.types.directory import FlyteDirectory
     from flytekit.types.structured import StructuredDataset
 
@@ -214,10 +227,20 @@ def test_a_transient_fault_mid_training_is_retried_and_the_retry_resumes(tmp_pat
     assert "injected: connection reset by peer" in message or "Connection closed by peer" in message, message
     assert (tmp_path / "attempt0" / "checkpoint" / "checkpoint-4").is_dir()
 
-    # attempt 1: propeller hands it the failed attempt's checkpoint prefix
-    rc, log = _execute(train_elastic, inputs, tmp_path / "attempt1", prev_checkpoint=str(tmp_path / "attempt0" / "checkpoint"))
+    # attempt 1: propeller hands it the failed attempt's checkpoint prefix; it is killed in start-up
+    die_env = {**fault_env, "TEST_FAULT_AT_STEP": "", "TEST_DIE_IN_STARTUP": "1"}
+    _, log = _execute(train_elastic, inputs, tmp_path / "attempt1", env=die_env,
+                      prev_checkpoint=str(tmp_path / "attempt0" / "checkpoint"))
+    assert (tmp_path / "attempt1" / "out" / "error.pb").exists(), log[-4000:]
+    kind, message = _error_kind(tmp_path / "attempt1")
+    assert kind == "RECOVERABLE" and "killed by SIGKILL" in message, message
+    # it carried checkpoint-4 into its own prefix first, so ...
+    assert sorted(p.name for p in (tmp_path / "attempt1" / "checkpoint").iterdir()) == ["checkpoint-4"]
+
+    # attempt 2, given only attempt 1's prefix, resumes from attempt 0's checkpoint
+    rc, log = _execute(train_elastic, inputs, tmp_path / "attempt2", prev_checkpoint=str(tmp_path / "attempt1" / "checkpoint"))
     assert rc == 0, log[-4000:]
-    resumed = _weights(tmp_path / "attempt1")
+    resumed = _weights(tmp_path / "attempt2")
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == clean["steps"] == 12
     assert resumed["weights"].keys() == clean["weights"].keys()
     for name, w in clean["weights"].items():

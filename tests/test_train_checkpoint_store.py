@@ -53,6 +53,45 @@ def test_a_retried_attempt_restores_what_the_previous_attempt_saved(tmp_path):
     assert latest_complete_checkpoint(dest) == dest / "checkpoint-8"  # ... and the manifest still matches
 
 
+def test_an_attempt_carries_the_previous_newest_and_best_checkpoint_into_its_own_prefix(tmp_path, capsys):
+    """Attempt 1 saves 2, 4, 6 (best: 4) and a half-uploaded 8; attempt 2 carries 6 and 4 and dies;
+    attempt 3, given only attempt 2's prefix, still restores checkpoint-6 and its best."""
+    local = tmp_path / "attempt1" / "checkpoints"
+    attempt1 = FlyteCheckpointStore(SyncCheckpoint(checkpoint_dest=str(tmp_path / "remote-1")))
+    for step in (2, 4, 6):
+        attempt1.save(_checkpoint(local, step, best=4 if step >= 4 else None))
+    attempt1.save(_checkpoint(local, 8, complete=False))  # preempted mid-upload: no manifest
+
+    attempt2 = FlyteCheckpointStore(SyncCheckpoint(checkpoint_dest=str(tmp_path / "remote-2"),
+                                                   checkpoint_src=str(tmp_path / "remote-1")))
+    assert attempt2.carry_forward() == ["checkpoint-6", "checkpoint-4"]
+    assert "carried checkpoint-6, checkpoint-4 from the previous attempt" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "remote-2").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    assert attempt2.contains_complete("checkpoint-6") and attempt2.contains_complete("checkpoint-4")
+    assert not list((tmp_path / "remote-2").rglob("*.part"))
+    # a second carrier (another node of the same attempt) finds everything in place and copies nothing
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "remote-2").rglob("*") if p.is_file()}
+    assert attempt2.carry_forward() == ["checkpoint-6", "checkpoint-4"]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "remote-2").rglob("*") if p.is_file()} == before
+
+    # attempt 2 dies in start-up, before any save; attempt 3 reads attempt 2's prefix
+    attempt3 = FlyteCheckpointStore(SyncCheckpoint(checkpoint_dest=str(tmp_path / "remote-3"),
+                                                   checkpoint_src=str(tmp_path / "remote-2")))
+    dest = tmp_path / "attempt3" / "checkpoints"
+    dest.mkdir(parents=True)
+    assert attempt3.restore(dest) == dest
+    assert latest_complete_checkpoint(dest) == dest / "checkpoint-6"
+    assert (dest / "checkpoint-6" / "optimizer.pt").read_bytes() == b"x" * 6
+    assert (dest / "checkpoint-4").is_dir()  # the best checkpoint travelled with it
+
+    # nothing to carry: a first attempt, and a previous attempt that never completed a checkpoint
+    assert FlyteCheckpointStore(SyncCheckpoint(checkpoint_dest=str(tmp_path / "r"))).carry_forward() == []
+    (tmp_path / "remote-0").mkdir()
+    _checkpoint(tmp_path / "remote-0", 2, complete=False)
+    empty = FlyteCheckpointStore(SyncCheckpoint(checkpoint_dest=str(tmp_path / "r4"), checkpoint_src=str(tmp_path / "remote-0")))
+    assert empty.carry_forward() == [] and not (tmp_path / "r4").exists()
+
+
 @pytest.mark.parametrize("damage", ["no manifest", "truncated", "missing file", "one node missing"])
 def test_a_partial_or_corrupt_newest_checkpoint_is_skipped_with_a_warning(damage, tmp_path, caplog):
     root = tmp_path / "c"
