@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 VERSION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup test test-fast test-gpu run smoke dpo-smoke package register register-dry-run check-cluster bench bench-pipeline bench-gpu bench-gpu-8b gpu-bundle clean-cache
+.PHONY: setup test test-fast test-gpu run smoke dpo-smoke package register register-dry-run images-check check-cluster bench bench-pipeline bench-gpu bench-gpu-8b gpu-bundle clean-cache
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -54,8 +54,17 @@ package:
 # first if the registry lacks them. --copy all: tasks read deepspeed_configs/ and data files.
 PROJECT ?= flytesnacks
 DOMAIN ?= development
-register:
-	$(BIN)/pyflyte register --project $(PROJECT) --domain $(DOMAIN) --version $(VERSION) --copy all workflows
+# images-check first: without Docker flytekit would assume the images exist (images/preflight.py);
+# FLYTE_IMG_FAST_FAIL: with Docker, a registry it cannot query fails the build instead of being assumed
+# (not with IMAGES_PUSHED=1: without Docker flytekit can never query, and you said the images are there).
+register: images-check
+	FLYTE_IMG_FAST_FAIL=$(if $(filter 1,$(IMAGES_PUSHED)),0,1) $(BIN)/pyflyte register --project $(PROJECT) --domain $(DOMAIN) --version $(VERSION) --copy all workflows
+
+# Can this machine build and push the task images (Docker), or were they pushed (IMAGES_PUSHED=1)?
+# Otherwise writes their build contexts to build/images/ and says how to build them elsewhere.
+IMAGES_OUT ?= build/images
+images-check:
+	$(BIN)/python -m images.preflight --out $(IMAGES_OUT)
 
 # The same serialization, offline: nothing is uploaded or registered.
 register-dry-run:

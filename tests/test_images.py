@@ -117,3 +117,42 @@ def test_images_run_gguf_in_llama_cpp_and_carry_the_tracking_clients(spec, tmp_p
     assert skinny and "--no-deps" in skinny[0]
     assert _pins(skinny[0].split()[-1:]) == {"mlflow-skinny": LOCK["mlflow-skinny"]}
     assert "mlflow-skinny" in dockerfile
+
+
+# --- registering without Docker (images/preflight.py, make images-check / register) -------------
+
+def _make(target: str, tmp_path, **env):
+    import os
+    import subprocess
+
+    return subprocess.run(["make", "-s", "-C", str(ROOT), target, f"IMAGES_OUT={tmp_path / 'contexts'}"],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+
+
+def test_without_docker_register_stops_before_registering_and_leaves_the_build_contexts(tmp_path):
+    """flytekit, unable to look into the registry, would assume the images exist; make register must not."""
+    out = _make("register", tmp_path, DOCKER=str(tmp_path / "no-docker"), IMAGES_PUSHED="")
+    assert out.returncode != 0
+    assert "Cannot build the task images on this machine: no `" in out.stderr
+    assert "ImagePullBackOff" in out.stderr and "IMAGES_PUSHED=1 make register" in out.stderr
+    for name, spec in (("cpu", cpu_image), ("gpu", gpu_image)):
+        assert f"--tag {spec.image_name()} --push {tmp_path / 'contexts' / name}" in out.stderr
+        dockerfile = (tmp_path / "contexts" / name / "Dockerfile").read_text()
+        assert dockerfile.startswith("#syntax=docker/dockerfile")  # flytekit's own builder's context
+    assert "pyflyte" not in out.stdout + out.stderr.split("Cannot build")[0]  # nothing was registered
+
+
+def test_with_docker_or_images_pushed_the_check_passes(tmp_path):
+    # a stand-in for the Docker client (no daemon on this machine): answers `docker info` as a running one does
+    fake = tmp_path / "docker"
+    fake.write_text('#!/bin/sh\n[ "$1" = info ] && echo 27.3.1\n')
+    fake.chmod(0o755)
+    ok = _make("images-check", tmp_path, DOCKER=str(fake))
+    assert ok.returncode == 0 and "Docker answers" in ok.stdout and cpu_image.image_name() in ok.stdout, ok.stderr
+    pushed = _make("images-check", tmp_path, DOCKER=str(tmp_path / "no-docker"), IMAGES_PUSHED="1")
+    assert pushed.returncode == 0 and "IMAGES_PUSHED=1 says" in pushed.stdout and gpu_image.image_name() in pushed.stdout
+    broken = tmp_path / "docker-down"
+    broken.write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon at unix:///var/run/docker.sock' >&2; exit 1\n")
+    broken.chmod(0o755)
+    down = _make("images-check", tmp_path, DOCKER=str(broken), IMAGES_PUSHED="")
+    assert down.returncode != 0 and "Cannot connect to the Docker daemon" in down.stderr

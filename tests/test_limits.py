@@ -158,6 +158,49 @@ def test_the_pool_file_and_the_runbook_commands_agree():
         assert bool(p["gpu"]) == bool(p["gpus"]) == ("nvidia.com/gpu=present:NoSchedule" in p["taints"]), key
 
 
+def test_the_eks_autoscaler_node_templates_match_the_pools():
+    """An empty EKS group scales up only if its ASG tags carry the labels and taints its pods need."""
+    tags: dict[str, list[str]] = {}
+    for argv in _doc_commands("Scaling GPU pools from zero"):
+        if argv and argv[0] == "tag_asg" and len(argv) > 1:
+            tags[argv[1]] = [a.replace("$T/", "") for a in argv[2:]]
+    gpu_groups = {p["name"]: p for p in node_pools().values() if p["cloud"] == "eks" and p["gpu"]}
+    assert set(tags) == set(gpu_groups), (sorted(tags), sorted(gpu_groups))
+    for name, pool in gpu_groups.items():
+        labels = dict(t.removeprefix("label/").split("=", 1) for t in tags[name] if t.startswith("label/"))
+        taints = ["=".join(t.removeprefix("taint/").split("=", 1)) for t in tags[name] if t.startswith("taint/")]
+        assert labels == {k: str(v) for k, v in pool["labels"].items() if k in ("spot", "k8s.amazonaws.com/accelerator")}, name
+        assert sorted(taints) == sorted(pool["taints"]), name
+    # and the groups and the cluster are created with the autoscaler's IAM policy and discovery tags
+    eks = [argv for argv in _doc_commands("EKS") if argv[:3] in (["eksctl", "create", "cluster"], ["eksctl", "create", "nodegroup"])]
+    assert eks and all("asg-access" in _flags(argv) for argv in eks)
+
+
+def test_the_ingress_values_never_expose_flyte_without_sign_in_or_tls():
+    values = yaml.safe_load((ROOT / "deploy" / "flyte-binary-ingress-auth.yaml").read_text())
+    ingress, auth = values["ingress"], values["configuration"]["auth"]
+    assert ingress["create"] and auth["enabled"] and auth["oidc"]["baseUrl"].startswith("https://")
+    assert any(ingress["host"] in t["hosts"] for t in ingress["tls"])  # TLS for the host (gRPC needs HTTP/2)
+    assert ingress["grpcAnnotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    assert f"https://{ingress['host']}" in auth["authorizedUris"]
+    # secrets are passed with --set, never committed
+    assert not any([auth["oidc"]["clientSecret"], auth["internal"]["clientSecret"], auth["internal"]["clientSecretHash"]])
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    for key in ("oidc.clientSecret", "internal.clientSecret", "internal.clientSecretHash"):
+        assert f"--set configuration.auth.{key}=$" in doc, key
+
+
+def test_the_runbook_installs_flyte_against_the_database_it_creates():
+    """flyte-binary's default database host is 127.0.0.1: the install must point it at the one created."""
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    db = doc.split("### The control-plane database\n", 1)[1].split("\n### ", 1)[0]
+    assert "gcloud sql instances create" in db and "aws rds create-db-instance" in db
+    assert db.count("DB_HOST=$(") == 2  # one per cloud
+    install = re.sub(r"\\\n\s*", " ", doc).split("helm install flyte-backend", 1)[1].splitlines()[0]
+    for flag in ("configuration.database.host=$DB_HOST", 'configuration.database.password="$DB_PASSWORD"'):
+        assert flag in install, install
+
+
 def test_propeller_pod_from_the_values():
     """A GPU pod with an accelerator, interruptible: resource toleration, device selector, spot selector + toleration."""
     pod = build_pod("t", {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": 1}, VALUES, accelerator="nvidia-l4", interruptible=True)
