@@ -91,8 +91,15 @@ def push_to_hub(
     base: EvalReport,
     tuned: EvalReport,
     variants: list[VariantMetrics],
+    sft_model: Optional[FlyteDirectory] = None,  # SFT -> DPO: the first stage's model, which the DPO adapter was trained on
 ) -> list[str]:
-    """URLs of the pushed repos (merged model first); empty when ``hub.repo_id`` is empty (skipped)."""
+    """URLs of the pushed repos (merged model first); empty when ``hub.repo_id`` is empty (skipped).
+
+    After SFT -> DPO the adapter is the DPO adapter, trained on the merged SFT model, not on the
+    hub base: loaded on the base it would give base + DPO without the SFT. So the SFT model is
+    pushed as ``<repo>-sft`` and the adapter names that repo, at the commit just pushed, as its
+    base (in adapter_config.json and in the card's snippet). ``<repo>`` holds SFT + DPO merged.
+    """
     h = config.hub
     if not h.repo_id:
         print(NOT_PUBLISHING)
@@ -113,12 +120,25 @@ def push_to_hub(
 
     with fetched(model) as folder:
         push(folder, h.repo_id, model_card(h.repo_id, metrics=metrics, variant="merged model", **common))
+    adapter_base = dict(base_model=m.base_model, base_revision=m.revision)
+    if sft_model is not None:
+        name = f"{h.repo_id}-sft"
+        with fetched(sft_model) as folder:
+            r = push_folder(folder, name, card=model_card(
+                name, metrics=metrics, variant=f"SFT stage model (the base of the DPO adapter {h.repo_id}-lora; "
+                f"{h.repo_id} is SFT + DPO merged)", **common), **options)
+        print(f"[push_to_hub] {name}: {'new commit ' + r.commit[:10] if r.new_commit else 'unchanged (no new commit)'} {r.url}", flush=True)
+        urls.append(r.url)
+        adapter_base = dict(base_model=name, base_revision=r.commit)
     if adapter is not None:
         name = f"{h.repo_id}-lora"
         with fetched(adapter) as downloaded:
             # adapter_config.json names the base by hub id + revision, not the pod's temporary folder
-            folder = adapter_for_hub(downloaded, tempfile.mkdtemp(prefix="adapter-hub-"), m.base_model, m.revision)
-            push(folder, name, model_card(name, metrics=metrics, variant="LoRA adapter", relation="adapter", **common))
+            folder = adapter_for_hub(downloaded, tempfile.mkdtemp(prefix="adapter-hub-"), adapter_base["base_model"],
+                                     adapter_base["base_revision"])
+            kind = "DPO LoRA adapter on the SFT model" if sft_model is not None else "LoRA adapter"
+            push(folder, name, model_card(name, metrics=metrics, variant=kind, relation="adapter",
+                                          **{**common, **adapter_base}))
             shutil.rmtree(folder, ignore_errors=True)
     for q in quantized:
         name = variant_repo(h.repo_id, q.variant)

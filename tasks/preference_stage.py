@@ -31,6 +31,7 @@ StageOutputs = typing.NamedTuple(
         ("heldout", StructuredDataset),
         ("metrics", Optional[FlyteFile]),  # the DPO stage's train_summary.json; None when disabled
         ("tracked_run_id", str),  # the run the DPO stage streamed to ("" when disabled, untracked or cached)
+        ("sft_model", Optional[FlyteDirectory]),  # the first stage's model the DPO stage trained on; None when disabled
     ],
 )
 
@@ -53,7 +54,7 @@ def preference_stage(
     after the first stage's ``first_stage_steps``.
     """
     if not enabled:
-        return model, adapter, heldout, None, ""
+        return model, adapter, heldout, None, "", None
     print(f"[preference_stage] DPO ({preference_train.dpo.loss_type}, beta {preference_train.dpo.beta}) on "
           f"{preference_data.source}, starting from the first stage's model", flush=True)
     splits = get_data(data=preference_data, base_model=model, train=preference_train, train_ops=preference_train_ops)
@@ -63,4 +64,5 @@ def preference_stage(
         tracking=tracking.for_stage("dpo", first_stage_steps) if tracking and tracking.run_id else None,
         batch=splits.batch,
     )
-    return trained.model, trained.adapter, splits.test, trained.metrics, trained.tracked_run_id
+    # the DPO adapter is relative to ``model`` (the merged SFT model): push_to_hub publishes it as its base
+    return trained.model, trained.adapter, splits.test, trained.metrics, trained.tracked_run_id, model

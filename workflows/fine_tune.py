@@ -66,6 +66,7 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
             base=a.base,
             tuned=a.tuned,
             variants=a.variants,
+            sft_model=final.sft_model,  # SFT -> DPO: the DPO adapter's base, published beside it
         ))
         .else_()
         .then(no_hub_urls(urls=[]))
