@@ -55,9 +55,10 @@ def environment() -> dict:
     }
 
 
-def write_result(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, payload: dict, directory: Path | None = None) -> Path:
+    directory = Path(directory or RESULTS)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps({**environment(), **payload}, indent=2))
     return path
 

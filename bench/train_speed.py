@@ -4,6 +4,12 @@
     GPU (~1.1B Llama from config, seq 2048, bf16): python -m bench.train_speed --device cuda
     GPU, 8B-class LoRA (Llama-3-8B shape):       python -m bench.train_speed --device cuda --model 8b \
                                                      --methods lora --gradient-checkpointing
+    The GPU check's dry run on CPU (a tiny Llama from a config, as on the GPU; bench/gpu/check.sh):
+                                                 python -m bench.train_speed --device cpu --model tiny --out DIR
+
+Each row runs in its own process under ``--row-timeout``; a row that fails or times out is
+recorded with its error and the others still run. The results file is rewritten after every
+row (``--out`` DIR, else bench/results/), so a lease that ends mid-run keeps what finished.
 
 Both rows use the HF Trainer on the same examples. Ours packs examples into
 ``max_length`` rows with a block-diagonal causal mask (no cross-example attention or
@@ -40,12 +46,29 @@ GPU_MODELS = {  # Llama-architecture shapes, randomly initialised on the GPU: no
     "8b": ("Llama ~8B (Llama-3-8B shape, random init)", dict(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)),
+    # the dry run's model: the GPU rows' code path (built from a config, synthetic rows) in seconds on a CPU
+    "tiny": ("Llama tiny (random init, dry run)", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=4096, max_position_embeddings=512)),
 }
+DEFAULT_MODEL = {"cuda": "1b", "cpu": "embedded"}
 # per-model defaults on CUDA: the 8B-class LoRA row (issue 14: fits in 80 GB?) with activation checkpointing
 GPU_DEFAULTS = {
     "1b": dict(steps=20, warmup=5, batch_size=16, max_length=2048, rows=4000),
     "8b": dict(steps=10, warmup=3, batch_size=8, max_length=2048, rows=2000),
+    "tiny": dict(steps=2, warmup=1, batch_size=4, max_length=128, rows=64),
 }
+CPU_DEFAULTS = dict(steps=6, warmup=2, batch_size=8, max_length=512, rows=600)  # the embedded model on CPU
+
+
+def bench_tokenizer():
+    """A tokenizer for trainers that need one (TRL's SFTTrainer) when the model is built from a config
+    and has no name to load one from: the GPU bundle's copy (LLM_FINETUNE_TEST_TOKENIZER), else the
+    embedded model's."""
+    from llm_finetune.model import load_tokenizer
+
+    path = os.environ.get("LLM_FINETUNE_TEST_TOKENIZER") or str(embedded_model_dir())
+    return load_tokenizer(path)
 
 
 # ---------------------------------------------------------------- data
@@ -90,12 +113,13 @@ def run_one(a: argparse.Namespace) -> dict:
     cuda = a.device == "cuda"
     ours, trl = a.path == "ours", a.path == "trl_best"
     torch.manual_seed(0)
-    if cuda:
+    if a.model in GPU_MODELS:  # built from a config (no weights to download), synthetic rows
         model_name, shape = GPU_MODELS[a.model]
         examples = synthetic_examples(a.rows, a.max_length, shape["vocab_size"])
-        impl = "flex_attention" if ours else "sdpa"
-        with torch.device("cuda"):  # initialised on the GPU: seconds, not minutes of CPU init for 8B
-            model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), attn_implementation=impl, dtype=torch.bfloat16)
+        impl = "flex_attention" if (ours and cuda) else "sdpa"
+        with torch.device(a.device):  # initialised on the GPU: seconds, not minutes of CPU init for 8B
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), attn_implementation=impl,
+                                                     dtype=torch.bfloat16 if cuda else torch.float32)
     else:
         examples, model_dir = cpu_examples(a.rows, a.max_length)
         impl = "sdpa"
@@ -179,7 +203,9 @@ def run_one(a: argparse.Namespace) -> dict:
         if trl:
             args = SFTConfig(**common, packing=True, packing_strategy="bfd", padding_free=True,
                              completion_only_loss=True, max_length=a.max_length)
-            trainer = Counting(model=model, args=args, train_dataset=data, peft_config=lora, callbacks=[Clock()])
+            # the tokenizer explicitly: a model built from a config has no name to load one from ("")
+            trainer = Counting(model=model, args=args, train_dataset=data, peft_config=lora, callbacks=[Clock()],
+                               processing_class=bench_tokenizer())
             if lora is not None:
                 n_lora = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
                 flops_per_token = 4 * n_params + 6 * n_lora
@@ -230,10 +256,51 @@ def run_one(a: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------- driver
+def _row(a: argparse.Namespace, method: str, path: str, defaults: dict) -> dict:
+    """One (method, path) in its own process; its figures, or its error (a failed or timed-out row)."""
+    cmd = [sys.executable, "-m", "bench.train_speed", "--one", method, path, "--device", a.device, "--model", a.model]
+    for k in defaults:
+        cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+    if a.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
+    if a.profile and path in a.profile_systems.split(","):
+        cmd.append("--profile")
+    print(f"running {method} / {path}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=a.row_timeout)
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr or b"")[-2000:]
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        return {"method": method, "path": path, "error": f"timed out after {a.row_timeout}s", "stderr_tail": tail,
+                "wall_s": round(time.perf_counter() - t0, 1)}
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    wall = round(time.perf_counter() - t0, 1)
+    if line is None:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"  FAILED ({wall}s): {last}", flush=True)
+        return {"method": method, "path": path, "error": last, "stderr_tail": proc.stderr[-4000:], "wall_s": wall}
+    row = {**json.loads(line[len("RESULT "):]), "wall_s": wall}
+    print(f"  {row['trained_tok_s']:,.1f} trained tokens/s, peak {row['peak_mem_gib']:.2f} GiB ({wall}s)", flush=True)
+    return row
+
+
+def _compare(rows: list[dict]) -> None:
+    """x_<peer>: trained tokens/s against each peer row of the same method, from this one run."""
+    ok = [r for r in rows if "error" not in r]
+    for method in {r["method"] for r in ok}:
+        by = {r["path"]: r for r in ok if r["method"] == method}
+        for r in by.values():
+            for ref in ("hf_padded", "trl_best"):
+                if ref in by and r["path"] != ref:
+                    r[f"x_{ref}"] = r["trained_tok_s"] / by[ref]["trained_tok_s"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--model", choices=sorted(GPU_MODELS), default="1b", help="CUDA only: the model shape")
+    ap.add_argument("--model", choices=[*sorted(GPU_MODELS), "embedded"], default=None,
+                    help="cuda: 1b (default) or 8b; cpu: embedded (default) or tiny (the GPU check's dry run)")
     ap.add_argument("--methods", default="lora,full")
     ap.add_argument("--steps", type=int, default=None, help="measured steps (after warm-up)")
     ap.add_argument("--warmup", type=int, default=None)
@@ -241,13 +308,18 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=None)
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--systems", default="hf_padded,trl_best,ours", help="hf_padded, trl_best, ours")
+    ap.add_argument("--systems", default="ours,trl_best,hf_padded", help="in run order: ours, trl_best, hf_padded")
+    ap.add_argument("--row-timeout", type=int, default=240, help="seconds one row may take before it is recorded as failed")
+    ap.add_argument("--out", default=None, help="directory for the results (default bench/results)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of the --profile-systems rows")
     ap.add_argument("--profile-systems", default="ours")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     cuda = a.device == "cuda"
-    defaults = GPU_DEFAULTS[a.model] if cuda else dict(steps=6, warmup=2, batch_size=8, max_length=512, rows=600)
+    a.model = a.model or DEFAULT_MODEL[a.device]
+    if a.model == "embedded" and cuda:
+        ap.error("--model embedded is the CPU benchmark; on cuda use 1b, 8b or tiny")
+    defaults = GPU_DEFAULTS[a.model] if a.model in GPU_DEFAULTS else CPU_DEFAULTS
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -256,50 +328,46 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(a)), flush=True)
         return
 
-    systems = a.systems.split(",")
-    rows = []
+    suffix = f"-{a.model}" if a.model != DEFAULT_MODEL[a.device] else ""
+    name = f"train_speed-{a.device}{suffix}"
+    directory = Path(a.out) if a.out else RESULTS
+    rows: list[dict] = []
+    path = None
     for method in a.methods.split(","):
-        for path in systems:
-            cmd = [sys.executable, "-m", "bench.train_speed", "--one", method, path, "--device", a.device, "--model", a.model]
-            for k in defaults:
-                cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
-            if a.gradient_checkpointing:
-                cmd.append("--gradient-checkpointing")
-            if a.profile and path in a.profile_systems.split(","):
-                cmd.append("--profile")
-            print("running", method, path, flush=True)
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{method}/{path} failed:\n{proc.stderr[-4000:]}")
-            rows.append({**json.loads(line[len("RESULT "):]), "wall_s": round(time.perf_counter() - t0, 1)})
-    for method in a.methods.split(","):
-        by = {r["path"]: r for r in rows if r["method"] == method}
-        for r in by.values():
-            for ref in ("hf_padded", "trl_best"):
-                if ref in by and r["path"] != ref:
-                    r[f"x_{ref}"] = r["trained_tok_s"] / by[ref]["trained_tok_s"]
+        for system in a.systems.split(","):
+            rows.append(_row(a, method, system, defaults))
+            _compare(rows)
+            # after every row: a lease that ends, or a row that dies, keeps what finished
+            path = write_result(name, {"args": {k: getattr(a, k) for k in defaults}, "model": a.model, "rows": rows,
+                                       "complete": False}, directory)
+    path = write_result(name, {"args": {k: getattr(a, k) for k in defaults}, "model": a.model, "rows": rows,
+                               "complete": True}, directory)
+    ok = [r for r in rows if "error" not in r]
     cols = ["method", "path", "rows_per_step", "step_s", "trained_tok_s", "real_tok_s", "padding_share",
             "peak_mem_gib", "model_tflop_s", "mfu", "x_hf_padded", "x_trl_best", "wall_s"]
-    print(f"\n{rows[0]['model']}, max_length {a.max_length}, {a.steps} measured steps after {a.warmup} warm-up")
-    print_table(rows, cols)
+    if ok:
+        print(f"\n{ok[0]['model']}, max_length {a.max_length}, {a.steps} measured steps after {a.warmup} warm-up")
+        print_table(ok, cols)
     for r in rows:
         if r.get("profile"):
             print(f"\nprofile: {r['method']} / {r['path']}\n{r['profile']}")
-    suffix = f"-{a.model}" if cuda and a.model != "1b" else ""
-    path = write_result(f"train_speed-{a.device}{suffix}", {"args": {k: getattr(a, k) for k in defaults}, "rows": rows})
+        if "error" in r:
+            print(f"\nFAILED {r['method']} / {r['path']}: {r['error']}\n{r['stderr_tail'][-1500:]}")
     print(f"wrote {path}")
-    peers = {  # the issue's side-by-side format, all rows from this one run
-        "machine": device_name() if a.device == "cuda" else f"{device_name()}, {_mem_gib()} GiB RAM",
-        "versions": rows[0]["versions"],
-        "rows": [{"method": r["method"], "system": r["path"], "trained_tokens_per_s": round(r["trained_tok_s"], 2),
-                  "peak_rss_mb" if a.device == "cpu" else "peak_gpu_mem_mb": round(r["peak_mem_gib"] * 1024, 1)}
-                 for r in rows],
-    }
-    out = RESULTS / f"{a.device}_peers{suffix}.json"
-    out.write_text(json.dumps(peers, indent=2) + "\n")
-    print(f"wrote {out}")
+    if ok:
+        peers = {  # the issue's side-by-side format, all rows from this one run
+            "machine": device_name() if cuda else f"{device_name()}, {_mem_gib()} GiB RAM",
+            "model": ok[0]["model"],
+            "versions": ok[0]["versions"],
+            "rows": [{"method": r["method"], "system": r["path"], "trained_tokens_per_s": round(r["trained_tok_s"], 2),
+                      "peak_rss_mb" if not cuda else "peak_gpu_mem_mb": round(r["peak_mem_gib"] * 1024, 1)}
+                     for r in ok],
+        }
+        out = directory / f"{a.device}_peers{suffix}.json"
+        out.write_text(json.dumps(peers, indent=2) + "\n")
+        print(f"wrote {out}")
+    if len(ok) < len(rows):
+        sys.exit(f"{len(rows) - len(ok)} of {len(rows)} rows failed (recorded in {path})")
 
 
 def _mem_gib() -> int:

@@ -19,6 +19,17 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny"), tokenizer, max_position_embeddings=1024)
 
 
+# LoRA / QLoRA: a wider tiny Llama built from a config (head_dim 64, as real models have), so the tests need
+# only the tokenizer that the GPU bundle carries, never the embedded model's weights (which do not travel)
+LORA_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def lora_model_dir(tmp_path_factory, tokenizer):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-lora"), tokenizer, **LORA_SHAPE)
+
+
 @pytest.fixture(scope="module")
 def packed():
     return DataConfig(packing=True, max_length=256)
@@ -38,12 +49,14 @@ def test_gpu_packed_training_lowers_loss_and_saves_loadable_model(method, precis
     from llm_finetune.train import attention_implementation
 
     assert attention_implementation(True) == "flex_attention"
-    model_dir = request.getfixturevalue("base_model_dir" if method != "full" else "tiny_model_dir")
+    model_dir = request.getfixturevalue("lora_model_dir" if method != "full" else "tiny_model_dir")
     cfg = TrainConfig(method=method, precision=precision, max_steps=12, per_device_batch_size=2, logging_steps=1,
-                      warmup_ratio=0.0, learning_rate=1e-3 if method != "full" else 3e-3)
+                      warmup_ratio=0.0, learning_rate=3e-3)
     out = train(model_dir, packed_rows, packed, cfg, tmp_path)
     s = out.summary
-    assert s.steps == 12 and s.final_loss < 0.8 * s.first_loss, s.log_history
+    # from random weights: full fine-tuning falls below 0.8x its first loss in 12 steps, LoRA on the wider
+    # model to about 0.85x (measured on CPU in fp32: 10.81 -> 9.13)
+    assert s.steps == 12 and s.final_loss < (0.8 if method == "full" else 0.9) * s.first_loss, s.log_history
     model = AutoModelForCausalLM.from_pretrained(out.model_dir)
     assert not any("lora" in k for k in model.state_dict())
 

@@ -195,11 +195,17 @@ def test_packing_efficiency_counts_real_tokens():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU path: flex attention training needs CUDA")
-def test_gpu_flex_attention_packed_equals_per_example(base_model_dir, tokenizer):
+def test_gpu_flex_attention_packed_equals_per_example(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from tests.tiny import save_tiny_llama
+
+    # built from a config (head_dim 64), so only the tokenizer has to travel to the GPU machine
+    model_dir = save_tiny_llama(tmp_path / "tiny", tokenizer, hidden_size=256, intermediate_size=512,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                max_position_embeddings=512)
     model = AutoModelForCausalLM.from_pretrained(
-        base_model_dir, dtype=torch.float32, attn_implementation="flex_attention"
+        model_dir, dtype=torch.float32, attn_implementation="flex_attention"
     ).cuda()
     examples = _examples(tokenizer, 10)
     ref_logits, ref_loss = _per_example(model, [{**e} for e in examples])

@@ -1,19 +1,53 @@
 #!/usr/bin/env bash
-# On a lent GPU machine (device tool, `carry: [".gpu"]`, after bench/gpu/bundle.sh here): the CUDA-only tests,
-# then the GPU benchmark; logs and results go to $OUT. One call, about 10 minutes.
-#   run: bash bench/gpu/check.sh        (timeout_s 540; the 8B LoRA row: GPU_CHECK_8B=1)
+# The GPU check: the training benchmark (ours, TRL's best packing, HF padded; LoRA and full) and the
+# CUDA-only tests, on a lent GPU machine, in one call that fits the lease.
+#   on the device (device tool, carry [".gpu"], after `make gpu-bundle` here; timeout_s 540):
+#       bash bench/gpu/check.sh
+#   dry run on a CPU (CI runs it: tests/test_gpu_check.py), the same steps on a tiny Llama built from a config:
+#       GPU_CHECK_DRY=1 OUT=/tmp/gpu-dry bash bench/gpu/check.sh
+# Every step has its own time limit and writes its results as it finishes (the benchmark: after every row),
+# so a lease that ends early still returns what was measured. Plain python (no make: the device may lack it).
+# The 8B-class LoRA row: GPU_CHECK_8B=1 (about 3 more minutes).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/gpu-out}"; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python3 -m pip install -q --no-index --no-deps .gpu/wheels/*.whl 2>&1 | tail -3
-python3 -c "import torch, transformers, peft, trl, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'bnb', bitsandbytes.__version__)" | tee -a "$OUT/device.txt"
-export LLM_FINETUNE_TEST_TOKENIZER="$PWD/.gpu/tokenizer" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-# make test-gpu's selection (-m gpu), on the two files that hold it: collecting every test module would
-# import flytekit, deepspeed and llama.cpp, which the device lacks
-python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA GPU')" &&
-  timeout 240 python3 -m pytest -v -m gpu tests/test_gpu.py tests/test_packing.py 2>&1 | tee "$OUT/test-gpu.log" | tail -25
-timeout 300 make bench-gpu PYTHON=python3 2>&1 | tee "$OUT/bench-gpu.log" | tail -15
-if [ -n "${GPU_CHECK_8B:-}" ]; then timeout 300 make bench-gpu-8b PYTHON=python3 2>&1 | tee "$OUT/bench-gpu-8b.log" | tail -8; fi
-cp bench/results/*cuda*.json "$OUT/" 2>/dev/null || true
+PY="${PYTHON:-python3}"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+status=0
+step() {  # name, seconds, command...: runs it under a time limit, logs to $OUT/<name>.log, records its exit code
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; local rc=$?
+  echo "$name rc=$rc ${SECONDS}-${t0}s" | awk '{split($3,a,"-"); printf "%s %s %ds\n", $1, $2, a[1]-a[2]}' | tee -a "$OUT/steps.txt"
+  tail -12 "$OUT/$name.log"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+if [ -n "${GPU_CHECK_DRY:-}" ]; then
+  echo "dry run on CPU: $(nproc) cores" | tee "$OUT/device.txt"
+  DEVICE=cpu; MODEL=tiny; ROW_TIMEOUT=120
+  PY="${PYTHON:-.venv/bin/python}"
+else
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+  "$PY" -m pip install -q --no-index --no-deps .gpu/wheels/*.whl 2>&1 | tail -3
+  export LLM_FINETUNE_TEST_TOKENIZER="$PWD/.gpu/tokenizer"
+  DEVICE=cuda; MODEL=1b; ROW_TIMEOUT=100
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA GPU')" || exit 1
+fi
+"$PY" -c "import torch, transformers, peft, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__)" | tee -a "$OUT/device.txt"
+
+# 1. the numbers first: each row in its own process under ROW_TIMEOUT, the JSON rewritten after every row
+step bench 420 "$PY" -m bench.train_speed --device "$DEVICE" --model "$MODEL" --row-timeout "$ROW_TIMEOUT" --out "$OUT"
+# 2. the CUDA-only tests (-m gpu) of the two files that hold them (collecting every module would import
+#    flytekit, deepspeed and llama.cpp, which the device lacks); on CPU: that they collect
+if [ "$DEVICE" = cuda ]; then
+  step test-gpu 150 "$PY" -m pytest -v -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_packing.py
+else
+  step test-gpu 120 "$PY" -m pytest -q --collect-only -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_packing.py
+fi
+if [ -n "${GPU_CHECK_8B:-}" ] && [ "$DEVICE" = cuda ]; then
+  step bench-8b 240 "$PY" -m bench.train_speed --device cuda --model 8b --methods lora --gradient-checkpointing \
+    --row-timeout 150 --out "$OUT"
+fi
 ls -la "$OUT"
+exit $status

@@ -1,0 +1,49 @@
+"""The GPU check (bench/gpu/check.sh) proven on CPU before a lease: its dry run takes the same steps
+on a tiny Llama built from a config, as the GPU rows build theirs, and must return every row's figures.
+
+A lease is 15 minutes, start-up included, so the script must work on its first call: the TRL row
+once crashed on models built from a config (no tokenizer to load), and results were written once,
+at the end, so one failing row lost them all.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_the_dry_run_returns_every_row_of_the_benchmark_and_collects_the_gpu_tests(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_CHECK_DRY": "1", "OUT": str(out), "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu" / "check.sh")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    result = json.loads((out / "train_speed-cpu-tiny.json").read_text())
+    assert result["complete"] and result["model"] == "tiny"
+    rows = {(r["method"], r["path"]): r for r in result["rows"]}
+    assert set(rows) == {(m, s) for m in ("lora", "full") for s in ("ours", "trl_best", "hf_padded")}
+    for key, r in rows.items():
+        assert "error" not in r, (key, r.get("error"), r.get("stderr_tail", "")[-2000:])
+        assert r["model"].startswith("Llama tiny") and r["trained_tok_s"] > 0 and r["peak_mem_gib"] > 0, key
+    assert rows[("lora", "ours")]["x_trl_best"] > 0 and rows[("full", "trl_best")]["x_hf_padded"] > 0
+    peers = json.loads((out / "cpu_peers-tiny.json").read_text())
+    assert {r["system"] for r in peers["rows"]} == {"ours", "trl_best", "hf_padded"}
+    steps = (out / "steps.txt").read_text().splitlines()
+    assert [s.split()[:2] for s in steps] == [["bench", "rc=0"], ["test-gpu", "rc=0"]]
+    assert "5/" in (out / "test-gpu.log").read_text() or "collected" in (out / "test-gpu.log").read_text()
+
+
+def test_a_failing_row_is_recorded_and_the_results_are_still_written(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "bench.train_speed", "--device", "cpu", "--model", "tiny",
+                          "--methods", "lora", "--systems", "ours,hf_padded", "--row-timeout", "1", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "2 of 2 rows failed" in run.stderr
+    result = json.loads((tmp_path / "train_speed-cpu-tiny.json").read_text())
+    assert result["complete"] and [r["path"] for r in result["rows"]] == ["ours", "hf_padded"]
+    assert all(r["error"] == "timed out after 1s" for r in result["rows"])
