@@ -52,6 +52,7 @@ from llm_finetune.train import (
     _shared_output_dir,
     _training_deepspeed_config,
     _use_bf16,
+    _use_fp16,
     _world_size,
     _zero_stage,
     save_outputs,
@@ -194,7 +195,7 @@ def train_dpo(
     _check_hardware(wcfg)
     base_model_dir = Path(base_model_dir)
     bf16 = _use_bf16(wcfg)
-    _check_memory(base_model_dir, wcfg, bf16, deepspeed_config)
+    _check_memory(base_model_dir, wcfg, bf16 or _use_fp16(wcfg), deepspeed_config)  # half-precision weights
     _init_distributed(cfg.collective_timeout_s, deepspeed=bool(deepspeed_config))
     output_dir = _shared_output_dir(output_dir)
     checkpoints_dir = output_dir / "checkpoints"
@@ -234,7 +235,7 @@ def train_dpo(
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=bf16,
-        fp16=cfg.precision == "fp16",
+        fp16=_use_fp16(cfg),
         gradient_checkpointing=cfg.gradient_checkpointing,  # TRL's default is on; ours follows the config
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         use_cpu=on_cpu,

@@ -114,24 +114,50 @@ def sample_prompts(tokenizer, frame: pd.DataFrame, data_cfg: DataConfig, n: int)
     return out
 
 
+# Ampere (8.0) and newer: native bf16, and the Triton kernels flex attention compiles to. Older cards
+# (T4 7.5, V100 7.0) report bf16 as supported through emulation (slow) and cannot run flex attention.
+NATIVE_BF16_CAPABILITY = (8, 0)
+
+
+def gpu_capability() -> tuple[int, int] | None:
+    """This process's GPU compute capability (major, minor); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(_local_rank()))
+
+
 def attention_implementation(packed: bool) -> str:
-    """Flex attention skips the masked blocks of packed rows on GPU; SDPA elsewhere.
+    """Flex attention skips the masked blocks of packed rows on Ampere and newer GPUs; SDPA elsewhere.
 
     Never flex on CPU: it has no backward there, and torch's compiled CPU forward is wrong on AVX2 CPUs
-    for key lengths of 8 mod 16 (packing.CPU_FLEX_LENGTH_MULTIPLE; bench/NOTES.md).
+    for key lengths of 8 mod 16 (packing.CPU_FLEX_LENGTH_MULTIPLE; bench/NOTES.md). Nor on GPUs older
+    than compute capability 8.0, where its kernels do not run: there packed rows go through SDPA with
+    the mask transformers builds from the restarted position ids (packing.py).
     """
-    if packed and torch.cuda.is_available():
+    cap = gpu_capability()
+    if packed and cap is not None and cap >= NATIVE_BF16_CAPABILITY:
         return "flex_attention"
     return "sdpa"
 
 
-
-
 def _use_bf16(cfg: TrainConfig) -> bool:
+    """bf16 mixed precision: asked for, or ``auto`` on a GPU with native bf16 (not ``is_bf16_supported``,
+    which is also true where bf16 is only emulated)."""
     if cfg.precision == "bf16":
         return True
     if cfg.precision == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        cap = gpu_capability()
+        return cap is not None and cap >= NATIVE_BF16_CAPABILITY
+    return False
+
+
+def _use_fp16(cfg: TrainConfig) -> bool:
+    """fp16 mixed precision with loss scaling: asked for, or ``auto`` on a GPU without native bf16 (T4, V100)."""
+    if cfg.precision == "fp16":
+        return True
+    if cfg.precision == "auto":
+        cap = gpu_capability()
+        return cap is not None and cap < NATIVE_BF16_CAPABILITY
     return False
 
 
@@ -140,12 +166,20 @@ def _check_hardware(cfg: TrainConfig) -> None:
         raise ConfigError(["train.method: qlora needs a CUDA GPU, and this process sees none; use lora on CPU"])
     if cfg.precision in ("bf16", "fp16") and not torch.cuda.is_available():
         raise ConfigError([f"train.precision: {cfg.precision} needs a CUDA GPU, and this process sees none"])
+    cap = gpu_capability()
+    if cfg.precision == "bf16" and cap is not None and cap < NATIVE_BF16_CAPABILITY:
+        name = torch.cuda.get_device_name(_local_rank())
+        raise ConfigError([f"train.precision: bf16 on {name} (compute capability {cap[0]}.{cap[1]}) is emulated: slower "
+                           f"than fp32 and no memory saved; use auto (fp16 with loss scaling on this GPU) or fp16"])
 
 
 def _load_model(model_dir: Path, cfg: TrainConfig, bf16: bool, attn_implementation: str = "sdpa"):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = torch.bfloat16 if (bf16 and cfg.method != "full") else torch.float32
+    # the frozen base of LoRA in the half precision training uses (PEFT keeps the adapters in fp32);
+    # full fine-tuning keeps fp32 master weights under autocast
+    half = torch.bfloat16 if bf16 else torch.float16 if _use_fp16(cfg) else None
+    dtype = half if (half is not None and cfg.method != "full") else torch.float32
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
     if cfg.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -336,7 +370,7 @@ def train(
 
     _check_hardware(cfg)
     base_model_dir = Path(base_model_dir)
-    _check_memory(base_model_dir, cfg, _use_bf16(cfg), deepspeed_config)
+    _check_memory(base_model_dir, cfg, _use_bf16(cfg) or _use_fp16(cfg), deepspeed_config)  # half-precision weights
     _init_distributed(cfg.collective_timeout_s, deepspeed=bool(deepspeed_config))
     output_dir = _shared_output_dir(output_dir)
     checkpoints_dir = output_dir / "checkpoints"
@@ -377,7 +411,7 @@ def train(
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=bf16,
-        fp16=cfg.precision == "fp16",
+        fp16=_use_fp16(cfg),
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         use_cpu=on_cpu,
