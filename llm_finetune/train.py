@@ -181,6 +181,10 @@ def _load_model(model_dir: Path, cfg: TrainConfig, bf16: bool, attn_implementati
     half = torch.bfloat16 if bf16 else torch.float16 if _use_fp16(cfg) else None
     dtype = half if (half is not None and cfg.method != "full") else torch.float32
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
+    if attn_implementation == "flex_attention":  # q, k, v of one dtype under autocast (attention.py)
+        from llm_finetune.attention import register
+
+        register()
     if cfg.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
