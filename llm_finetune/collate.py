@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from llm_finetune.packing import IGNORE_INDEX, document_ids, flex_block_mask, position_ids
+from llm_finetune.packing import IGNORE_INDEX, document_ids, position_ids
 
-# Attention implementations that isolate packed examples. sdpa/eager: transformers 5 builds
-# the block-diagonal causal mask itself from ``position_ids`` when no attention mask and no
-# cache are passed (masking_utils.find_packed_sequence_indices). flex_attention: we pass a
-# BlockMask built from the document ids (the GPU path; see docs/training.md).
+# Attention implementations that isolate packed examples: transformers 5 builds the
+# block-diagonal causal mask itself from ``position_ids`` when no attention mask and no
+# cache are passed (masking_utils.find_packed_sequence_indices), a BlockMask for flex
+# attention, with each layer's own mask function (sliding windows included).
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
@@ -77,15 +77,16 @@ def attention_implementation(model) -> str:
 
 
 def model_inputs(model, batch: dict) -> dict:
-    """Replace ``document_ids`` by what this model's attention needs to keep packed examples apart.
+    """Drop ``document_ids`` and let the model build the packed mask from the restarted ``position_ids``.
 
-    ``use_cache=False`` always: with a cache, transformers skips the packed-sequence detection
-    and SDPA would attend across examples.
+    No attention mask, and ``use_cache=False`` always: with a mask or a cache, transformers skips
+    the packed-sequence detection and attention would cross examples. An own flex ``BlockMask``
+    would replace the model's mask functions and drop sliding windows.
     """
     if "document_ids" not in batch:
         return batch
     batch = dict(batch)
-    docs = batch.pop("document_ids")
+    batch.pop("document_ids")
     impl = attention_implementation(model)
     if impl not in PACKED_ATTENTION:
         raise ValueError(
@@ -93,6 +94,4 @@ def model_inputs(model, batch: dict) -> dict:
             "set data.packing: false or load the model with one of those"
         )
     batch["use_cache"] = False
-    if impl == "flex_attention":
-        batch["attention_mask"] = flex_block_mask(docs.to(batch["input_ids"].device))
     return batch

@@ -5,10 +5,13 @@ instruction data. Packing fills rows with whole examples instead (best-fit decre
 so rows are nearly full), and keeps the examples independent:
 
 - attention: a block-diagonal causal mask, so a token sees only earlier tokens of its
-  own example. SDPA/eager: transformers 5 builds it from the restarted ``position_ids``
-  when the forward gets no attention mask and ``use_cache=False`` (with a cache it does
-  not, and examples leak into each other); flex attention gets a ``BlockMask`` built
-  from the document ids (``flex_block_mask``). ``collate.model_inputs`` picks;
+  own example. transformers 5 builds it from the restarted ``position_ids`` when the
+  forward gets no attention mask and ``use_cache=False`` (with a cache it does not, and
+  examples leak into each other), for SDPA and eager as a dense mask and for flex
+  attention as a ``BlockMask`` whose empty blocks are skipped. Built by the model's own
+  mask functions, it keeps what each layer adds: sliding windows (Mistral, Gemma-2/3's
+  local layers) stay in force inside a packed row (``tests/test_packing.py`` checks
+  Mistral and Gemma-2 against the examples run alone); ``collate.model_inputs`` sets it up;
 - positions: ``position_ids`` restart at 0 for every example, as if it were alone;
 - loss: the first token of every example gets label -100, so the last token of the
   previous example is never trained to predict it.
@@ -131,21 +134,3 @@ def position_ids(seq_lens: list[list[int]], width: int) -> torch.Tensor:
 # are multiples of 16 leave no tail; CPU callers of flex pad to this (padding after a causal example,
 # or a packed row's padding document, cannot change the real tokens' logits).
 CPU_FLEX_LENGTH_MULTIPLE = 16
-
-
-def flex_block_mask(doc_ids: torch.Tensor):
-    """The block-diagonal causal pattern as a flex-attention ``BlockMask``.
-
-    Flex attention skips fully masked blocks, so packed rows cost about what the examples
-    would cost alone; this is the GPU path (flex has no backward on CPU, and its compiled CPU
-    forward needs widths that are multiples of ``CPU_FLEX_LENGTH_MULTIPLE`` on AVX2).
-    """
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    docs = doc_ids
-
-    def same_doc_causal(b, h, q, k):
-        return (docs[b, q] == docs[b, k]) & (q >= k)
-
-    B, L = doc_ids.shape
-    return create_block_mask(same_doc_causal, B, None, L, L, device=doc_ids.device)
