@@ -13,12 +13,13 @@ row (``--out`` DIR, else bench/results/), so a lease that ends mid-run keeps wha
 
 Both rows use the HF Trainer on the same examples. Ours packs examples into
 ``max_length`` rows with a block-diagonal causal mask (no cross-example attention or
-loss), uses flex attention on GPU (skips masked blocks), fused AdamW and torch.compile
-on GPU. Each (method, path) runs in its own process so peak memory is its own.
+loss), uses flex attention on GPU (skips masked blocks) and torch.compile on GPU. Every
+row uses fused AdamW on GPU, so the optimizer is not what differs. Each (method, path) runs in its own process so peak memory is its own.
 
 Figures per row: trained tokens/s (labels that carry loss), real tokens/s (non-padding),
 step time, peak memory, model FLOP/s and MFU. FLOPs per real token: full fine-tuning
-6N (N = all parameters; attention's L^2 term left out, as in the usual 6N estimate);
+6N (N = the parameters in matmuls: all but the input embedding, which is a lookup unless
+tied to the LM head; attention's L^2 term left out, as in the usual 6N estimate);
 LoRA 4N + 6N_lora (forward 2N and activation gradients 2N through the frozen weights,
 weight gradients only for the adapters). MFU needs a peak figure: H100 SXM bf16 dense
 989 TFLOP/s, H200 the same chip; on CPU no MFU is given, only GFLOP/s.
@@ -126,6 +127,11 @@ def run_one(a: argparse.Namespace) -> dict:
         model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32)
         model_name = "SmolLM2-135M (embedded)"
     n_params = sum(p.numel() for p in model.parameters())
+    # FLOPs count matmul weights only: the input embedding is a lookup (unless tied to the LM head,
+    # whose matmul it then is), as in the usual 6N with N = non-embedding parameters (+ the head)
+    embed = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embed
+    n_matmul = n_params - (0 if tied else embed.numel())
     lora = None
     if a.method == "lora":
         from peft import LoraConfig
@@ -136,7 +142,7 @@ def run_one(a: argparse.Namespace) -> dict:
 
             model = get_peft_model(model, lora)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad) if (lora is not None and not trl) else 0
-    flops_per_token = 6 * n_params if a.method == "full" else 4 * n_params + 6 * n_lora
+    flops_per_token = 6 * n_matmul if a.method == "full" else 4 * n_matmul + 6 * n_lora
 
     mean_len = sum(len(e["input_ids"]) for e in examples) / len(examples)
     packed_batch = max(1, round(a.batch_size * mean_len / a.max_length))  # same tokens per step as the baseline
@@ -197,7 +203,7 @@ def run_one(a: argparse.Namespace) -> dict:
             output_dir=out, max_steps=a.warmup + a.steps, per_device_train_batch_size=batch, learning_rate=1e-4,
             logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=not cuda, bf16=cuda,
             disable_tqdm=True, dataloader_num_workers=0,
-            optim="adamw_torch_fused" if (cuda and not a.path == "hf_padded") else "adamw_torch",
+            optim="adamw_torch_fused" if cuda else "adamw_torch",  # the same optimizer for every row
             torch_compile=cuda and ours, gradient_checkpointing=a.gradient_checkpointing, seed=0,
         )
         if trl:
@@ -208,7 +214,7 @@ def run_one(a: argparse.Namespace) -> dict:
                                processing_class=bench_tokenizer())
             if lora is not None:
                 n_lora = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-                flops_per_token = 4 * n_params + 6 * n_lora
+                flops_per_token = 4 * n_matmul + 6 * n_lora
         else:
             args = TrainingArguments(**common, remove_unused_columns=False, label_names=["labels"])
             trainer = Counting(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Clock()])
