@@ -13,8 +13,9 @@ row (``--out`` DIR, else bench/results/), so a lease that ends mid-run keeps wha
 
 Both rows use the HF Trainer on the same examples. Ours packs examples into
 ``max_length`` rows with a block-diagonal causal mask (no cross-example attention or
-loss), uses flex attention on GPU (skips masked blocks) and torch.compile on GPU. Every
-row uses fused AdamW on GPU, so the optimizer is not what differs. Each (method, path) runs in its own process so peak memory is its own.
+loss), uses flex attention on GPU (skips masked blocks) and the labelled-positions loss, as
+the train task does (no torch.compile: the pipeline does not compile). Every row uses fused
+AdamW on GPU, so the optimizer is not what differs. Each (method, path) runs in its own process so peak memory is its own.
 
 Figures per row: trained tokens/s (labels that carry loss), real tokens/s (non-padding),
 step time, peak memory, model FLOP/s and MFU. FLOPs per real token: full fine-tuning
@@ -204,7 +205,8 @@ def run_one(a: argparse.Namespace) -> dict:
             logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=not cuda, bf16=cuda,
             disable_tqdm=True, dataloader_num_workers=0,
             optim="adamw_torch_fused" if cuda else "adamw_torch",  # the same optimizer for every row
-            torch_compile=cuda and ours, gradient_checkpointing=a.gradient_checkpointing, seed=0,
+            # no torch.compile: "ours" is the pipeline's own step, and the pipeline does not compile
+            gradient_checkpointing=a.gradient_checkpointing, seed=0,
         )
         if trl:
             args = SFTConfig(**common, packing=True, packing_strategy="bfd", padding_free=True,
@@ -335,6 +337,9 @@ def main() -> None:
         return
 
     suffix = f"-{a.model}" if a.model != DEFAULT_MODEL[a.device] else ""
+    row_name = f"train_speed-{a.device}{suffix}"  # + -<method>-<system>.json, one file per finished row
+    if a.methods != "lora,full":  # a partial run (the GPU check runs LoRA and full separately): its own file
+        suffix += "-" + a.methods.replace(",", "-")
     name = f"train_speed-{a.device}{suffix}"
     directory = Path(a.out) if a.out else RESULTS
     rows: list[dict] = []
@@ -343,6 +348,9 @@ def main() -> None:
         for system in a.systems.split(","):
             rows.append(_row(a, method, system, defaults))
             _compare(rows)
+            # one file per finished row as well, named by what it measured
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / f"{row_name}-{method}-{system}.json").write_text(json.dumps(rows[-1], indent=2) + "\n")
             # after every row: a lease that ends, or a row that dies, keeps what finished
             path = write_result(name, {"args": {k: getattr(a, k) for k in defaults}, "model": a.model, "rows": rows,
                                        "complete": False}, directory)

@@ -24,19 +24,30 @@ def test_the_dry_run_returns_every_row_of_the_benchmark_and_collects_the_gpu_tes
     run = subprocess.run(["bash", str(ROOT / "bench" / "gpu" / "check.sh")], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    result = json.loads((out / "train_speed-cpu-tiny.json").read_text())
-    assert result["complete"] and result["model"] == "tiny"
-    rows = {(r["method"], r["path"]): r for r in result["rows"]}
-    assert set(rows) == {(m, s) for m in ("lora", "full") for s in ("ours", "trl_best", "hf_padded")}
-    for key, r in rows.items():
-        assert "error" not in r, (key, r.get("error"), r.get("stderr_tail", "")[-2000:])
-        assert r["model"].startswith("Llama tiny") and r["trained_tok_s"] > 0 and r["peak_mem_gib"] > 0, key
-    assert rows[("lora", "ours")]["x_trl_best"] > 0 and rows[("full", "trl_best")]["x_hf_padded"] > 0
-    peers = json.loads((out / "cpu_peers-tiny.json").read_text())
+    expected = [("lora", "ours"), ("lora", "trl_best"), ("lora", "hf_padded"), ("full", "ours"), ("full", "trl_best")]
+    for method, system in expected:  # one JSON per finished row
+        r = json.loads((out / f"train_speed-cpu-tiny-{method}-{system}.json").read_text())
+        assert "error" not in r, (method, system, r.get("error"), r.get("stderr_tail", "")[-2000:])
+        assert r["model"].startswith("Llama tiny") and r["trained_tok_s"] > 0 and r["peak_mem_gib"] > 0
+    lora = json.loads((out / "train_speed-cpu-tiny-lora.json").read_text())
+    assert lora["complete"] and [r["path"] for r in lora["rows"]] == ["ours", "trl_best", "hf_padded"]
+    assert lora["rows"][0]["x_trl_best"] > 0 and lora["rows"][0]["x_hf_padded"] > 0  # ratios from the same run
+    peers = json.loads((out / "cpu_peers-tiny-lora.json").read_text())
     assert {r["system"] for r in peers["rows"]} == {"ours", "trl_best", "hf_padded"}
+    steps = [line.split()[:2] for line in (out / "steps.txt").read_text().splitlines()]
+    assert steps == [["test-gpu", "rc=0"], ["bench-lora", "rc=0"], ["bench-full", "rc=0"]]
+    assert "collected" in (out / "test-gpu.log").read_text()
+
+
+def test_steps_past_the_budget_are_skipped_not_cut_off(tmp_path):
+    """The device call has a hard limit: a step that no longer fits the budget is skipped and said so."""
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_CHECK_DRY": "1", "OUT": str(out), "PYTHON": sys.executable, "GPU_CHECK_BUDGET_S": "20"}
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu" / "check.sh")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
     steps = (out / "steps.txt").read_text().splitlines()
-    assert [s.split()[:2] for s in steps] == [["bench", "rc=0"], ["test-gpu", "rc=0"]]
-    assert "5/" in (out / "test-gpu.log").read_text() or "collected" in (out / "test-gpu.log").read_text()
+    assert all("skipped" in line and "of 20s" in line for line in steps), steps
+    assert run.returncode == 0  # nothing ran, nothing failed
 
 
 def test_a_failing_row_is_recorded_and_the_results_are_still_written(tmp_path):
@@ -44,6 +55,6 @@ def test_a_failing_row_is_recorded_and_the_results_are_still_written(tmp_path):
                           "--methods", "lora", "--systems", "ours,hf_padded", "--row-timeout", "1", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "2 of 2 rows failed" in run.stderr
-    result = json.loads((tmp_path / "train_speed-cpu-tiny.json").read_text())
+    result = json.loads((tmp_path / "train_speed-cpu-tiny-lora.json").read_text())
     assert result["complete"] and [r["path"] for r in result["rows"]] == ["ours", "hf_padded"]
     assert all(r["error"] == "timed out after 1s" for r in result["rows"])
