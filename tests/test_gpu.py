@@ -89,3 +89,58 @@ def test_gpu_label_only_loss_matches_full_logits_in_bf16(tokenizer, tmp_path):
     for k, p in model.named_parameters():
         cos = F.cosine_similarity(got[k].flatten(), p.grad.float().flatten(), dim=0)
         assert cos > 0.99, (k, float(cos))
+
+
+@pytest.mark.parametrize("family,impl", [("llama", "sdpa"), ("mistral", "flex_attention"), ("mistral", "sdpa")])
+def test_gpu_packed_rows_equal_the_examples_alone_with_sliding_windows(tokenizer, family, impl):
+    """On CUDA in fp32: packed logits and gradients equal per-example ones (SDPA; Mistral's 8-token window)."""
+    from tests.test_packing import _examples, _packed, _per_example, _sliding_window_model, _tiny_model
+
+    def build():
+        model = _tiny_model(tokenizer, impl) if family == "llama" else _sliding_window_model(family, impl)
+        return model.cuda().train()
+
+    examples = _examples(tokenizer, 8)
+    ref_model, packed_model = build(), build()  # the same weights (seeded); per-example runs are the reference
+
+    def on_gpu(model):  # the test helpers build CPU tensors: move each forward's inputs to the model's device
+        forward = model.forward
+
+        def moved(*args, **kwargs):
+            return forward(*args, **{k: v.cuda() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+        model.forward = moved
+        return model
+
+    ref_logits, ref_loss = _per_example(on_gpu(ref_model), examples)
+    ref_loss.backward()
+    logits, loss, _ = _packed(on_gpu(packed_model), examples, 160)
+    loss.backward()
+    for a, b in zip(logits, ref_logits):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
+    grads = dict(ref_model.named_parameters())
+    for n, p in packed_model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_gpu_flex_under_bf16_autocast_trains_like_sdpa(tokenizer):
+    """fp32 weights under bf16 autocast (full fine-tuning's setting): flex forward + backward matches SDPA."""
+    from llm_finetune.attention import register
+    from llm_finetune.collate import TokenCollator, model_inputs
+    from llm_finetune.packing import pack_examples
+    from tests.test_packing import _examples, _tiny_model
+
+    register()
+    rows = pack_examples(_examples(tokenizer, 8), 160)
+    batch = {k: v.cuda() for k, v in TokenCollator(pad_id=0, packed=True)(rows).items()}
+    out = {}
+    for impl in ("flex_attention", "sdpa"):
+        model = _tiny_model(tokenizer, impl).cuda().train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**model_inputs(model, dict(batch))).loss
+        loss.backward()
+        out[impl] = (loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()})
+    torch.testing.assert_close(out["flex_attention"][0], out["sdpa"][0], atol=2e-2, rtol=2e-2)
+    for n, g in out["sdpa"][1].items():
+        cos = torch.nn.functional.cosine_similarity(out["flex_attention"][1][n].flatten(), g.flatten(), dim=0)
+        assert cos > 0.99, (n, float(cos))
