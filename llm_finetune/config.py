@@ -9,6 +9,8 @@ train with a default the user did not want).
 
 from __future__ import annotations
 
+import importlib.util
+
 import dataclasses
 import difflib
 import json
@@ -36,7 +38,7 @@ AUTO_INT_KEYS = {"data.max_length": 0, "evaluate.max_new_tokens": 0, "train.samp
 AUTO_MICRO_BATCH = 4
 TRAIN_METHODS = ("lora", "qlora", "full", "dpo")
 QUANTIZE_BITS = (0, 4, 8)
-QUANTIZE_VARIANTS = ("int8", "nf4", "gguf_q8_0", "gguf_f16")
+QUANTIZE_VARIANTS = ("int8", "nf4", "gguf_q8_0", "gguf_f16", "gguf_q4_k_m", "gguf_q5_k_m")
 PROMPT_TEMPLATES = ("alpaca", "plain")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -247,7 +249,8 @@ class EvalConfig:
 class QuantizeConfig:
     """Which quantized copies of the merged model to make; each is evaluated like the tuned model."""
 
-    # int8 / nf4: bitsandbytes, load with from_pretrained; gguf_q8_0 / gguf_f16: one .gguf file
+    # int8 / nf4: bitsandbytes, load with from_pretrained; gguf_q8_0 / gguf_f16 / gguf_q4_k_m / gguf_q5_k_m:
+    # one .gguf file (the k-quants by llama.cpp's own quantizer, llama-cpp-python)
     # for llama.cpp and Ollama (Llama-architecture models). Empty list = skip quantization.
     variants: list[str] = field(default_factory=lambda: ["int8", "gguf_q8_0"])
     evaluate: bool = True  # score every variant on the held-out split, deltas vs the unquantized model
@@ -614,6 +617,11 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
         one_of("quantize.bits", q.bits, QUANTIZE_BITS)
     for i, v in enumerate(q.variants):
         one_of(f"quantize.variants[{i}]", v, QUANTIZE_VARIANTS)
+    k_quants = [v for v in q.variants if v in ("gguf_q4_k_m", "gguf_q5_k_m")]
+    if k_quants and importlib.util.find_spec("llama_cpp") is None:
+        p.append(f"quantize.variants: {', '.join(k_quants)} {'is' if len(k_quants) == 1 else 'are'} made by llama.cpp's quantizer, which needs "
+                 f"llama-cpp-python (both task images carry it); locally: pip install -c constraints.txt '.[gguf-check]', "
+                 f"or use gguf_q8_0")
     if q.bits != -1 and q.variants != QuantizeConfig().variants and q.variants != quantize_variants(q):
         p.append(f"quantize.bits: deprecated and conflicts with quantize.variants {q.variants}; remove quantize.bits")
     if h.max_retries < 1:

@@ -31,6 +31,16 @@ TRAIN_FULL_COPIES = 2 + 3 * 7  # base + output + three checkpoints with optimize
 # 0.5x, nf4 0.25x, gguf_q8_0 0.53x, gguf_f16 1x: 2.3x at most); evaluate_quantized reads the variants.
 EVAL_COPIES = 1
 QUANTIZE_COPIES = 4
+# each variant's size against the (16-bit) tuned model; llama.cpp's k-quants are made from a temporary
+# f16 GGUF (1x more while the quantizer runs)
+VARIANT_COPIES = {"int8": 0.5, "nf4": 0.25, "gguf_q8_0": 0.53, "gguf_f16": 1.0, "gguf_q4_k_m": 0.3, "gguf_q5_k_m": 0.36}
+K_QUANTS = ("gguf_q4_k_m", "gguf_q5_k_m")
+
+
+def quantize_copies(variants: list[str]) -> float:
+    """Model copies on the quantize pod's disk: the input, every variant, the k-quants' temporary f16; at least 4."""
+    need = 1 + sum(VARIANT_COPIES.get(v, 1.0) for v in variants) + (1.0 if set(variants) & set(K_QUANTS) else 0.0)
+    return max(QUANTIZE_COPIES, need)
 EVAL_QUANTIZED_COPIES = 3
 
 

@@ -1,10 +1,13 @@
-"""Quantized copies of the merged model: bitsandbytes int8 / nf4 and GGUF (q8_0, f16).
+"""Quantized copies of the merged model: bitsandbytes int8 / nf4 and GGUF (q8_0, f16, q4_k_m, q5_k_m).
 
 bitsandbytes >= 0.45 runs its kernels on CPU too, so the default pipeline quantizes on a
 laptop; on a GPU the same code uses the CUDA kernels. The bnb variants are saved with
 ``save_pretrained`` (their config carries ``quantization_config``), so a plain
 ``AutoModelForCausalLM.from_pretrained(dir)`` loads them. GGUF variants are one file for
-llama.cpp and Ollama, written by ``llm_finetune.gguf_export``.
+llama.cpp and Ollama, written by ``llm_finetune.gguf_export``; Q4_K_M and Q5_K_M, the files
+Ollama and llama.cpp users pull, come from llama.cpp's own quantizer (``llama_model_quantize``
+in llama-cpp-python) run on our f16 export: its k-quant mixes (which tensors get more bits) are
+llama.cpp's, not a re-implementation.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from llm_finetune.errors import ConfigError
 from llm_finetune.model import load_tokenizer
 
 BNB_VARIANTS = {"int8": 8, "nf4": 4}
-GGUF_VARIANTS = {"gguf_q8_0": "q8_0", "gguf_f16": "f16"}
+GGUF_VARIANTS = {"gguf_q8_0": "q8_0", "gguf_f16": "f16", "gguf_q4_k_m": "q4_k_m", "gguf_q5_k_m": "q5_k_m"}
+LLAMA_CPP_TYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}  # llama.cpp's quantizer
 
 
 @dataclass
@@ -80,10 +84,37 @@ def quantize_variant(model_dir: str | Path, out_dir: str | Path, variant: str, n
         file = f"{name or 'model'}-{gguf_type}.gguf"
         from llm_finetune.modelfile import write_modelfile
 
-        export_gguf(model_dir, out / file, gguf_type, name=name)
+        if gguf_type in LLAMA_CPP_TYPES:  # our f16 export, then llama.cpp's quantizer; the f16 is removed
+            f16 = out / f"{name or 'model'}-f16.tmp.gguf"
+            try:
+                export_gguf(model_dir, f16, "f16", name=name)
+                llama_cpp_quantize(f16, out / file, gguf_type)
+            finally:
+                f16.unlink(missing_ok=True)
+        else:
+            export_gguf(model_dir, out / file, gguf_type, name=name)
         write_modelfile(model_dir, out / file)  # `ollama create NAME -f Modelfile` in this folder
         return Quantized(variant, out, file, weights_mb(out))
     raise ConfigError([f"quantize.variants: {variant!r} is not one of {', '.join([*BNB_VARIANTS, *GGUF_VARIANTS])}"])
+
+
+def llama_cpp_quantize(src: Path, dst: Path, gguf_type: str) -> None:
+    """llama.cpp's quantizer (the library behind ``llama-quantize``) from an f16 GGUF to ``gguf_type``."""
+    import ctypes
+
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise ConfigError([f"quantize.variants: gguf_{gguf_type} is made by llama.cpp's quantizer, which needs "
+                           "llama-cpp-python; locally: pip install -c constraints.txt '.[gguf-check]'"]) from e
+    from llm_finetune.cpus import available_cpus
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[gguf_type])
+    params.nthread = available_cpus()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0 or not Path(dst).is_file():
+        raise RuntimeError(f"llama.cpp's quantizer returned {rc} turning {src} into {gguf_type}")
 
 
 class _Once(logging.Filter):

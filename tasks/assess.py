@@ -16,7 +16,8 @@ from flytekit.types.structured import StructuredDataset
 
 from images.specs import cpu_image, gpu_image
 from llm_finetune.config import FineTuneConfig
-from llm_finetune.disk import EVAL_COPIES, EVAL_QUANTIZED_COPIES, QUANTIZE_COPIES, disk_gib
+from llm_finetune.config import quantize_variants
+from llm_finetune.disk import EVAL_COPIES, EVAL_QUANTIZED_COPIES, disk_gib, quantize_copies
 from tasks.common import is_local
 from tasks.evaluate import EvalReport, VariantMetrics, eval_resources, evaluate_model, evaluate_quantized
 from tasks.model_files import directory_bytes
@@ -55,7 +56,7 @@ def assess(base_model: FlyteDirectory, tuned_model: FlyteDirectory, eval_data: S
     tuned = evaluate_model(model=tuned_model, eval_data=eval_data, data=config.data, evaluate=config.evaluate, label="tuned").with_overrides(
         **over(tuned_bytes, EVAL_COPIES))
     quantized = quantize_model(model=tuned_model, quantize_cfg=config.quantize, name=gguf_stem(config)).with_overrides(
-        **over(tuned_bytes, QUANTIZE_COPIES))
+        **over(tuned_bytes, quantize_copies(quantize_variants(config.quantize))))
     # weighs the tuned model from the store's listing: a small CPU pod with no disk
     size = model_size_mb(model=tuned_model)
     variants = []

@@ -33,6 +33,8 @@ QUANTIZATION_TEXT = {
     "nf4": "bitsandbytes 4-bit NF4 with double quantization; loads with `from_pretrained` (bitsandbytes installed).",
     "gguf_q8_0": "GGUF q8_0 (8-bit blocks of 32) for llama.cpp and Ollama.",
     "gguf_f16": "GGUF f16 for llama.cpp and Ollama.",
+    "gguf_q4_k_m": "GGUF Q4_K_M (llama.cpp's 4-bit k-quant mix, the common Ollama default) for llama.cpp and Ollama.",
+    "gguf_q5_k_m": "GGUF Q5_K_M (llama.cpp's 5-bit k-quant mix) for llama.cpp and Ollama.",
 }
 
 

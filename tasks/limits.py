@@ -416,7 +416,8 @@ def config_pods(config, values: dict, model_bytes: dict | None = None) -> tuple[
     config's overrides), and notes on what could not be sized. ``model_bytes``: base model -> bytes
     (default KNOWN_MODEL_BYTES)."""
     from llm_finetune.config import is_interruptible
-    from llm_finetune.disk import EVAL_COPIES, EVAL_QUANTIZED_COPIES, QUANTIZE_COPIES, disk_gib
+    from llm_finetune.config import quantize_variants
+    from llm_finetune.disk import EVAL_COPIES, EVAL_QUANTIZED_COPIES, disk_gib, quantize_copies
     from tasks.evaluate import eval_resources
     from tasks.train import resources, training_disk
 
@@ -477,7 +478,7 @@ def config_pods(config, values: dict, model_bytes: dict | None = None) -> tuple[
 
     assessing("evaluate_model (base)", base_bytes, EVAL_COPIES)
     assessing("evaluate_model (tuned)", final_bytes, EVAL_COPIES)
-    assessing("quantize_model", final_bytes, QUANTIZE_COPIES)
+    assessing("quantize_model", final_bytes, quantize_copies(quantize_variants(config.quantize)))
     assessing("model_size_mb", None, 0, Resources(cpu="1", mem="1Gi"))  # weighs from the store's listing: no disk
     if config.quantize.evaluate:
         assessing("evaluate_quantized", final_bytes, EVAL_QUANTIZED_COPIES)

@@ -17,7 +17,7 @@ from tasks.model_files import model_metadata
 
 @dataclass
 class QuantizedModel:
-    variant: str  # int8 | nf4 | gguf_q8_0 | gguf_f16
+    variant: str  # int8 | nf4 | gguf_q8_0 | gguf_f16 | gguf_q4_k_m | gguf_q5_k_m
     model: FlyteDirectory  # from_pretrained directory (bnb) or the folder holding the .gguf file
     gguf_file: str  # the .gguf file name inside model; empty for bitsandbytes variants
     size_mb: float

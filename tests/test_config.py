@@ -165,3 +165,18 @@ def test_interruptible_auto_means_spot_only_for_gpu_training(tmp_path):
     runs = {p.stem: load_config(p) for p in (ROOT / "configs").glob("*.yaml")}
     assert {name for name, c in runs.items() if is_interruptible(c.train)} == {
         name for name, c in runs.items() if c.train.gpus_per_node > 0}  # shipped: spot for GPU training only
+
+
+def test_k_quant_variants_need_llama_cpp_and_say_how_to_get_it(monkeypatch):
+    import importlib.util
+
+    from llm_finetune.config import QuantizeConfig
+
+    cfg = FineTuneConfig(quantize=QuantizeConfig(variants=["gguf_q4_k_m", "gguf_q8_0"]))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"quantize.variants: gguf_q4_k_m is made by llama.cpp's quantizer.*gguf-check"):
+        validate(cfg)
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    if real("llama_cpp") is not None:
+        validate(cfg)  # accepted where llama-cpp-python is installed

@@ -90,3 +90,12 @@ def test_model_size_is_weighed_from_the_store_listing_without_a_download(tmp_pat
     remote._remote_source = "memory://bucket/model"
     assert weights_mb_listed(remote) == weights_mb(local) == round(4_500_000 / 2**20, 2)
     assert not (tmp_path / "never-downloaded").exists()
+
+
+def test_the_quantize_pod_counts_the_k_quants_temporary_f16():
+    from llm_finetune.disk import QUANTIZE_COPIES, quantize_copies
+
+    assert quantize_copies(["int8", "gguf_q8_0"]) == QUANTIZE_COPIES  # the default list fits the floor
+    every = ["int8", "nf4", "gguf_q8_0", "gguf_f16", "gguf_q4_k_m", "gguf_q5_k_m"]
+    # the input, every variant (0.5 + 0.25 + 0.53 + 1 + 0.3 + 0.36 of a 16-bit model) and the f16 intermediate
+    assert quantize_copies(every) == pytest.approx(1 + 2.94 + 1)

@@ -169,3 +169,33 @@ def test_llama_cpp_threads_follow_the_container_cpu_limit(tokenizer, tmp_path, m
         llm = load_gguf(q.path / q.gguf_file, n_ctx=64)
         assert (llm.context_params.n_threads, llm.context_params.n_threads_batch) == (want, want), cpu_max
         llm.close()
+
+
+@pytest.mark.parametrize("variant,kind", [("gguf_q4_k_m", "Q4_K"), ("gguf_q5_k_m", "Q5_K")])
+def test_k_quants_are_llama_cpps_own_and_run_there_close_to_the_hf_model(variant, kind, tokenizer, tmp_path):
+    """Q4_K_M / Q5_K_M, what Ollama users pull: our f16 export through llama.cpp's quantizer. A tiny Llama whose
+    rows are multiples of 256 (k-quant blocks), so the k-quant types are really used, not a fallback."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from llm_finetune.quantize import quantize_variant
+    from tests.tiny import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "m", tokenizer, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=512)
+    q = quantize_variant(model_dir, tmp_path / variant, variant, name="m")
+    assert q.gguf_file == f"m-{variant.removeprefix('gguf_')}.gguf"
+    assert not list(q.path.glob("*.tmp.gguf"))  # the intermediate f16 is gone
+    assert (q.path / "Modelfile").read_text().startswith(f"FROM ./{q.gguf_file}")
+    types = {t.tensor_type.name for t in GGUFReader(q.path / q.gguf_file).tensors}
+    assert kind in types, types
+    f16 = quantize_variant(model_dir, tmp_path / "f16", "gguf_f16", name="m")
+    assert q.size_mb < 0.45 * f16.size_mb, (q.size_mb, f16.size_mb)  # 4.5-5.5 bits a weight against 16
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tokenizer(TEXTS[1])["input_ids"]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    got = _llama_logits(_llama(q.path / q.gguf_file), ids)
+    # 4-5 bit weights of a random model: logits stay highly correlated (a wrong tensor map gives ~0)
+    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.95

@@ -103,3 +103,11 @@ def test_nothing_to_publish_is_an_empty_list_without_a_pod():
 
     assert no_hub_urls.task_type == "echo" and no_hub_urls.get_container(None) is None
     assert no_hub_urls(urls=[]) == []
+
+
+def test_every_quantize_variant_has_its_card_text():
+    """push_to_hub describes each variant it publishes; a new variant without a text would fail at publish time."""
+    from llm_finetune.config import QUANTIZE_VARIANTS
+    from tasks.hub import QUANTIZATION_TEXT
+
+    assert set(QUANTIZATION_TEXT) == set(QUANTIZE_VARIANTS)
