@@ -40,13 +40,22 @@ def scoring_pass(llm, examples: list[dict]) -> tuple[float, list[list[int]]]:
     return total / max(count, 1), tops
 
 
-def stop_ids(llm, tokenizer) -> set[int]:
-    """The tokens ``generate`` stops at."""
-    return {tokenizer.eos_token_id, llm.token_eos()}
+def stop_ids(llm, tokenizer, generation_config=None) -> set[int]:
+    """The tokens ``generate`` stops at: the model's whole stop list, as HF generation uses it
+    (``generation.stop_token_ids``: generation_config's ids, EOS, the chat template's end of turn,
+    e.g. Llama 3's ``<|eot_id|>`` beside ``<|end_of_text|>``), and the GGUF's own EOS and EOT."""
+    from llm_finetune.generation import stop_token_ids
+
+    ids = set(stop_token_ids(tokenizer, generation_config)) | {llm.token_eos()}
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+        value = (getattr(llm, "metadata", None) or {}).get(key)
+        if value is not None:
+            ids.add(int(value))
+    return ids
 
 
 def generate(llm, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy completions (stop at EOS), decoded with the HF tokenizer."""
+    """Greedy completions (stop at any of the model's stop tokens), decoded with the HF tokenizer."""
     return generate_with_cuts(llm, tokenizer, prompts, max_new_tokens)[0]
 
 

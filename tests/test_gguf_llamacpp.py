@@ -199,3 +199,34 @@ def test_k_quants_are_llama_cpps_own_and_run_there_close_to_the_hf_model(variant
     got = _llama_logits(_llama(q.path / q.gguf_file), ids)
     # 4-5 bit weights of a random model: logits stay highly correlated (a wrong tensor map gives ~0)
     assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.95
+
+
+def test_gguf_scoring_stops_on_the_models_whole_stop_list(tokenizer, tmp_path):
+    """llama.cpp generation in evaluation stops where HF generation does. A Llama 3 base model tuned with the
+    instruct chat template: EOS is <|end_of_text|>, but a chat turn ends with <|eot_id|>; stopping at EOS
+    only (as before) would run every answer on to the budget."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_finetune import gguf_eval
+    from llm_finetune.generation import stop_token_ids
+    from llm_finetune.quantize import quantize_variant
+    from tests.tiny_families import save_family
+
+    model_dir = save_family("llama3", tmp_path / "instruct", smollm_tokenizer=tokenizer)
+    base_style = tmp_path / "base-style"
+    shutil.copytree(model_dir, base_style)
+    tok = AutoTokenizer.from_pretrained(base_style)
+    tok.eos_token = "<|end_of_text|>"
+    tok.save_pretrained(base_style)
+    model = AutoModelForCausalLM.from_pretrained(base_style)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(base_style)
+    eot, eos = tok.convert_tokens_to_ids("<|eot_id|>"), tok.eos_token_id
+    assert eot != eos
+
+    q = quantize_variant(base_style, tmp_path / "q", "gguf_q8_0", name="llama3")
+    got = gguf_eval.stop_ids(_llama(q.path / q.gguf_file), AutoTokenizer.from_pretrained(base_style))
+    assert set(stop_token_ids(tok, model.generation_config)) <= got
+    assert {eot, eos} <= got
