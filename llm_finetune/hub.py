@@ -52,6 +52,10 @@ def card_metrics(m, benchmarks: dict[str, float] | None = None) -> dict:
     then ``benchmarks``. Names stay clean so base, tuned and variants share one row per metric.
     """
     out = {"loss": m.loss, "perplexity": m.perplexity}
+    if getattr(m, "task_metric", "") == "preference_accuracy":  # preference pairs: the headline lives outside scores
+        out["preference_accuracy"] = m.preference_accuracy
+        out["preference_accuracy" + INTERVAL] = (m.preference_ci_low, m.preference_ci_high)
+        out["mean log-prob margin"] = m.mean_logp_margin
     for k in sorted(m.scores, key=lambda k: (k != m.task_metric, k)):
         out[k] = m.scores[k]
         if k in m.scores_low and k in m.scores_high:

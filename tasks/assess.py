@@ -35,21 +35,50 @@ def gguf_stem(config: FineTuneConfig) -> str:
     return config.model.base_model.rstrip("/").split("/")[-1] or "model"
 
 
+def node_overrides(config: FineTuneConfig, r: Resources, model_bytes: int | None, copies: float) -> dict:
+    """Node overrides: the evaluation hardware ``r``, and a disk request for ``copies`` copies of the model (unset if unknown)."""
+    disk = f"{disk_gib(model_bytes, copies)}Gi" if model_bytes is not None else None
+    sized = Resources(cpu=r.cpu, mem=r.mem, gpu=r.gpu, ephemeral_storage=disk)
+    return dict(
+        requests=sized,
+        limits=sized,
+        accelerator=GPUAccelerator(config.train.accelerator) if config.train.accelerator and r.gpu else None,
+        container_image=(gpu_image if r.gpu else cpu_image).image_name(),  # the override takes an image URI
+    )
+
+
+# the labels of sft_task_scores' three reports, in order
+SFT_TASK_MODELS = ("base", "SFT", "SFT+DPO")
+
+
+@dynamic(container_image=cpu_image)
+def sft_task_scores(enabled: bool, base_model: FlyteDirectory, sft_model: FlyteDirectory, final_model: FlyteDirectory,
+                    eval_data: StructuredDataset, config: FineTuneConfig) -> list[EvalReport]:
+    """After SFT -> DPO, the task the user trained for: its test split scored for base, SFT and SFT+DPO.
+
+    ``assess`` scores the final model on the preference pairs only, so a DPO stage that hurts the
+    supervised task would go unseen; these three reports are summarized beside it (SFT_TASK_MODELS
+    order). Empty, with no node, when there is no DPO stage. The base's report is the same cached
+    node a run without the DPO stage computes.
+    """
+    if not enabled:
+        return []
+    res = eval_resources(config.train)
+    out = []
+    for model, label in zip((base_model, sft_model, final_model), ("base", "sft", "sft_dpo")):
+        size = None if is_local() else directory_bytes(model)
+        out.append(evaluate_model(model=model, eval_data=eval_data, data=config.data, evaluate=config.evaluate,
+                                  label=label).with_overrides(**node_overrides(config, res, size, EVAL_COPIES)))
+    return out
+
+
 @dynamic(container_image=cpu_image)
 def assess(base_model: FlyteDirectory, tuned_model: FlyteDirectory, eval_data: StructuredDataset, config: FineTuneConfig) -> Assessment:
     res = eval_resources(config.train)
     base_bytes, tuned_bytes = (None, None) if is_local() else (directory_bytes(base_model), directory_bytes(tuned_model))
 
     def over(model_bytes, copies: int, r: Resources = res) -> dict:
-        """Node overrides: the hardware above, and a disk request for ``copies`` copies of the model (unset if unknown)."""
-        disk = f"{disk_gib(model_bytes, copies)}Gi" if model_bytes is not None else None
-        sized = Resources(cpu=r.cpu, mem=r.mem, gpu=r.gpu, ephemeral_storage=disk)
-        return dict(
-            requests=sized,
-            limits=sized,
-            accelerator=GPUAccelerator(config.train.accelerator) if config.train.accelerator and r.gpu else None,
-            container_image=(gpu_image if r.gpu else cpu_image).image_name(),  # the override takes an image URI
-        )
+        return node_overrides(config, r, model_bytes, copies)
 
     base = evaluate_model(model=base_model, eval_data=eval_data, data=config.data, evaluate=config.evaluate, label="base").with_overrides(
         **over(base_bytes, EVAL_COPIES))

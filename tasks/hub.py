@@ -46,7 +46,8 @@ def hub_token() -> str:
         return os.environ.get(HUB_TOKEN_ENV, "").strip()
 
 
-def card_table(base: EvalReport, tuned: EvalReport, variants: list[VariantMetrics]) -> dict[str, dict]:
+def card_table(base: EvalReport, tuned: EvalReport, variants: list[VariantMetrics],
+               task_scores: Optional[list[EvalReport]] = None) -> dict[str, dict]:
     """Every card's metrics: base, tuned and each evaluated variant as columns of one table.
 
     Metric names stay clean (intervals go to their own column, see ``card_metrics``), so the
@@ -54,6 +55,10 @@ def card_table(base: EvalReport, tuned: EvalReport, variants: list[VariantMetric
     """
     table = {"base": card_metrics(base.metrics, base.benchmarks), "tuned": card_metrics(tuned.metrics, tuned.benchmarks)}
     table.update({v.variant: card_metrics(v.metrics) for v in variants})
+    # SFT -> DPO: the supervised task for base, SFT and SFT+DPO beside the pairs' preference accuracy
+    from tasks.assess import SFT_TASK_MODELS
+
+    table.update({f"{label} (SFT task)": card_metrics(r.metrics) for label, r in zip(SFT_TASK_MODELS, task_scores or [])})
     return table
 
 
@@ -94,6 +99,7 @@ def push_to_hub(
     tuned: EvalReport,
     variants: list[VariantMetrics],
     sft_model: Optional[FlyteDirectory] = None,  # SFT -> DPO: the first stage's model, which the DPO adapter was trained on
+    task_scores: Optional[list[EvalReport]] = None,  # SFT -> DPO: the SFT task for base, SFT, SFT+DPO (tasks/assess.py)
 ) -> list[str]:
     """URLs of the pushed repos (merged model first); empty when ``hub.repo_id`` is empty (skipped).
 
@@ -106,7 +112,7 @@ def push_to_hub(
     if not h.repo_id:
         print(NOT_PUBLISHING)
         return []
-    metrics = card_table(base, tuned, variants)
+    metrics = card_table(base, tuned, variants, task_scores)
     token = hub_token()
     by_variant = {v.variant: v for v in variants}
     m = config.model

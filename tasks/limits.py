@@ -482,6 +482,10 @@ def config_pods(config, values: dict, model_bytes: dict | None = None) -> tuple[
     assessing("model_size_mb", None, 0, Resources(cpu="1", mem="1Gi"))  # weighs from the store's listing: no disk
     if config.quantize.evaluate:
         assessing("evaluate_quantized", final_bytes, EVAL_QUANTIZED_COPIES)
+    if config.preference.enabled:  # the SFT task scored again after DPO (tasks/assess.py sft_task_scores)
+        fixed("sft_task_scores")
+        assessing("evaluate_model (SFT task, SFT)", tuned_bytes, EVAL_COPIES)
+        assessing("evaluate_model (SFT task, SFT+DPO)", final_bytes, EVAL_COPIES)
     if config.hub.repo_id:
         fixed("push_to_hub")
     fixed("summarize")

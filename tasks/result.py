@@ -14,6 +14,7 @@ from images.specs import cpu_image
 from llm_finetune.evaluate import EvalMetrics
 from llm_finetune.tracking import TrackedRun, open_command, tracking_html
 from tasks.common import is_local, local_deck_dir, publish_deck, run_dir, table_html, write_run_file
+from tasks.assess import SFT_TASK_MODELS
 from tasks.data import DataReport
 from tasks.evaluate import EvalReport, VariantMetrics, metric_cell, metrics_html, task_metrics_table, variants_table
 from tasks.preference_data import preference_summary
@@ -35,6 +36,8 @@ class FineTuneResult:
     # preference pairs (train.method: dpo): tuned minus base preference accuracy on the same held-out
     # pairs with its paired-bootstrap 95% interval, [gain, low, high]; empty for supervised data
     preference_gain: list[float] = field(default_factory=list)
+    # SFT -> DPO: the supervised task's test split for "base", "SFT" and "SFT+DPO"; empty without a DPO stage
+    sft_task_metrics: dict[str, EvalMetrics] = field(default_factory=dict)
 
 
 def side_by_side(base: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
@@ -76,6 +79,33 @@ def cut_warnings(models: list[tuple[str, EvalMetrics]]) -> list[str]:
     return out
 
 
+def sft_task_section(reports: list[tuple[str, EvalMetrics]]) -> tuple[list[str], list[str], str]:
+    """After SFT -> DPO: printed lines, warnings and deck HTML for the supervised task's scores of base, SFT and SFT+DPO.
+
+    Warns when SFT+DPO's task score falls below the SFT model's 95% interval: the preference stage
+    cost the task the user trained for.
+    """
+    if not reports:
+        return [], [], ""
+    models = dict(reports)
+    sft, final = models["SFT"], models["SFT+DPO"]
+    metric = sft.task_metric
+    names = [metric] if metric in sft.scores else []
+    lines = ["  SFT task after DPO (test split of data.source; 95% intervals):"]
+    for name in names:
+        lines.append(f"    {name:<14} " + "   ".join(f"{label} {metric_cell(m, name)}" for label, m in reports))
+    lines.append(f"    {'loss':<14} " + "   ".join(f"{label} {m.loss:.4f}" for label, m in reports))
+    warnings = []
+    if names and final.scores[metric] < sft.scores_low[metric]:
+        warnings.append(f"the DPO stage lowered the SFT task's {metric} from {sft.scores[metric]:.1%} (SFT) to "
+                        f"{final.scores[metric]:.1%} (SFT+DPO), below the SFT model's 95% interval "
+                        f"[{sft.scores_low[metric]:.1%}, {sft.scores_high[metric]:.1%}]: lower preference.train.learning_rate "
+                        f"or max_steps, or raise preference.train.dpo.beta")
+    deck = ("<p>The task the first stage trained for, on its own test split, before and after the DPO stage "
+            "(the preference accuracy above is on the held-out pairs).</p>" + table_html(task_metrics_table(reports), max_rows=5))
+    return lines, warnings, deck
+
+
 def selection_line(train_steps: int, best_step: int, best_eval_loss: float, report: Optional[DataReport]) -> str:
     """Which checkpoint was returned and on what it was chosen (validation rows, never test rows)."""
     if train_steps <= 0:
@@ -102,6 +132,7 @@ def summarize(
     best_step: int = -1,
     best_eval_loss: float = 0.0,
     tracking: Optional[TrackedRun] = None,  # the execution's MLflow / W&B run, linked from the deck
+    task_scores: Optional[list[EvalReport]] = None,  # SFT -> DPO: the SFT task for base, SFT, SFT+DPO (assess.py)
 ) -> FineTuneResult:
     """Compare base, tuned and quantized models side by side, and say where every output is.
 
@@ -125,7 +156,9 @@ def summarize(
     splits = data_report
     drop_note = splits.drop_note if splits is not None else ""
     models = [("base", b), ("tuned", t)] + [(v.variant, v.metrics) for v in variants]
-    warnings = ([drop_note] if drop_note else []) + cut_warnings(models)
+    sft_task = list(zip(SFT_TASK_MODELS, [r.metrics for r in task_scores or []]))
+    sft_lines, sft_warnings, sft_deck = sft_task_section(sft_task)
+    warnings = ([drop_note] if drop_note else []) + sft_warnings + cut_warnings(models)
     selection = selection_line(train_steps, best_step, best_eval_loss, splits)
     lead = "".join(f"<p style='color:#b00'><b>{html.escape(w)}</b></p>" for w in warnings) + (
         f"<p>{html.escape(selection)}</p>" if selection else "")
@@ -145,11 +178,14 @@ def summarize(
         sections["Quantized vs tuned"] = table_html(variants_table(variants, t, tuned_mb), max_rows=20)
     if preference_lines:
         sections["Preference accuracy"] = "<pre>" + html.escape("\n".join(preference_lines)) + "</pre>"
+    if sft_deck:
+        sections["SFT task after DPO"] = sft_deck
     if tracking is not None and tracking.backend != "none":
         sections["Tracking"] = tracking_html(tracking)
     publish_deck("summary", sections)
     lines = [f"  WARNING: {w}" for w in warnings]
     lines += preference_lines
+    lines += sft_lines
     if selection:
         lines.append(f"  {selection}")
     if splits is not None and splits.batch_note:
@@ -183,6 +219,7 @@ def summarize(
         benchmarks={"base": base.benchmarks, "tuned": tuned.benchmarks} if tuned.benchmarks else {},
         hub_urls=hub_urls,
         preference_gain=preference_gain,
+        sft_task_metrics=dict(sft_task),
     )
     if is_local():
         summary = {
@@ -193,6 +230,7 @@ def summarize(
             "evaluation": evaluation_section(models),
             "base": asdict(b), "tuned": asdict(t),
             "quantized": {v.variant: {**asdict(v.metrics), "size_mb": v.size_mb} for v in variants},
+            "sft_task": {label: asdict(m) for label, m in sft_task},
             "outputs": {"tuned_model": str(tuned_model.path), "adapter": str(adapter.path) if adapter else "",
                         **{q.variant: str(q.model.path) for q in quantized}},
             "hub_urls": hub_urls,

@@ -129,7 +129,9 @@ def run_model_card(config: FineTuneConfig, result: FineTuneResult) -> str:
                       config=redacted(config.to_dict()), license=h.license, variant="merged model",
                       metrics={"base": card_metrics(result.base_metrics, result.benchmarks.get("base")),
                                "tuned": card_metrics(result.tuned_metrics, result.benchmarks.get("tuned")),
-                               **{v.variant: card_metrics(v.metrics) for v in result.quantized_metrics}})
+                               **{v.variant: card_metrics(v.metrics) for v in result.quantized_metrics},
+                               # SFT -> DPO: the supervised task beside the pairs' preference accuracy
+                               **{f"{label} (SFT task)": card_metrics(m) for label, m in result.sft_task_metrics.items()}})
 
 
 @task(container_image=cpu_image, secret_requests=[WANDB_SECRET])

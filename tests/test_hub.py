@@ -152,3 +152,27 @@ def test_card_table_has_one_row_per_metric_with_intervals_in_their_own_columns()
             assert float(value["arc_easy"]) == pytest.approx(bench["arc_easy"], abs=5e-5)
     data = ModelCard(text).data  # the YAML metadata still parses
     assert data.base_model == ["HuggingFaceTB/SmolLM2-135M-Instruct"] and data.license == "apache-2.0"
+
+
+def test_a_dpo_runs_card_shows_preference_accuracy_and_the_sft_task_side_by_side():
+    """After SFT -> DPO the card's table holds the pairs' preference accuracy (with its interval) for base and
+    tuned, and the SFT task's metric for base, SFT and SFT+DPO, each model a column."""
+    from llm_finetune.evaluate import EvalMetrics
+
+    def pairs(acc, low, high):
+        return EvalMetrics(rows=40, loss=0.62, perplexity=1.86, task_metric="preference_accuracy", task_kind="preference",
+                           preference_accuracy=acc, preference_ci_low=low, preference_ci_high=high, mean_logp_margin=1.25)
+
+    def task(em, low, high):
+        return EvalMetrics(rows=100, loss=0.3, perplexity=1.35, exact_match=em, exact_match_rows=100,
+                           scores={"exact_match": em}, scores_low={"exact_match": low}, scores_high={"exact_match": high})
+
+    table = {"base": card_metrics(pairs(0.55, 0.4, 0.7)), "tuned": card_metrics(pairs(0.85, 0.725, 0.95)),
+             "base (SFT task)": card_metrics(task(0.03, 0.0, 0.07)), "SFT (SFT task)": card_metrics(task(0.8, 0.72, 0.87)),
+             "SFT+DPO (SFT task)": card_metrics(task(0.78, 0.7, 0.85))}
+    header, rows = parse_table(model_card("alice/tuned", "org/base", "embedded://iso_dates", {}, table, "merged model"))
+    col = {name: i for i, name in enumerate(header[1:])}
+    assert rows["preference_accuracy"][col["tuned"]] and float(rows["preference_accuracy"][col["tuned"]]) == pytest.approx(0.85)
+    assert rows["preference_accuracy"][col["tuned 95% CI"]] != ""
+    assert float(rows["exact_match"][col["SFT+DPO (SFT task)"]]) == pytest.approx(0.78)
+    assert rows["exact_match"][col["tuned"]] == "" and rows["preference_accuracy"][col["SFT (SFT task)"]] == ""

@@ -77,6 +77,7 @@ EXPECTED = {
     "tasks.hub.push_to_hub": (CPU, None, 3, {"CPU": "1", "MEMORY": "4Gi", "EPHEMERAL_STORAGE": "40Gi"}),
     "tasks.result.summarize": (CPU, None, 0, {}),
     "tasks.assess.assess": (CPU, None, 0, {}),
+    "tasks.assess.sft_task_scores": (CPU, None, 0, {}),
     "tasks.evaluate.evaluate_quantized": (CPU, common.CACHE_EVAL.version, 1, {"CPU": "2", "MEMORY": "8Gi"}),
     "tasks.quantize.check_outputs": (CPU, common.CACHE_QUANTIZE.version, 0, {"CPU": "1", "MEMORY": "2Gi"}),
     "tasks.quantize.model_size_mb": (CPU, common.CACHE_QUANTIZE.version, 0, {"CPU": "1", "MEMORY": "1Gi"}),

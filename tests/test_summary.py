@@ -66,3 +66,46 @@ def test_summary_warns_about_cut_answers_and_records_the_budget(tmp_path, monkey
     assert saved["evaluation"] == {"max_new_tokens": 520, "longest_reference_tokens": 456, "cut_predictions": 0,
                                    "cut_predictions_by_model": {"base": 31, "tuned": 0}}
     assert len(saved["warnings"]) == 1 and "31 of 40 base predictions" in saved["warnings"][0]
+
+
+def _pref_report(acc):
+    from tasks.evaluate import EvalReport
+
+    table = pd.DataFrame({"prompt": ["p"], "reference": ["a"], "prediction": ["a"], "correct": [True],
+                          "chosen_logp": [-1.0], "rejected_logp": [-2.0]})
+    m = EvalMetrics(rows=40, loss=0.6, perplexity=1.8, task_metric="preference_accuracy", task_kind="preference",
+                    preference_accuracy=acc, preference_ci_low=acc - 0.1, preference_ci_high=min(1.0, acc + 0.1),
+                    scores={"preference_accuracy": acc}, scores_low={"preference_accuracy": acc - 0.1},
+                    scores_high={"preference_accuracy": min(1.0, acc + 0.1)})
+    return EvalReport(metrics=m, samples=StructuredDataset(dataframe=table))
+
+
+def test_after_dpo_the_sft_task_is_reported_for_base_sft_and_sft_dpo_and_a_drop_is_a_warning(tmp_path, monkeypatch, capfd):
+    from tasks.result import summarize
+
+    monkeypatch.setenv("LLM_FINETUNE_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("LLM_FINETUNE_RUN_ID", raising=False)
+    (tmp_path / "m").mkdir()
+
+    def run(final_em):
+        return summarize(tuned_model=FlyteDirectory(str(tmp_path / "m")), adapter=None, quantized=[],
+                         base=_pref_report(0.55), tuned=_pref_report(0.8), variants=[], tuned_mb=1.0, hub_urls=[],
+                         task_scores=[_report(0.05, 0.0, 0.125), _report(0.8, 0.7, 0.9), _report(final_em, final_em - 0.1, final_em + 0.05)])
+
+    kept = run(0.75)  # within the SFT model's interval [70%, 90%]
+    out = capfd.readouterr().out
+    assert "SFT task after DPO" in out and "WARNING: the DPO stage lowered" not in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("exact_match") and "SFT+DPO" in line)
+    assert "base 5.0% [0.0%, 12.5%]" in row and "SFT 80.0% [70.0%, 90.0%]" in row and "SFT+DPO 75.0% [65.0%, 80.0%]" in row
+    assert list(kept.sft_task_metrics) == ["base", "SFT", "SFT+DPO"]
+    assert kept.sft_task_metrics["SFT+DPO"].exact_match == 0.75
+    saved = json.loads(((tmp_path / "runs" / "latest").resolve() / "summary.json").read_text())
+    assert list(saved["sft_task"]) == ["base", "SFT", "SFT+DPO"] and saved["sft_task"]["SFT"]["exact_match"] == 0.8
+    assert saved["tuned"]["preference_accuracy"] == 0.8  # the pairs' score stays beside it
+
+    run(0.6)  # below 70%: DPO cost the task the user trained for
+    out = capfd.readouterr().out
+    assert ("WARNING: the DPO stage lowered the SFT task's exact_match from 80.0% (SFT) to 60.0% (SFT+DPO), below the "
+            "SFT model's 95% interval [70.0%, 90.0%]") in out
+    deck = ((tmp_path / "runs" / "latest").resolve() / "decks" / "summary.html").read_text()
+    assert "SFT task after DPO" in deck

@@ -221,6 +221,11 @@ def test_sft_then_dpo_streams_both_stages_into_one_mlflow_run(isolated_flyte, ti
                   "per_device_batch_size": 4, "learning_rate": 5e-4},
     }})
     result = fine_tune(config=cfg)
+    # after DPO the SFT task is scored too: base, SFT and SFT+DPO on its own test split, beside the pairs' accuracy
+    assert result.tuned_metrics.task_metric == "preference_accuracy"
+    assert list(result.sft_task_metrics) == ["base", "SFT", "SFT+DPO"]
+    assert all(m.task_metric == "exact_match" and m.exact_match_rows > 0 for m in result.sft_task_metrics.values())
+    assert result.sft_task_metrics["SFT"].loss < result.sft_task_metrics["base"].loss  # SFT learned its task
 
     client = MlflowClient(tracking_uri=f"sqlite:///{isolated_flyte / 'runs' / 'mlflow.db'}")
     (exp,) = [e for e in client.search_experiments() if e.name == "flyte-llm-finetune"]

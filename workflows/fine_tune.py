@@ -13,7 +13,7 @@ push_to_hub runs only when hub.repo_id is set; otherwise an echo node (no pod) g
 from flytekit import conditional, workflow
 
 from llm_finetune.config import FineTuneConfig
-from tasks.assess import assess
+from tasks.assess import assess, sft_task_scores
 from tasks.data import get_data
 from tasks.hub import no_hub_urls, push_to_hub
 from tasks.model import prepare_base_model
@@ -54,6 +54,9 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
         tracking=run, first_stage_steps=trained.steps,
     )
     a = assess(base_model=base, tuned_model=final.model, eval_data=final.heldout, config=s.config)
+    # after SFT -> DPO, the SFT task too (base, SFT, SFT+DPO on its test split); no node without a DPO stage
+    task_scores = sft_task_scores(enabled=s.preference_enabled, base_model=base, sft_model=trained.model,
+                                  final_model=final.model, eval_data=splits.test, config=s.config)
     # no pod, and no 40Gi disk to find, when there is nothing to publish (hub.repo_id empty: s.publish is false)
     hub_urls = (
         conditional("publish")
@@ -67,6 +70,7 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
             tuned=a.tuned,
             variants=a.variants,
             sft_model=final.sft_model,  # SFT -> DPO: the DPO adapter's base, published beside it
+            task_scores=task_scores,
         ))
         .else_()
         .then(no_hub_urls(urls=[]))
@@ -85,6 +89,7 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
         best_step=trained.best_step,
         best_eval_loss=trained.best_eval_loss,
         tracking=run,
+        task_scores=task_scores,
     )
     finish_tracking(run=run, config=s.config, train_metrics=trained.metrics, tracked_run_id=trained.tracked_run_id,
                     result=result, dpo_metrics=final.metrics, dpo_tracked_run_id=final.tracked_run_id)  # last: final metrics, summary, model card; ends the run
