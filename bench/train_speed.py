@@ -20,8 +20,9 @@ AdamW on GPU, so the optimizer is not what differs. Each (method, path) runs in 
 Figures per row: trained tokens/s (labels that carry loss), real tokens/s (non-padding),
 step time, peak memory, model FLOP/s and MFU. FLOPs per real token: full fine-tuning
 6N (N = the parameters in matmuls: all but the input embedding, which is a lookup unless
-tied to the LM head; attention's L^2 term left out, as in the usual 6N estimate);
-LoRA 4N + 6N_lora (forward 2N and activation gradients 2N through the frozen weights,
+tied to the LM head), plus attention's own matmuls over the pairs the masks allow
+(12 x layers x heads x head_dim per allowed query-key pair, n(n+1)/2 pairs for an example of n tokens);
+LoRA 4N + 6N_lora + the same attention term (forward 2N and activation gradients 2N through the frozen weights,
 weight gradients only for the adapters). MFU needs a peak figure: H100 SXM bf16 dense
 989 TFLOP/s, H200 the same chip; on CPU no MFU is given, only GFLOP/s.
 """
@@ -146,6 +147,16 @@ def run_one(a: argparse.Namespace) -> dict:
     flops_per_token = 6 * n_matmul if a.method == "full" else 4 * n_matmul + 6 * n_lora
 
     mean_len = sum(len(e["input_ids"]) for e in examples) / len(examples)
+    # attention's own matmuls (QK^T and AV) over the pairs the masks allow: each example attends causally
+    # within itself, n(n+1)/2 pairs, whatever the system does with padding or packing. 4 * hidden FLOPs a
+    # pair forward, 3x for forward + backward (activation gradients flow through it with LoRA too).
+    cfg = model.config
+    pairs_per_token = sum(len(e["input_ids"]) * (len(e["input_ids"]) + 1) / 2 for e in examples) / sum(
+        len(e["input_ids"]) for e in examples)
+    attention_per_token = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * getattr(
+        cfg, "head_dim", None) * pairs_per_token if getattr(cfg, "head_dim", None) else (
+        12 * cfg.num_hidden_layers * cfg.hidden_size * pairs_per_token)
+    flops_per_token += attention_per_token
     packed_batch = max(1, round(a.batch_size * mean_len / a.max_length))  # same tokens per step as the baseline
     if ours:
         data = pack_examples(examples, a.max_length)
@@ -216,7 +227,7 @@ def run_one(a: argparse.Namespace) -> dict:
                                processing_class=bench_tokenizer())
             if lora is not None:
                 n_lora = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-                flops_per_token = 4 * n_matmul + 6 * n_lora
+                flops_per_token = 4 * n_matmul + 6 * n_lora + attention_per_token
         else:
             args = TrainingArguments(**common, remove_unused_columns=False, label_names=["labels"])
             trainer = Counting(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Clock()])
