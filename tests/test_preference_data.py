@@ -98,7 +98,11 @@ def _broken_source(tmp_path):
 
 
 def test_rules_drop_and_count_rows_like_sft(tokenizer, tmp_path):
-    prepared = prepare(_cfg(_broken_source(tmp_path), max_length=256), tokenizer)
+    # 7 of 10 pairs break a rule: more than data.max_drop_fraction (5%), as for SFT rows, fails the run ...
+    with pytest.raises(DataError, match=r"data.max_drop_fraction: 7 of 10 rows .* \(70.0%\) would be dropped"):
+        prepare(_cfg(_broken_source(tmp_path), max_length=256), tokenizer)
+    # ... unless the user accepts the loss
+    prepared = prepare(_cfg(_broken_source(tmp_path), max_length=256, max_drop_fraction=1.0), tokenizer)
     r = prepared.report
     assert (r.rows_in, r.rows_kept) == (10, 3)
     assert r.dropped == {rule: 1 for _, rule, _ in BROKEN} | {"duplicate": 1}
@@ -140,3 +144,48 @@ def test_malformed_pairs_are_refused_with_row_and_column(rows, needle, tokenizer
 def test_format_preference_without_pairs_names_missing_column(tokenizer, tmp_path):
     with pytest.raises(DataError, match="needs columns chosen and rejected .* rejected missing"):
         prepare(_cfg(_write(tmp_path, [{"prompt": "q", "chosen": "a"}]), format="preference"), tokenizer)
+
+
+def _long_pairs(tmp_path, n_pad_words: int, answer_words: int = 0):
+    """Pairs whose prompt carries ``n_pad_words`` words of context before the question; answers padded too."""
+    pad = " ".join(["context"] * n_pad_words)
+    tail = " ".join(["word"] * answer_words)
+    rows = [{"prompt": f"{pad} (case {i}) {q}", "chosen": f"{c} {tail}".strip(), "rejected": f"{r} {tail}".strip()}
+            for i, (q, c, r) in enumerate(PAIRS * 4)]
+    return _write(tmp_path, rows, f"long-{n_pad_words}-{answer_words}.jsonl")
+
+
+def test_truncate_prompt_cuts_the_prompt_from_the_left_and_keeps_the_answers_whole(tokenizer, tmp_path):
+    source = _long_pairs(tmp_path, 150)
+    full = prepare(_cfg(source, max_length=512), tokenizer).train_tokens
+    cut = prepare(_cfg(source, max_length=64, overlong="truncate_prompt"), tokenizer)
+    assert cut.truncated_rows == len(cut.train_tokens) > 0 and cut.report.rows_kept == cut.report.rows_in
+    whole = {r.source_row: r for r in full.itertuples()}
+    for r in cut.train_tokens.itertuples():
+        ref = whole[r.source_row]
+        assert list(r.chosen_ids) == list(ref.chosen_ids) and list(r.rejected_ids) == list(ref.rejected_ids)  # EOS kept
+        assert list(r.chosen_ids)[-1] == list(ref.chosen_ids)[-1]
+        room = 64 - max(len(r.chosen_ids), len(r.rejected_ids))
+        assert list(r.prompt_ids) == list(ref.prompt_ids)[-room:]  # the end of the prompt: the question stays
+        assert len(r.prompt_ids) + max(len(r.chosen_ids), len(r.rejected_ids)) == 64
+
+
+def test_a_pair_whose_answer_alone_fills_max_length_is_dropped_and_counted(tokenizer, tmp_path):
+    short = [json.loads(line) for line in open(_long_pairs(tmp_path, 150))]
+    long = [json.loads(line) for line in open(_long_pairs(tmp_path, 0, answer_words=80))]
+    source = _write(tmp_path, short + long[:3], "mixed.jsonl")  # 3 of 15 pairs: answers longer than max_length
+    with pytest.raises(DataError, match=r"(?s)max_drop_fraction: 3 of 15 rows .*answers_too_long: 3 rows \(the longer answer "
+                                        r"alone leaves no room.*fix: raise data.max_length"):
+        prepare(_cfg(source, max_length=64, overlong="truncate_prompt"), tokenizer)
+    kept = prepare(_cfg(source, max_length=64, overlong="truncate_prompt", max_drop_fraction=0.25), tokenizer)
+    assert kept.report.dropped == {"answers_too_long": 3} and kept.report.rows_kept == 12
+    cases = kept.report.failure_cases
+    assert sorted(cases["source_row"]) == [13, 14, 15] and set(cases["column"]) == {"chosen, rejected"}
+
+
+def test_overlong_fail_names_the_pairs(tokenizer, tmp_path):
+    with pytest.raises(DataError) as e:
+        prepare(_cfg(_long_pairs(tmp_path, 150), max_length=64, overlong="fail"), tokenizer)
+    text = str(e.value)
+    assert "data.overlong is 'fail' and 12 of 12 preference pairs" in text and "longer than max_length 64" in text
+    assert "row 1, column prompt, chosen, rejected: too_long" in text and "set data.overlong: drop or truncate_prompt" in text

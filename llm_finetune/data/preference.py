@@ -13,9 +13,12 @@ Accepted shapes (``data.format: preference``, or ``auto`` when ``chosen`` and ``
 Canonical frame, one row per pair: ``prompt`` (JSON message list: the context before the
 answer), ``chosen`` and ``rejected`` (the two answers), ``source_row`` (1-based), ``n_tokens``
 (prompt plus the longer answer). Rows that break a rule (``PREFERENCE_RULES``) are dropped
-and counted, or fail the run (``data.on_invalid``), exactly as for SFT data; data whose
-structure is wrong (not a list of messages, unknown role, last turn not the assistant's)
-is refused with the row and column named.
+and counted, or fail the run (``data.on_invalid``), exactly as for SFT data, and more dropped
+than ``data.max_drop_fraction`` fails before training. ``data.overlong``: ``drop`` (too_long),
+``fail``, or ``truncate_prompt``, which cuts the prompt from the left and keeps both answers
+whole with their EOS (a pair whose longer answer alone fills ``max_length`` is dropped and
+counted as answers_too_long). Data whose structure is wrong (not a list of messages,
+unknown role, last turn not the assistant's) is refused with the row and column named.
 
 Token rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) use the same chat template or
 named template as SFT (encoding.py), so a DPO stage after SFT sees prompts rendered exactly
@@ -44,12 +47,14 @@ PREFERENCE_RULES = {
     "chosen_equals_rejected": "chosen and rejected are the same answer, so there is no preference to learn",
     "prompt_not_shared": "chosen and rejected do not continue the same prompt (their earlier turns differ)",
     "too_long": "prompt plus the longer answer is longer than data.max_length tokens",
+    "answers_too_long": "the longer answer alone leaves no room for the prompt in data.max_length tokens "
+                        "(data.overlong: truncate_prompt keeps answers whole)",
     "duplicate": "exact duplicate of an earlier pair",
 }
 RULE_COLUMNS = {  # the user's columns each rule is about, for error messages and the failure-case deck
     "empty_prompt": "prompt", "empty_chosen": "chosen", "empty_rejected": "rejected",
     "chosen_equals_rejected": "chosen, rejected", "prompt_not_shared": "prompt, chosen, rejected",
-    "too_long": "prompt, chosen, rejected", "duplicate": "prompt, chosen, rejected",
+    "too_long": "prompt, chosen, rejected", "answers_too_long": "chosen, rejected", "duplicate": "prompt, chosen, rejected",
 }
 CANONICAL_COLUMNS = ["prompt", "chosen", "rejected", "source_row", "n_tokens"]
 TOKEN_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids", "source_row"]
@@ -188,9 +193,12 @@ def encode_pairs(tokenizer, frame: pd.DataFrame, data_cfg: DataConfig, chunk: in
     return out
 
 
-def schema(max_length: int | None) -> pa.DataFrameSchema:
+def schema(max_length: int | None, answer_limit: int | None = None) -> pa.DataFrameSchema:
+    """``max_length``: the whole pair must fit (drop / fail); ``answer_limit``: only the answers must, with a
+    prompt token to spare (truncate_prompt cuts the prompt from the left and keeps the answers whole)."""
     non_empty = lambda s: s.str.strip().str.len() > 0  # noqa: E731
     n_tokens = [pa.Check.ge(1)] + ([pa.Check(lambda s: s <= max_length, name="too_long")] if max_length else [])
+    answers = [pa.Check(lambda s: s < answer_limit, name="answers_too_long")] if answer_limit else []
     return pa.DataFrameSchema(
         {
             "prompt_text": pa.Column(str, pa.Check(non_empty, name="empty_prompt")),
@@ -199,6 +207,7 @@ def schema(max_length: int | None) -> pa.DataFrameSchema:
             "answers_differ": pa.Column(bool, pa.Check(lambda s: s, name="chosen_equals_rejected")),
             "prompt_shared": pa.Column(bool, pa.Check(lambda s: s, name="prompt_not_shared")),
             "n_tokens": pa.Column(int, n_tokens),
+            "n_answer_tokens": pa.Column(int, answers),
             "content_key": pa.Column(str, pa.Check(lambda s: ~s.duplicated(keep="first"), name="duplicate")),
         },
         strict=False,
@@ -206,10 +215,11 @@ def schema(max_length: int | None) -> pa.DataFrameSchema:
     )
 
 
-def validate_pairs(frame: pd.DataFrame, max_length: int | None) -> tuple[pd.DataFrame, ValidationReport]:
+def validate_pairs(frame: pd.DataFrame, max_length: int | None,
+                   answer_limit: int | None = None) -> tuple[pd.DataFrame, ValidationReport]:
     """Rows passing every rule, and a report (counts per rule, one failure case per broken rule and row)."""
     try:
-        schema(max_length).validate(frame, lazy=True)
+        schema(max_length, answer_limit).validate(frame, lazy=True)
         return frame, ValidationReport(len(frame), len(frame))
     except pa.errors.SchemaErrors as err:
         cases = err.failure_cases
@@ -234,6 +244,8 @@ def describe_case(case, cfg: DataConfig) -> str:
     where = f"  row {case.source_row}, column {case.column}: {case.rule} ({PREFERENCE_RULES.get(case.rule, case.rule)})"
     if case.rule == "too_long":
         return f"{where}: {case.value} tokens, data.max_length is {cfg.max_length}; raise data.max_length (or leave it at auto) or set data.overlong: truncate_prompt"
+    if case.rule == "answers_too_long":
+        return f"{where}: the longer answer has {case.value} tokens, data.max_length is {cfg.max_length}; raise data.max_length"
     return where
 
 
@@ -250,7 +262,7 @@ def prepare_preference(raw: pd.DataFrame, cfg: DataConfig, tokenizer, detected: 
     """
     from llm_finetune.config import TrainConfig, effective_test_fraction, overlong_policy
     from llm_finetune.data.lengths import choose_max_length
-    from llm_finetune.data.prepare import PreparedData, split_frame
+    from llm_finetune.data.prepare import PreparedData, check_drop_fraction, split_frame
 
     canon = canonical_pairs(raw)
     encoded = {e["source_row"]: e for e in encode_pairs(tokenizer, canon, cfg)}
@@ -259,6 +271,8 @@ def prepare_preference(raw: pd.DataFrame, cfg: DataConfig, tokenizer, detected: 
         len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in (encoded[r] for r in frame["source_row"])
     ]
     frame["n_tokens"] = frame["n_tokens"].astype("int64")
+    frame["n_answer_tokens"] = pd.Series([max(len(encoded[r]["chosen_ids"]), len(encoded[r]["rejected_ids"]))
+                                          for r in frame["source_row"]], index=frame.index, dtype="int64")
     frame["prompt_text"] = frame["prompt"].map(prompt_text)
     frame["answers_differ"] = frame["chosen"].str.strip() != frame["rejected"].str.strip()
     frame["content_key"] = [
@@ -268,9 +282,17 @@ def prepare_preference(raw: pd.DataFrame, cfg: DataConfig, tokenizer, detected: 
     length = chooser(frame["n_tokens"].tolist(), cfg.max_length)
     max_length = length.max_length
     print(f"[get_data] {length.describe()}", flush=True)
-    truncate = overlong_policy(cfg) == "truncate_prompt"  # pairs: the answers are cut to the room the prompt leaves
-    limit = None if truncate else max_length
-    kept, report = validate_pairs(frame, limit)
+    policy = overlong_policy(cfg)
+    truncate = policy == "truncate_prompt"  # the prompt is cut from the left; the answers (and their EOS) stay whole
+    kept, report = validate_pairs(frame, None if truncate else max_length, max_length if truncate else None)
+    if policy == "fail" and report.dropped.get("too_long"):
+        cases = report.failure_cases[report.failure_cases["rule"] == "too_long"]
+        raise DataError(
+            f"data.overlong is 'fail' and {report.dropped['too_long']} of {report.rows_in} preference pairs in {cfg.source} "
+            f"are longer than max_length {max_length} tokens (prompt plus the longer answer):\n"
+            + "\n".join(describe_case(c, cfg) for c in cases.head(10).itertuples())
+            + "\nShorten them, or set data.overlong: drop or truncate_prompt."
+        )
     if report.dropped and cfg.on_invalid == "fail":
         cases = "\n".join(describe_case(c, cfg) for c in report.failure_cases.head(10).itertuples())
         raise DataError(
@@ -282,6 +304,11 @@ def prepare_preference(raw: pd.DataFrame, cfg: DataConfig, tokenizer, detected: 
             f"data.source: all {report.rows_in} preference pairs of {cfg.source} are invalid: {report.dropped} "
             f"({'; '.join(f'{k}: {PREFERENCE_RULES.get(k, k)}' for k in report.dropped)}). The validation deck lists each row."
         )
+    check_drop_fraction(report, cfg, max_length, length, PREFERENCE_RULES, {
+        "answers_too_long": "raise data.max_length (or leave it at auto), or shorten the answers",
+        "chosen_equals_rejected": "remove pairs without a preference", "prompt_not_shared": "pair answers to the same prompt",
+        "empty_prompt": "fill in the prompt", "empty_chosen": "fill in the chosen answer",
+        "empty_rejected": "fill in the rejected answer"})
     groups = [hashlib.sha256(t.strip().encode()).hexdigest() for t in kept["prompt_text"]]
     train, validation, test = split_frame(kept, cfg.validation_fraction, effective_test_fraction(cfg), cfg.seed, groups)
     if len(train) < cfg.min_train_rows:
@@ -294,11 +321,9 @@ def prepare_preference(raw: pd.DataFrame, cfg: DataConfig, tokenizer, detected: 
     truncated, token_rows = 0, []
     for row in train["source_row"]:
         e = dict(encoded[row])
-        room = max_length - len(e["prompt_ids"])
-        if truncate and max(len(e["chosen_ids"]), len(e["rejected_ids"])) > room:
-            if room < 1:
-                continue  # the prompt alone fills max_length: no answer token would remain
-            e["chosen_ids"], e["rejected_ids"] = e["chosen_ids"][:room], e["rejected_ids"][:room]
+        room = max_length - max(len(e["chosen_ids"]), len(e["rejected_ids"]))  # >= 1: answers_too_long dropped the rest
+        if truncate and len(e["prompt_ids"]) > room:
+            e["prompt_ids"] = e["prompt_ids"][-room:]  # from the left: the turn just before the answers stays
             truncated += 1
         token_rows.append(e)
     tokens = pd.DataFrame.from_records(token_rows, columns=TOKEN_COLUMNS)

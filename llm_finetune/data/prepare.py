@@ -185,12 +185,16 @@ def _describe_case(case, cfg: DataConfig, max_length: int) -> str:
     return f"{where} in column {case.column}"
 
 
-def check_drop_fraction(report: ValidationReport, cfg: DataConfig, max_length: int, length: LengthChoice | None = None) -> None:
-    """Fail before training when more rows than ``data.max_drop_fraction`` are dropped, naming each rule."""
+def check_drop_fraction(report: ValidationReport, cfg: DataConfig, max_length: int, length: LengthChoice | None = None,
+                        rules: dict[str, str] | None = None, extra_fixes: dict[str, str] | None = None) -> None:
+    """Fail before training when more rows than ``data.max_drop_fraction`` are dropped, naming each rule.
+
+    ``rules`` / ``extra_fixes``: descriptions and fixes of another data kind's rules (preference pairs)."""
     dropped = report.rows_in - report.rows_kept
     if not report.rows_in or dropped / report.rows_in <= cfg.max_drop_fraction:
         return
-    fixes = dict(FIXES)
+    described = {**RULES, **(rules or {})}
+    fixes = {**FIXES, **(extra_fixes or {})}
     if length is not None and length.limited_by == "memory":
         fixes["too_long"] = (
             f"max_length was capped at {max_length} by the memory estimate ({length.device}, "
@@ -198,7 +202,7 @@ def check_drop_fraction(report: ValidationReport, cfg: DataConfig, max_length: i
             "train.per_device_batch_size, set train.gradient_checkpointing: true, or set data.overlong: truncate_prompt"
         )
     rules = "\n".join(
-        f"  {rule}: {count} rows ({RULES.get(rule, rule)}); fix: {fixes.get(rule, 'see the validation deck')}"
+        f"  {rule}: {count} rows ({described.get(rule, rule)}); fix: {fixes.get(rule, 'see the validation deck')}"
         for rule, count in sorted(report.dropped.items(), key=lambda kv: -kv[1])
     )
     raise DataError(
