@@ -164,3 +164,38 @@ def test_drop_limit_counts_every_rule(tokenizer, tmp_path):
         prepare(DataConfig(source=src), tokenizer)
     ok = prepare(DataConfig(source=src, max_drop_fraction=0.1), tokenizer)
     assert ok.report.dropped == {"empty_completion": 6} and ok.drop_note().startswith("6 of 100 rows (6.0%) were dropped")
+
+
+LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192}
+
+
+def test_dpo_is_fitted_for_its_weights_and_both_answers():
+    """LoRA DPO holds a frozen base, not full fine-tuning's states; each pair runs two sequences through the backward."""
+    from llm_finetune.config import DPOTrainConfig, from_dict
+
+    n = 8_030_261_248
+    gpu = dict(gpus_per_node=1, nproc_per_node=1, accelerator="nvidia-a100-80gb", per_device_batch_size=1)
+    sft = TrainConfig(method="lora", **gpu)
+    dpo = from_dict(DPOTrainConfig, {"method": "dpo", "dpo": {"weights": "lora"}, **gpu})
+    sft_cap, _ = memory_limit(LLAMA3_8B, n, sft)
+    dpo_cap, _ = memory_limit(LLAMA3_8B, n, dpo)
+    assert sft_cap > 0 and dpo_cap > 0  # LoRA DPO fits an 80 GB card (as full fine-tuning's 16 bytes a weight would not)
+    assert dpo_cap <= sft_cap / 2 + 8  # chosen and rejected: half the length for the same micro-batch
+    # the length auto picks for long pairs is one the estimate holds for both answers
+    import dataclasses
+
+    auto = dict(per_device_batch_size=0)
+    pairs = choose_max_length([3000] * 100, 0, LLAMA3_8B, n, dataclasses.replace(dpo, **auto))
+    rows = choose_max_length([3000] * 100, 0, LLAMA3_8B, n, dataclasses.replace(sft, **auto))
+    assert pairs.max_length == rows.max_length == 3000  # the pairs are kept whole ...
+    plan = pairs.plan  # ... by a plan that holds both answers of each pair at that length
+    held = memory_limit(LLAMA3_8B, n, dataclasses.replace(dpo, per_device_batch_size=plan.micro_batch or 4,
+                                                          gradient_checkpointing=plan.gradient_checkpointing))[0]
+    assert held >= 3000
+    assert (plan.micro_batch or 4, not plan.gradient_checkpointing) < (rows.plan.micro_batch or 4, not rows.plan.gradient_checkpointing)
+    # full DPO of an 8B model on one 80 GB card: its states (and the reference copy) alone do not fit: an error, not a guess
+    full = from_dict(DPOTrainConfig, {"method": "dpo", "dpo": {"weights": "full"}, **gpu})
+    with pytest.raises(DataError, match=r"train.method dpo \(train.dpo.weights full\): the model's weights, gradients and "
+                                        r"optimizer states .* leave no room for a single row on nvidia-a100-80gb"):
+        choose_max_length([900] * 100, 0, LLAMA3_8B, n, full)

@@ -17,6 +17,12 @@ CPU for the embedded SmolLM2-135M with LoRA in fp32 (peak RSS over the loaded mo
 MB/token at 2 x 512 tokens and 3.62 MB/token at 1 x 1024; the formula gives 2.85 and 3.68.
 The estimate is printed and shown in the get_data deck with the length it led to.
 
+DPO (``train.method: dpo``): the optimizer states are those of ``train.dpo.weights`` (LoRA DPO
+holds a frozen base, not full fine-tuning's states; full DPO adds a frozen reference copy), and
+every pair runs its chosen and rejected answers through the backward pass, so a micro-batch
+of pairs costs twice the activations of as many SFT rows. When the states alone leave no
+room for one row, get_data fails with the fix instead of ignoring the estimate.
+
 **Fit the batch, keep the rows.** The micro-batch is a throughput choice; the rows are the
 user's data. With ``train.per_device_batch_size: auto`` (the default) the length that keeps
 99% of the rows is fitted first and the micro-batch second: 4 rows if they fit, else 2, then
@@ -189,15 +195,36 @@ def activation_bytes_per_token(model_config: dict, train: TrainConfig, length: i
     return layer_bytes + attention + 3 * vocab * 4
 
 
+def trained_weights(train: TrainConfig) -> str:
+    """lora, qlora or full: what the optimizer holds states for (DPO: ``train.dpo.weights``)."""
+    return train.dpo.weights if train.method == "dpo" else train.method
+
+
+def static_bytes(n_params: int, train: TrainConfig, zero_stage: int = 0, offload: bool = False) -> float:
+    """Weights, gradients and optimizer states of one process; full DPO adds its frozen reference copy
+    (LoRA DPO's reference is the policy with its adapter disabled: no second copy)."""
+    world = max(train.nnodes * train.nproc_per_node, 1)
+    weights = trained_weights(train)
+    need = training_bytes(n_params, weights, bf16_training(train), zero_stage, world, offload)
+    if train.method == "dpo" and weights == "full":
+        need += n_params * (2 if bf16_training(train) else 4) / (world if zero_stage >= 3 else 1)
+    return need
+
+
+def rows_per_example(train: TrainConfig) -> int:
+    """Sequences one example puts through the backward pass: a DPO pair runs chosen and rejected (the
+    reference pass runs without gradients and keeps nothing), an SFT row runs once."""
+    return 2 if train.method == "dpo" else 1
+
+
 def memory_limit(model_config: dict, n_params: int, train: TrainConfig, zero_stage: int = 0, offload: bool = False) -> tuple[int, str]:
     """Longest row such that ``per_device_batch_size`` rows fit beside the training states (0: no room at all)."""
     available, device = device_memory(train)
-    world = max(train.nnodes * train.nproc_per_node, 1)
-    static = training_bytes(n_params, train.method, bf16_training(train), zero_stage, world, offload)
+    static = static_bytes(n_params, train, zero_stage, offload)
     room = 0.9 * (available - static - OVERHEAD_BYTES)
     if room <= 0:
         return 0, device
-    batch = micro_batch(train)
+    batch = micro_batch(train) * rows_per_example(train)
     lo, hi = 0, 1 << 20  # the per-token cost grows with the length on CPU: bisect
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -228,6 +255,15 @@ def choose_max_length(
         if mem >= want:
             break
     rows, ckpt = chosen
+    if n_params and not mem:  # not even one row with activation checkpointing: the states alone fill the device
+        available, device = device_memory(train)
+        need = static_bytes(n_params, train, zero_stage, offload) + OVERHEAD_BYTES
+        what = f"train.method {train.method}" + (f" (train.dpo.weights {train.dpo.weights})" if train.method == "dpo" else "")
+        raise DataError(
+            f"{what}: the model's weights, gradients and optimizer states ({need / GiB:.1f} GiB with overhead, for "
+            f"{n_params / 1e9:.2f}B parameters) leave no room for a single row on {device}. Use LoRA or QLoRA "
+            "(train.method, or train.dpo.weights for DPO), a ZeRO config (train.deepspeed: zero3 or zero3_offload) "
+            "over more GPUs, or a larger accelerator")
     if requested > 0:
         length, by = requested, "data.max_length"
     else:
@@ -243,7 +279,7 @@ def choose_max_length(
     why = f"{micro_batch(train)} rows of {want} tokens do not fit on {device}" if (rows, ckpt) != options[0] else ""
     plan = _plan(train, rows, ckpt, why) if train.per_device_batch_size == 0 else BatchPlan()
     sized = dataclasses.replace(train, per_device_batch_size=rows, gradient_checkpointing=ckpt)
-    per_token = activation_bytes_per_token(model_config, sized, length) if model_config else 0.0
+    per_token = activation_bytes_per_token(model_config, sized, length) * rows_per_example(train) if model_config else 0.0
     return LengthChoice(
         max_length=int(length), auto=requested <= 0, coverage_length=cover, context_limit=context, memory_limit=mem,
         limited_by=by, device=device, bytes_per_token=per_token, activation_gib=rows * length * per_token / GiB,
