@@ -151,11 +151,10 @@ def run_one(a: argparse.Namespace) -> dict:
     # within itself, n(n+1)/2 pairs, whatever the system does with padding or packing. 4 * hidden FLOPs a
     # pair forward, 3x for forward + backward (activation gradients flow through it with LoRA too).
     cfg = model.config
-    pairs_per_token = sum(len(e["input_ids"]) * (len(e["input_ids"]) + 1) / 2 for e in examples) / sum(
-        len(e["input_ids"]) for e in examples)
-    attention_per_token = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * getattr(
-        cfg, "head_dim", None) * pairs_per_token if getattr(cfg, "head_dim", None) else (
-        12 * cfg.num_hidden_layers * cfg.hidden_size * pairs_per_token)
+    lens = [len(e["input_ids"]) for e in examples]
+    pairs_per_token = sum(n * (n + 1) / 2 for n in lens) / sum(lens)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attention_per_token = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * pairs_per_token
     flops_per_token += attention_per_token
     packed_batch = max(1, round(a.batch_size * mean_len / a.max_length))  # same tokens per step as the baseline
     if ours:

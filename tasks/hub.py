@@ -22,6 +22,7 @@ from images.specs import cpu_image
 from llm_finetune.config import FineTuneConfig
 from llm_finetune.hub import HUB_TOKEN_ENV, adapter_for_hub, card_metrics, model_card, push_folder
 from llm_finetune.tracking import redacted  # credentials inside URIs (tracking.uri, data.source) stay out of cards
+from tasks.assess import SFT_TASK_MODELS
 from tasks.common import MODEL_DISK, NOT_PUBLISHING, recoverable
 from tasks.evaluate import EvalReport, VariantMetrics
 from tasks.quantize import QuantizedModel
@@ -56,8 +57,6 @@ def card_table(base: EvalReport, tuned: EvalReport, variants: list[VariantMetric
     table = {"base": card_metrics(base.metrics, base.benchmarks), "tuned": card_metrics(tuned.metrics, tuned.benchmarks)}
     table.update({v.variant: card_metrics(v.metrics) for v in variants})
     # SFT -> DPO: the supervised task for base, SFT and SFT+DPO beside the pairs' preference accuracy
-    from tasks.assess import SFT_TASK_MODELS
-
     table.update({f"{label} (SFT task)": card_metrics(r.metrics) for label, r in zip(SFT_TASK_MODELS, task_scores or [])})
     return table
 
@@ -121,10 +120,11 @@ def push_to_hub(
     options = dict(token=token, private=h.private, endpoint=h.endpoint or None, max_retries=h.max_retries)
     urls = []
 
-    def push(folder, name: str, card: str) -> None:
+    def push(folder, name: str, card: str):
         r = push_folder(folder, name, card=card, **options)
         print(f"[push_to_hub] {name}: {'new commit ' + r.commit[:10] if r.new_commit else 'unchanged (no new commit)'} {r.url}", flush=True)
         urls.append(r.url)
+        return r
 
     with fetched(model) as folder:
         push(folder, h.repo_id, model_card(h.repo_id, metrics=metrics, variant="merged model", **common))
@@ -132,11 +132,8 @@ def push_to_hub(
     if sft_model is not None:
         name = f"{h.repo_id}-sft"
         with fetched(sft_model) as folder:
-            r = push_folder(folder, name, card=model_card(
-                name, metrics=metrics, variant=f"SFT stage model (the base of the DPO adapter {h.repo_id}-lora; "
-                f"{h.repo_id} is SFT + DPO merged)", **common), **options)
-        print(f"[push_to_hub] {name}: {'new commit ' + r.commit[:10] if r.new_commit else 'unchanged (no new commit)'} {r.url}", flush=True)
-        urls.append(r.url)
+            r = push(folder, name, model_card(name, metrics=metrics, variant=f"SFT stage model (the base of the DPO "
+                                              f"adapter {h.repo_id}-lora; {h.repo_id} is SFT + DPO merged)", **common))
         adapter_base = dict(base_model=name, base_revision=r.commit)
     if adapter is not None:
         name = f"{h.repo_id}-lora"

@@ -12,7 +12,6 @@ uninterrupted run, while attempt 0's prefix is left as it was.
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -20,13 +19,8 @@ import pytest
 import torch
 
 from llm_finetune.checkpoint import COMPLETE_MARKER, checkpoint_problem
+from tests.test_multinode import _free_port
 from tests.test_retries import BIN, FAULT, ROOT, _error_kind, _serialized_args
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _two_pods(task, inputs: dict, run_dir: Path, checkpoint: Path, prev: str = "", env: dict | None = None,
