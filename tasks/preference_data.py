@@ -10,19 +10,23 @@ from llm_finetune.config import overlong_policy, DataConfig
 from llm_finetune.data.preference import PREFERENCE_RULES, prompt_text
 from tasks.common import table_html
 
+PROMPT_CUT = ("the prompt and the longer answer exceed data.max_length: the prompt was cut from the left (its last turn "
+              "kept), both answers kept whole with their EOS (data.overlong: truncate_prompt; training pairs)")
+
 
 def preference_decks(prepared, data: DataConfig) -> dict[str, str]:
     from tasks.data import _length_histogram  # tasks.data imports this module
 
     r = prepared.report
-    rules = pd.DataFrame(
-        [{"rule": k, "meaning": PREFERENCE_RULES.get(k, k), "rows dropped": v} for k, v in sorted(r.dropped.items())],
-        columns=["rule", "meaning", "rows dropped"],
-    )
+    reasons = [{"reason": k, "meaning": PREFERENCE_RULES.get(k, k), "pairs dropped": v, "pairs cut": 0}
+               for k, v in sorted(r.dropped.items())]
+    if prepared.truncated_rows:  # kept, but not as written: the user should see how many and why
+        reasons.append({"reason": "prompt_cut", "meaning": PROMPT_CUT, "pairs dropped": 0, "pairs cut": prepared.truncated_rows})
+    rules = pd.DataFrame(reasons, columns=["reason", "meaning", "pairs dropped", "pairs cut"])
     validation = (
         f"<p>Source <code>{html.escape(data.source)}</code>: {html.escape(prepared.format_reason)} (chosen/rejected pairs "
         f"for DPO).</p><p>Pairs in: <b>{r.rows_in}</b>, kept: <b>{r.rows_kept}</b>, dropped: <b>{r.rows_in - r.rows_kept}</b> "
-        f"(policy <code>{data.on_invalid}</code>).</p>{table_html(rules)}"
+        f"(policy <code>{data.on_invalid}</code>); cut: <b>{prepared.truncated_rows}</b>.</p>{table_html(rules)}"
         f"<h3>Failure cases</h3>{table_html(r.failure_cases) if len(r.failure_cases) else '<p>none</p>'}"
     )
     tokens = prepared.train_tokens

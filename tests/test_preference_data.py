@@ -189,3 +189,22 @@ def test_overlong_fail_names_the_pairs(tokenizer, tmp_path):
     text = str(e.value)
     assert "data.overlong is 'fail' and 12 of 12 preference pairs" in text and "longer than max_length 64" in text
     assert "row 1, column prompt, chosen, rejected: too_long" in text and "set data.overlong: drop or truncate_prompt" in text
+
+
+def test_the_validation_deck_counts_every_dropped_and_cut_pair_by_reason(tokenizer, tmp_path):
+    """12 pairs whose 150-word context overflows 64 tokens (kept, prompt cut), 3 whose answers alone do (dropped),
+    1 exact duplicate (dropped): the deck's table, read back as HTML, says so reason by reason."""
+    import io
+
+    from tasks.preference_data import preference_decks
+
+    short = [json.loads(line) for line in open(_long_pairs(tmp_path, 150))]
+    long = [json.loads(line) for line in open(_long_pairs(tmp_path, 0, answer_words=80))]
+    source = _write(tmp_path, short + long[:3] + short[:1], "mixed-dup.jsonl")
+    data = _cfg(source, max_length=64, overlong="truncate_prompt", max_drop_fraction=0.3)
+    prepared = prepare(data, tokenizer)
+    table = pd.read_html(io.StringIO(preference_decks(prepared, data)["Validation"]))[0].set_index("reason")
+    assert table.loc["answers_too_long", "pairs dropped"] == 3 and table.loc["duplicate", "pairs dropped"] == 1
+    # every kept training pair carried the 150-word context, so every one of them was cut
+    assert table.loc["prompt_cut", "pairs cut"] == len(prepared.train) > 0
+    assert table["pairs dropped"].sum() == 16 - 12 == prepared.report.rows_in - prepared.report.rows_kept
