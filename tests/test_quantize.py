@@ -41,12 +41,47 @@ def test_gguf_q8_0_export_loads_in_transformers_and_matches_source(base_model_di
     assert out_a.tolist() == out_b.tolist()
 
 
-def test_gguf_export_refuses_unsupported_architectures_by_name(tmp_path):
-    from llm_finetune.gguf_export import GGUFExportError, check_exportable
+def test_gguf_export_refuses_unsupported_architectures_by_name(tmp_path, tokenizer):
+    """llama.cpp's converter, run on the config and tokenizer files alone (no weights), names the architecture."""
+    from llm_finetune.gguf_convert import GGUFExportError, check_exportable
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
-    with pytest.raises(GGUFExportError, match="model_type 'gpt_neox'.*supports model_type llama, mistral, qwen2.*quantize.variants"):
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "my_research_lm", "architectures": ["MyResearchForCausalLM"]}))
+    with pytest.raises(GGUFExportError, match=r"MyResearchForCausalLM.*not supported.*llama.cpp does not convert this "
+                                              r"architecture.*drop the gguf_\* entries from quantize.variants"):
         check_exportable(tmp_path)
+
+
+def test_gguf_export_refuses_a_tokenizer_llama_cpp_does_not_know_before_training(tmp_path):
+    """A byte-level BPE trained from scratch: llama.cpp cannot tell its pre-tokenizer, so the export would write a
+    file that tokenizes differently from training. Refused up front, with why and the fix."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    from llm_finetune.gguf_convert import GGUFExportError, check_exportable
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["a purchase order for 12 chairs, 3 desks"] * 50,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+    hf.add_special_tokens({"eos_token": "</s>"})
+    hf.save_pretrained(tmp_path)
+    LlamaConfig(vocab_size=len(hf), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    with pytest.raises(GGUFExportError, match=r"LlamaForCausalLM.*pre-tokenizer.*keep the published tokenizer"):
+        check_exportable(tmp_path)
+
+
+def test_the_embedded_model_is_exportable_from_its_metadata_alone(base_model_dir, tmp_path):
+    import shutil
+
+    from llm_finetune.gguf_convert import check_exportable
+
+    for f in base_model_dir.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, tmp_path / f.name)
+    assert check_exportable(tmp_path)["model_type"] == "llama"
 
 
 def test_nf4_variant_loads_and_is_scored_on_the_same_rows(base_model_dir, tmp_path):
@@ -103,13 +138,13 @@ def test_gguf_for_an_unsupported_base_fails_before_training(tmp_path):
     """check_outputs runs on the base model ahead of train_model, so no GPU hours are spent first."""
     from flytekit.types.directory import FlyteDirectory
 
-    from llm_finetune.gguf_export import GGUFExportError
+    from llm_finetune.gguf_convert import GGUFExportError
     from tasks.quantize import check_outputs
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "my_research_lm", "architectures": ["MyResearchForCausalLM"]}))
     cfg = FineTuneConfig()
     assert "gguf_q8_0" in quantize_variants(cfg.quantize)
-    with pytest.raises(GGUFExportError, match=r"GGUF export: model_type 'gpt_neox'"):
+    with pytest.raises(GGUFExportError, match=r"GGUF export of .*MyResearchForCausalLM"):
         check_outputs(base_model=FlyteDirectory(str(tmp_path)), evaluate=cfg.evaluate, quantize=cfg.quantize)
     cfg.quantize.variants = ["int8"]
     assert check_outputs(base_model=FlyteDirectory(str(tmp_path)), evaluate=cfg.evaluate, quantize=cfg.quantize) is True

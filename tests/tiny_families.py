@@ -1,148 +1,168 @@
-"""Tiny random models of the families users tune, built offline: config, weights and tokenizer files.
+"""Tiny random models of the families users tune, with their real tokenizers, built offline.
 
-Each tokenizer is trained here on a small text sample with the same pre-tokenizer, special
-tokens, BOS rule and chat-template shape as the published one (Llama 3.x: llama-bpe regex,
-<|begin_of_text|> added; Qwen2.5: qwen2 regex, NFC, no BOS, ChatML; Mistral: SentencePiece
-BPE with byte fallback and [INST]; SmolLM2: the embedded model's real tokenizer). Nothing
-comes from the hub.
+The tokenizers are the published ones, from the reference vocabularies llama.cpp ships with its
+tokenizer tests (``models/ggml-vocab-*.gguf``, fetched by images/fetch_llama_cpp.sh with the
+converter): Llama 3's llama-bpe (128k), Qwen2's (152k; Qwen2.5 and Qwen3 use it), Phi-3's and
+Llama 2's SentencePiece vocabularies, rebuilt as tokenizer.json / tokenizer.model. Each comes
+with its family's real chat template from llama.cpp's ``models/templates``. Each vocabulary also
+has llama.cpp's own tokenization cases (``.inp`` / ``.out``): an independent reference for what
+a GGUF export must tokenize to. SmolLM2 uses the embedded model's tokenizer. Nothing comes from
+the hub. Mistral v0.1 and Gemma ship SentencePiece vocabularies llama.cpp does not carry, so
+Llama 2's stands in for them (same format: BPE pieces, byte fallback, dummy prefix).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
-CORPUS = [
-    "Rewrite 5 March 2021 in ISO 8601: 2021-03-05. The year 1999 had 365 days; 2024 had 366.",
-    "I've been told he's there, you're sure? We'll see. They'd like some tea, wouldn't they?",
-    "def add(a, b):\n    return a + b\n\nprint(add(3, 33))  # 36\n",
-    "Le café coûte 3,50 € — très cher! Ünïcödé naïve façade, 東京 2020, 🚀 emojis too.",
-    "   leading spaces,\ttabs\tand\n\nblank lines\n",
-    "The quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX! numbers 0123456789.",
-] * 20
-
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST] {{ message['content'] }} [/INST]"
     "{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
 )
 
-
-def _byte_level_bpe(split_regex: str, specials: list[str], vocab_size: int, nfc: bool, ignore_merges: bool):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(ignore_merges=ignore_merges))
-    if nfc:
-        tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
-    tok.add_special_tokens(specials)  # ids after the base vocabulary, as in the published tokenizers
-    return tok
+# family -> (llama.cpp reference vocabulary, chat template file under models/templates or a template, special tokens)
+FAMILIES = {
+    "llama3": ("llama-bpe", "meta-llama-Llama-3.1-8B-Instruct.jinja", {"eos_token": "<|eot_id|>", "pad_token": "<|end_of_text|>"}),
+    "qwen2": ("qwen2", "Qwen-Qwen2.5-7B-Instruct.jinja", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}),
+    "qwen3": ("qwen2", "Qwen-Qwen3-0.6B.jinja", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None}),
+    "phi3": ("phi-3", "microsoft-Phi-3.5-mini-instruct.jinja", {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}),
+    "mistral": ("llama-spm", MISTRAL_TEMPLATE, {}),
+    "gemma2": ("llama-spm", "google-gemma-2-2b-it.jinja", {}),
+    "gemma3": ("llama-spm", "google-gemma-2-2b-it.jinja", {}),  # Gemma-3's chat format is Gemma-2's
+    "smollm2": (None, None, {}),
+}
+SPM_VOCABS = {"llama-spm", "phi-3"}
+_BUILT: dict[str, Path] = {}  # vocabulary + template -> a saved tokenizer folder, per test session
 
 
-def llama3_tokenizer(out: Path):
-    from tokenizers import processors
-    from transformers import PreTrainedTokenizerFast
+def llama_cpp_models() -> Path:
+    from llm_finetune.gguf_convert import converter_dir
 
-    from llm_finetune.gguf_export import _LLAMA3_REGEX
-
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-    tok = _byte_level_bpe(_LLAMA3_REGEX, specials, 700, nfc=False, ignore_merges=True)
-    bos = tok.token_to_id("<|begin_of_text|>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B", special_tokens=[("<|begin_of_text|>", bos)]
-    )
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                 pad_token="<|end_of_text|>", chat_template=LLAMA3_TEMPLATE)
-    hf.save_pretrained(out)
-    return hf
+    return converter_dir() / "models"
 
 
-def qwen2_tokenizer(out: Path):
-    from transformers import PreTrainedTokenizerFast
-
-    from llm_finetune.gguf_export import _QWEN2_REGEX
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = _byte_level_bpe(_QWEN2_REGEX, specials, 700, nfc=True, ignore_merges=False)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                 chat_template=CHATML_TEMPLATE)
-    hf.save_pretrained(out)
-    return hf
+def vocab_cases(vocab: str) -> list[tuple[str, list[int]]]:
+    """llama.cpp's tokenization cases for ``vocab``: (text, token ids without BOS)."""
+    models = llama_cpp_models()
+    texts = (models / f"ggml-vocab-{vocab}.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    ids = (models / f"ggml-vocab-{vocab}.gguf.out").read_text(encoding="utf-8").split("\n")
+    return [(t, [int(x) for x in i.split()]) for t, i in zip(texts, ids) if t]
 
 
-def mistral_tokenizer(out: Path):
-    """A SentencePiece BPE model (byte fallback, digits split, dummy prefix) saved as tokenizer.model + tokenizer.json."""
-    import io
-    import json
+def _spm_model(vocab: str, out: Path, dummy_prefix: bool = True) -> tuple[int, list[str]]:
+    """Write tokenizer.model from the GGUF vocabulary (pieces, scores and types as in the original model);
+    returns how many pieces it holds (Phi-3's extra chat tokens become added tokens)."""
+    from gguf import GGUFReader
+    from sentencepiece import sentencepiece_model_pb2 as pb
 
-    import sentencepiece as spm
+    r = GGUFReader(llama_cpp_models() / f"ggml-vocab-{vocab}.gguf")
+    tokens, scores, types = (r.fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "scores", "token_type"))
+    n = 32000  # the SentencePiece model of both (Llama 2, Phi-3); Phi-3 adds 64 chat tokens after it
+    m = pb.ModelProto()
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.trainer_spec.vocab_size = n
+    m.trainer_spec.byte_fallback = True
+    m.trainer_spec.unk_id, m.trainer_spec.bos_id, m.trainer_spec.eos_id, m.trainer_spec.pad_id = 0, 1, 2, -1
+    m.trainer_spec.split_digits = True
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = dummy_prefix
+    m.normalizer_spec.remove_extra_whitespaces = False
+    m.normalizer_spec.escape_whitespaces = True
+    for i in range(n):
+        piece = m.pieces.add()
+        piece.piece, piece.score = tokens[i], float(scores[i])
+        # <unk> unknown, <s> </s> control as in Llama 2's tokenizer.model; after them GGUF and SentencePiece
+        # number the types alike (1 normal, 6 byte)
+        piece.type = 2 if i == 0 else 3 if i < 3 else int(types[i])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(m.SerializeToString())
+    return n, tokens[n:]
+
+
+def real_tokenizer(family: str, out: Path, smollm_tokenizer=None):
+    """Save ``family``'s real tokenizer with its chat template to ``out``; returns it loaded."""
     from transformers import AutoTokenizer
 
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_writer=buf, model_type="bpe", vocab_size=600, byte_fallback=True,
-        split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, add_dummy_prefix=True,
-        character_coverage=1.0, minloglevel=2,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.model").write_bytes(buf.getvalue())
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "legacy": False, "chat_template": MISTRAL_TEMPLATE,
-    }))
-    hf = AutoTokenizer.from_pretrained(out)
-    hf.save_pretrained(out)
-    return hf
+    vocab, template, specials = FAMILIES[family]
+    if vocab is None:
+        smollm_tokenizer.save_pretrained(out)
+        return smollm_tokenizer
+    key = f"{vocab}:{template}"
+    if key not in _BUILT:
+        built = Path(__import__("tempfile").mkdtemp(prefix=f"tok-{family}-"))
+        chat = template if "{" in template else (llama_cpp_models() / "templates" / template).read_text()
+        if vocab in SPM_VOCABS:
+            _, extra = _spm_model(vocab, built, dummy_prefix=not family.startswith("gemma"))  # Gemma's has none
+            (built / "tokenizer_config.json").write_text(json.dumps({
+                **({"add_prefix_space": False} if family.startswith("gemma") else {}), "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                "add_bos_token": True, "add_eos_token": False, "legacy": False}))
+            tok = AutoTokenizer.from_pretrained(built)
+            if extra:  # Phi-3's chat tokens, ids 32000.. in order; as in its tokenizer.json all but <|endoftext|>
+                from tokenizers import AddedToken  # strip the whitespace after them (rstrip), as llama.cpp does
 
-
-def smollm2_tokenizer(out: Path, smollm_tokenizer):
-    smollm_tokenizer.save_pretrained(out)
-    return smollm_tokenizer
+                tok.add_tokens([AddedToken(t, rstrip=t != "<|endoftext|>", special=True, normalized=False) for t in extra],
+                               special_tokens=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(llama_cpp_models(), gguf_file=f"ggml-vocab-{vocab}.gguf")
+        for k, v in specials.items():
+            setattr(tok, k, v)
+        tok.chat_template = chat
+        tok.save_pretrained(built)
+        if vocab == "llama-bpe":  # what transformers' GGUF reader leaves out of Llama 3's tokenizer.json (llama.cpp's
+            # converter tells the two apart by their tokens and would take it for Smaug's): a word in the vocabulary
+            tj = json.loads((built / "tokenizer.json").read_text())  # is taken whole (ignore_merges)
+            tj["model"]["ignore_merges"] = True
+            bos = {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}  # and adds <|begin_of_text|>
+            tj["post_processor"] = {
+                "type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [tok.bos_token_id],
+                                                         "tokens": ["<|begin_of_text|>"]}}}
+            (built / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+        _BUILT[key] = built
+    shutil.copytree(_BUILT[key], out, dirs_exist_ok=True)
+    return AutoTokenizer.from_pretrained(out)
 
 
 def save_family(family: str, out: Path, smollm_tokenizer=None, seed: int = 0, **overrides) -> Path:
-    """Write a 2-layer random model of ``family`` (llama3, qwen2, mistral, smollm2) with its tokenizer to ``out``."""
+    """Write a 2-layer random model of ``family`` (see FAMILIES) with its real tokenizer to ``out``."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(out)
-    tok = {"llama3": llama3_tokenizer, "qwen2": qwen2_tokenizer, "mistral": mistral_tokenizer}.get(family)
-    tok = tok(out) if tok else smollm2_tokenizer(out, smollm_tokenizer)
+    tok = real_tokenizer(family, out, smollm_tokenizer)
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
                   eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-    if family == "llama3":  # Llama 3.2 style: llama3 rope scaling, untied, head_dim != hidden / heads
-        cfg = LlamaConfig(**common, tie_word_embeddings=False, head_dim=32, rope_parameters={
+    shape = {  # the published configs' distinguishing features
+        # Llama 3.2: llama3 rope scaling, untied, head_dim != hidden / heads
+        "llama3": ("llama", dict(tie_word_embeddings=False, head_dim=32, rope_parameters={
             "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
-    elif family == "qwen2":  # Qwen2.5-0.5B style: q/k/v biases, tied embeddings
-        cfg = Qwen2Config(**common, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
-    elif family == "mistral":
-        cfg = MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
-    else:
-        cfg = LlamaConfig(**common, tie_word_embeddings=True)
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+        # Qwen2.5-0.5B: q/k/v biases, tied embeddings
+        "qwen2": ("qwen2", dict(tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+        # Qwen3: q/k RMSNorm per head, no biases, head_dim 128 against hidden 1024 in 0.6B
+        "qwen3": ("qwen3", dict(tie_word_embeddings=True, head_dim=32)),
+        # Phi-3: fused qkv_proj and gate_up_proj
+        "phi3": ("phi3", dict(tie_word_embeddings=False)),
+        "mistral": ("mistral", dict(tie_word_embeddings=False, sliding_window=None)),
+        # Gemma-2: tied, scaled embeddings, four norms a layer, logit soft-capping, query_pre_attn_scalar
+        "gemma2": ("gemma2", dict(tie_word_embeddings=True, head_dim=16, query_pre_attn_scalar=16, sliding_window=512)),
+        # Gemma-3: Gemma-2's layout plus q/k norms, local layers with their own rope base, no soft-capping
+        "gemma3": ("gemma3_text", dict(tie_word_embeddings=True, head_dim=16, query_pre_attn_scalar=16, sliding_window=512)),
+        "smollm2": ("llama", dict(tie_word_embeddings=True)),
+    }
+    model_type, extra = shape[family]
+    cfg = AutoConfig.for_model(model_type, **common, **extra)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
-    if family == "qwen2":  # random biases, so a dropped or misnamed bias shows in the logits
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("proj.bias"):
-                    p.normal_(0, 0.5)
+    with torch.no_grad():  # random biases and norms, so a dropped, misnamed or offset (Gemma's 1 + w) one shows
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias") or (family in ("qwen3", "gemma2", "gemma3") and "norm" in name):
+                p.normal_(0, 0.5)
     model.save_pretrained(out)
     return out
