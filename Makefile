@@ -78,7 +78,7 @@ register-dry-run:
 CONFIG ?= configs/default.yaml
 VALUES ?= deploy/flyte-binary-values.yaml
 check-cluster:
-	$(BIN)/python -m tasks.limits --config $(CONFIG) --values $(VALUES)
+	$(BIN)/python -m deploy.limits --config $(CONFIG) --values $(VALUES)
 
 # Benchmarks (bench/NOTES.md): tables on stdout, JSON under bench/results/.
 bench:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -23,51 +22,10 @@ from llm_finetune.data.preference import is_preference_frame
 from llm_finetune.encoding import IGNORE_INDEX, prompt_and_reference
 from llm_finetune.draft_answers import drafted_answers
 from llm_finetune.data.lengths import model_context
-from llm_finetune.generation import generation_budget, greedy_with_cuts, stop_token_ids
-from llm_finetune.metrics import HEADLINE, score, task_kind
-from llm_finetune.model import load_tokenizer
+from llm_finetune.generation import generation_budget, stop_token_ids
+from llm_finetune.eval_models import eval_tokenizer, generate, load_model  # noqa: F401 - generate re-exported
+from llm_finetune.metrics import HEADLINE, EvalMetrics, score, task_kind  # noqa: F401 - EvalMetrics re-exported
 from llm_finetune.train import encode_frame
-
-
-@dataclass
-class EvalMetrics:
-    rows: int = 0
-    loss: float = 0.0  # mean NLL per trained token
-    perplexity: float = 0.0
-    exact_match: float = 0.0  # share of rows whose completion equals the reference
-    exact_match_rows: int = 0  # rows with a reference completion (0 for raw text data)
-    task_metric: str = "exact_match"  # the headline metric: exact_match, json_field_f1 (JSON answers) or chrf (free text)
-    median_reference_words: float = 0.0
-    # preference pairs (preference_eval.py): share of held-out pairs whose chosen answer the model
-    # gives more log-probability than the rejected one, with its bootstrap 95% interval
-    preference_accuracy: float = 0.0
-    preference_ci_low: float = 0.0
-    preference_ci_high: float = 0.0
-    mean_logp_margin: float = 0.0  # mean log p(chosen) - log p(rejected)
-    task_kind: str = "exact_match"  # exact_match | json | chrf (metrics.task_kind)
-    scores: dict[str, float] = field(default_factory=dict)  # every task metric, 0..1
-    scores_low: dict[str, float] = field(default_factory=dict)  # bootstrap 95% interval, lower end
-    scores_high: dict[str, float] = field(default_factory=dict)  # ... and upper end
-    # the generation budget (evaluate.max_new_tokens, auto = fitted to the references) and the
-    # predictions that spent it without a stop token: a cut answer scores as wrong, so say so
-    max_new_tokens: int = 0
-    longest_reference_tokens: int = 0
-    cut_predictions: int = 0
-
-
-def load_model(model_dir: str | Path, gguf_file: str = ""):
-    """Float model for evaluation; bitsandbytes directories and GGUF files load as saved."""
-    from transformers import AutoModelForCausalLM
-
-    from llm_finetune.quantize import load_quantized
-
-    config = Path(model_dir) / "config.json"
-    if gguf_file or (config.is_file() and "quantization_config" in json.loads(config.read_text())):
-        return load_quantized(model_dir, gguf_file)
-    kwargs = {"dtype": torch.bfloat16 if torch.cuda.is_available() else torch.float32}
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": 0}
-    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval()
 
 
 @torch.no_grad()
@@ -94,25 +52,9 @@ def scoring_pass(model, examples: list[dict], pad_id: int, batch_size: int) -> t
     return total / max(count, 1), tops
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> tuple[list[str], list[bool]]:
-    """Greedy completions that stop at any of the model's stop tokens (generation.py), and which were cut."""
-    return greedy_with_cuts(model, tokenizer, prompts, max_new_tokens, batch_size)
-
-
 def _context(model_dir: str | Path) -> int:
     config = Path(model_dir) / "config.json"
     return model_context(json.loads(config.read_text())) if config.is_file() else 0
-
-
-def _tokenizer(model_dir: str | Path, gguf_file: str):
-    if not gguf_file:
-        return load_tokenizer(model_dir)
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file)  # the GGUF's own vocabulary and template
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def evaluate(
@@ -124,7 +66,7 @@ def evaluate(
 
         return evaluate_preference(model_dir, eval_frame, data_cfg, cfg, gguf_file)
     frame = eval_frame if cfg.max_samples == 0 else eval_frame.head(cfg.max_samples)
-    tokenizer = _tokenizer(model_dir, gguf_file)
+    tokenizer = eval_tokenizer(model_dir, gguf_file)
     examples = encode_frame(tokenizer, frame, data_cfg)
     instruction_rows = [json.loads(m) for m in frame["messages"] if m]
     pairs = [prompt_and_reference(tokenizer, conv, data_cfg.prompt_template) for conv in instruction_rows]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -151,3 +151,29 @@ def score(kind: str, predictions: list[str], references: list[str], seed: int = 
         low, high = bootstrap_interval(values, seed=seed)
         out[name] = Score(float(np.mean(values)) if values else math.nan, low, high)
     return out
+
+
+@dataclass
+class EvalMetrics:
+    rows: int = 0
+    loss: float = 0.0  # mean NLL per trained token
+    perplexity: float = 0.0
+    exact_match: float = 0.0  # share of rows whose completion equals the reference
+    exact_match_rows: int = 0  # rows with a reference completion (0 for raw text data)
+    task_metric: str = "exact_match"  # the headline metric: exact_match, json_field_f1 (JSON answers) or chrf (free text)
+    median_reference_words: float = 0.0
+    # preference pairs (preference_eval.py): share of held-out pairs whose chosen answer the model
+    # gives more log-probability than the rejected one, with its bootstrap 95% interval
+    preference_accuracy: float = 0.0
+    preference_ci_low: float = 0.0
+    preference_ci_high: float = 0.0
+    mean_logp_margin: float = 0.0  # mean log p(chosen) - log p(rejected)
+    task_kind: str = "exact_match"  # exact_match | json | chrf (metrics.task_kind)
+    scores: dict[str, float] = field(default_factory=dict)  # every task metric, 0..1
+    scores_low: dict[str, float] = field(default_factory=dict)  # bootstrap 95% interval, lower end
+    scores_high: dict[str, float] = field(default_factory=dict)  # ... and upper end
+    # the generation budget (evaluate.max_new_tokens, auto = fitted to the references) and the
+    # predictions that spent it without a stop token: a cut answer scores as wrong, so say so
+    max_new_tokens: int = 0
+    longest_reference_tokens: int = 0
+    cut_predictions: int = 0

@@ -72,10 +72,11 @@ def answer_logps(model, examples: list[dict], pad_id: int, batch_size: int) -> t
 
 def evaluate_preference(model_dir: str | Path, eval_frame: pd.DataFrame, data_cfg: DataConfig, cfg: EvalConfig, gguf_file: str = ""):
     """(EvalMetrics, table) for held-out preference pairs; the table has one row per pair."""
-    from llm_finetune.evaluate import EvalMetrics, _tokenizer, generate, load_model
+    from llm_finetune.eval_models import eval_tokenizer, generate, load_model
+    from llm_finetune.metrics import EvalMetrics
 
     frame = eval_frame if cfg.max_samples == 0 else eval_frame.head(cfg.max_samples)
-    tokenizer = _tokenizer(model_dir, gguf_file)
+    tokenizer = eval_tokenizer(model_dir, gguf_file)
     model = load_model(model_dir, gguf_file)
     examples = pair_examples(tokenizer, frame, data_cfg)
     chosen, rejected = answer_logps(model, examples, tokenizer.pad_token_id, cfg.batch_size)

@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import NoReturn
 
+from llm_finetune.data.sources import is_content_fingerprint  # noqa: F401 - where revisions are decided
 from llm_finetune.errors import ConfigError, TransientError, is_transient
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -125,7 +126,7 @@ def model_revision(base_model: str, revision: str) -> str:
 
 def data_revision(source: str, revision: str = "") -> str:
     """What ``data.revision`` pins ``data.source`` to for this run (see the module docstring)."""
-    from llm_finetune.data.sources import EMBEDDED, _looks_like_file
+    from llm_finetune.data.sources import EMBEDDED, looks_like_file
 
     if source.startswith("embedded://"):
         if source not in EMBEDDED:
@@ -143,11 +144,6 @@ def data_revision(source: str, revision: str = "") -> str:
         return sha256_path(local)
     if "://" in source:
         return object_store_fingerprint(source)
-    if _looks_like_file(source):
+    if looks_like_file(source):
         raise ConfigError([f"data.source: file not found: {source}. Check the path (relative paths are relative to where you run pyflyte)."])
     return _hub_sha("dataset", source, revision or "main", "data.revision")
-
-
-def is_content_fingerprint(revision: str) -> bool:
-    """True for the ``sha256:``/``etag:`` fingerprints of files, which are not hub revisions."""
-    return revision.startswith(("sha256:", "etag:"))

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import flytekit
+import pandas as pd
 from flytekit import Cache, Secret
 from flytekit.core.context_manager import FlyteContextManager
 from flytekit.exceptions.user import FlyteRecoverableException
@@ -175,3 +176,16 @@ def publish_deck(task: str, sections: dict[str, str]) -> None:
 
 def table_html(frame, max_rows: int = 50) -> str:
     return frame.head(max_rows).to_html(index=False, escape=True, border=0)
+
+
+def length_histogram(lengths: pd.Series, max_length: int, truncation: bool) -> str:
+    """Tokens per example before and after the max_length limit (prompt truncation or dropping)."""
+    import plotly.graph_objects as go
+
+    after = lengths.clip(upper=max_length) if truncation else lengths[lengths <= max_length]
+    fig = go.Figure()
+    fig.add_trace(go.Histogram(x=lengths, name="before", opacity=0.6, nbinsx=40))
+    fig.add_trace(go.Histogram(x=after, name="after " + ("truncation" if truncation else "dropping too long"), opacity=0.6, nbinsx=40))
+    fig.add_vline(x=max_length, line_dash="dash", annotation_text=f"max_length {max_length}")
+    fig.update_layout(barmode="overlay", height=340, title="Tokens per example", xaxis_title="tokens", yaxis_title="examples")
+    return fig.to_html(full_html=False, include_plotlyjs=True)

@@ -19,7 +19,7 @@ from llm_finetune.data.validation import RULES
 from llm_finetune.encoding import IGNORE_INDEX, encode_row
 from llm_finetune.model import load_tokenizer
 from llm_finetune.fit import deepspeed_offload
-from tasks.common import CACHE_DATA, DEEPSPEED_DIR, HF_TOKEN_ENV_SECRET, publish_deck, recoverable, table_html
+from tasks.common import CACHE_DATA, DEEPSPEED_DIR, HF_TOKEN_ENV_SECRET, length_histogram, publish_deck, recoverable, table_html
 from tasks.model_files import model_metadata
 
 
@@ -58,19 +58,6 @@ class DataSplits(typing.NamedTuple):
     token_rows: int  # rows of train_tokens (fewer than train_rows when packed)
     report: DataReport  # what the run summary says about the data (one output, passed whole)
     batch: BatchPlan  # micro-batch / accumulation / checkpointing that hold max_length (applied by train_model)
-
-
-def _length_histogram(lengths: pd.Series, max_length: int, truncation: bool) -> str:
-    """Tokens per example before and after the max_length limit (prompt truncation or dropping)."""
-    import plotly.graph_objects as go
-
-    after = lengths.clip(upper=max_length) if truncation else lengths[lengths <= max_length]
-    fig = go.Figure()
-    fig.add_trace(go.Histogram(x=lengths, name="before", opacity=0.6, nbinsx=40))
-    fig.add_trace(go.Histogram(x=after, name="after " + ("truncation" if truncation else "dropping too long"), opacity=0.6, nbinsx=40))
-    fig.add_vline(x=max_length, line_dash="dash", annotation_text=f"max_length {max_length}")
-    fig.update_layout(barmode="overlay", height=340, title="Tokens per example", xaxis_title="tokens", yaxis_title="examples")
-    return fig.to_html(full_html=False, include_plotlyjs=True)
 
 
 def _highlighted(tokenizer, row: dict, data: DataConfig) -> str:
@@ -115,7 +102,7 @@ def _decks(prepared: PreparedData, tokenizer, data: DataConfig) -> dict[str, str
         f"99th percentile {prepared.lengths.quantile(0.99):.0f}, max {prepared.lengths.max()}; trained tokens per "
         f"kept example: mean {both['n_trained_tokens'].mean():.1f}; rows whose prompt was cut from the left "
         f"(data.overlong: truncate_prompt): {prepared.truncated_rows}.</p><p>Training rows: {packing}.</p>"
-        + _length_histogram(prepared.lengths, n, overlong_policy(data) == "truncate_prompt")
+        + length_histogram(prepared.lengths, n, overlong_policy(data) == "truncate_prompt")
     )
     samples = "".join(
         _highlighted(tokenizer, row, data) for row in prepared.train.head(5).to_dict(orient="records")

@@ -8,15 +8,13 @@ import pandas as pd
 
 from llm_finetune.config import overlong_policy, DataConfig
 from llm_finetune.data.preference import PREFERENCE_RULES, prompt_text
-from tasks.common import table_html
+from tasks.common import length_histogram, table_html
 
 PROMPT_CUT = ("the prompt and the longer answer exceed data.max_length: the prompt was cut from the left (its last turn "
               "kept), both answers kept whole with their EOS (data.overlong: truncate_prompt; training pairs)")
 
 
 def preference_decks(prepared, data: DataConfig) -> dict[str, str]:
-    from tasks.data import _length_histogram  # tasks.data imports this module
-
     r = prepared.report
     reasons = [{"reason": k, "meaning": PREFERENCE_RULES.get(k, k), "pairs dropped": v, "pairs cut": 0}
                for k, v in sorted(r.dropped.items())]
@@ -35,7 +33,7 @@ def preference_decks(prepared, data: DataConfig) -> dict[str, str]:
         f"test pairs {len(prepared.test)}; max_length {prepared.max_length} tokens (prompt + the longer answer); pairs truncated: {prepared.truncated_rows}.</p>"
         f"<p>Tokens per pair (train): prompt mean {tokens['prompt_ids'].map(len).mean():.1f}, chosen mean "
         f"{tokens['chosen_ids'].map(len).mean():.1f}, rejected mean {tokens['rejected_ids'].map(len).mean():.1f}.</p>"
-        + _length_histogram(prepared.lengths, prepared.max_length, overlong_policy(data) == "truncate_prompt")
+        + length_histogram(prepared.lengths, prepared.max_length, overlong_policy(data) == "truncate_prompt")
     )
     sample = prepared.train.head(10).assign(prompt=lambda f: f["prompt"].map(prompt_text))
     return {

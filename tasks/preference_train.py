@@ -24,13 +24,13 @@ from tasks.checkpoint import FlyteCheckpointStore
 from tasks.elastic import recoverable_elastic
 from tasks.common import DEEPSPEED_DIR, WANDB_SECRET, publish_deck, recoverable, table_html
 from tasks.node_inputs import node_local_directory, node_local_frame
-from tasks.train import (
-    CACHE_TRAIN_IGNORING_OPS, TrainResult, _curves, _resource_profile, _samples_table, elastic_config, rank0_tracking, resources,
-    suspend_tracking, train_result,
+from tasks.train_parts import (
+    CACHE_TRAIN_IGNORING_OPS, TrainResult, curves_html, elastic_config, rank0_tracking, resource_profile_html, resources,
+    samples_table_html, suspend_tracking, train_result,
 )
 
 
-def reward_curves(log_history: list[dict]) -> str:
+def rewardcurves_html(log_history: list[dict]) -> str:
     """One panel per reward metric, train (logged every train.logging_steps) and validation."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -93,10 +93,10 @@ def dpo_elastic(
     publish_deck(
         "train",
         {
-            "Training curves": _curves(s.log_history),
-            "Reward curves": reward_curves(s.log_history),
-            "Resource profile": _resource_profile(s.resource_profile),
-            "Sample generations": _samples_table(s.samples),
+            "Training curves": curves_html(s.log_history),
+            "Reward curves": rewardcurves_html(s.log_history),
+            "Resource profile": resource_profile_html(s.resource_profile),
+            "Sample generations": samples_table_html(s.samples),
             "Run": f"<p>{s.method} on {s.world_size} process(es): {s.steps} steps, DPO loss {s.first_loss:.4f} -> "
             f"{s.final_loss:.4f}; {best}; {s.trained_tokens} tokens at {s.tokens_per_s:.1f} tokens/s.{validation}"
             f"{resumed}</p>" + table_html(pd.DataFrame(s.log_history), max_rows=200),

@@ -13,12 +13,12 @@ from flytekit.types.directory import FlyteDirectory
 
 from llm_finetune.config import TrainConfig, load_config
 from llm_finetune.disk import EVAL_COPIES, QUANTIZE_COPIES, disk_gib, training_copies
-from tasks.limits import KNOWN_MODEL_BYTES, node_pools, quantity, smallest_disk
+from deploy.limits import KNOWN_MODEL_BYTES, node_pools, quantity, smallest_disk
 from tasks.model_files import directory_bytes
 from tasks.train import training_disk
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_BYTES = KNOWN_MODEL_BYTES  # the shipped configs' base-model sizes, declared once in tasks/limits.py
+MODEL_BYTES = KNOWN_MODEL_BYTES  # the shipped configs' base-model sizes, declared once in deploy/limits.py
 
 
 def test_the_pool_file_is_the_runbook():

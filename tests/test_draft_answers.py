@@ -121,7 +121,7 @@ def test_gguf_answers_equal_llama_cpp_token_by_token(base_model_dir, tokenizer, 
     data, frame = _split(tokenizer, 8)
     cfg = EvalConfig(max_samples=0, max_new_tokens=12, batch_size=4)
     q = quantize_variant(base_model_dir, tmp_path / "q", "gguf_q8_0", name="m")
-    gguf_tok = ev._tokenizer(q.path, q.gguf_file)
+    gguf_tok = ev.eval_tokenizer(q.path, q.gguf_file)
     llm = gguf_eval.load(q.path, q.gguf_file, n_ctx=512)
     answers = gguf_eval.generate(llm, gguf_tok, _prompts(gguf_tok, frame, data), cfg.max_new_tokens)
     llm.close()

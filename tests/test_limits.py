@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from llm_finetune.config import FineTuneConfig, TrainConfig, load_config
-from tasks.limits import GIB, build_pod, check, misfits, node_pools, place, platform_limits, quantity, schedule
+from deploy.limits import GIB, build_pod, check, misfits, node_pools, place, platform_limits, quantity, schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 VALUES = yaml.safe_load((ROOT / "deploy" / "flyte-binary-values.yaml").read_text())
@@ -59,14 +59,14 @@ def test_flyte_core_values_are_read_too():
 
 
 def test_make_check_cluster(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "tasks.limits", "--config", "configs/llama7b_alpaca_lora.yaml",
+    ok = subprocess.run([sys.executable, "-m", "deploy.limits", "--config", "configs/llama7b_alpaca_lora.yaml",
                          "--values", "deploy/flyte-binary-values.yaml"], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "every request of configs/llama7b_alpaca_lora.yaml fits" in ok.stdout
     assert re.search(r"train_elastic .*interruptible -> gke-a100-spot", ok.stdout), ok.stdout
     assert re.search(r"get_data .* -> gke-default", ok.stdout)
     (tmp_path / "values.yaml").write_text("configuration: {inline: {}}\n")
-    bad = subprocess.run([sys.executable, "-m", "tasks.limits", "--config", "configs/llama7b_alpaca_lora.yaml",
+    bad = subprocess.run([sys.executable, "-m", "deploy.limits", "--config", "configs/llama7b_alpaca_lora.yaml",
                           "--values", str(tmp_path / "values.yaml")], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 1
     assert "train.gpus_per_node: requests gpu 8, above the platform limit 1" in bad.stderr

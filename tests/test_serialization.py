@@ -114,7 +114,7 @@ def test_no_task_is_registered_interruptible_and_training_has_shared_memory(pack
 
 
 def _quantity(value: str) -> float:
-    from tasks.limits import quantity
+    from deploy.limits import quantity
 
     return quantity(value)
 
@@ -126,7 +126,7 @@ def test_no_task_asks_for_more_disk_than_the_smallest_node_it_may_land_on_offers
     prepare_base_model used to ask 50Gi and push_to_hub 100Gi."""
     import yaml
 
-    from tasks.limits import node_pools, smallest_disk
+    from deploy.limits import node_pools, smallest_disk
 
     pool, offered = smallest_disk(node_pools(), gpu="")
     assert pool == "gke-default" and offered == _quantity("44Gi")

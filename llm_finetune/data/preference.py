@@ -262,7 +262,7 @@ def prepare_preference(raw: pd.DataFrame, cfg: DataConfig, tokenizer, detected: 
     """
     from llm_finetune.config import TrainConfig, effective_test_fraction, overlong_policy
     from llm_finetune.data.lengths import choose_max_length
-    from llm_finetune.data.prepare import PreparedData, check_drop_fraction, split_frame
+    from llm_finetune.data.prepared import PreparedData, check_drop_fraction, split_frame
 
     canon = canonical_pairs(raw)
     encoded = {e["source_row"]: e for e in encode_pairs(tokenizer, canon, cfg)}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import Callable
 
 import pandas as pd
@@ -24,9 +23,12 @@ import pandas as pd
 from llm_finetune.config import DataConfig, TrainConfig, effective_test_fraction, overlong_policy
 from llm_finetune.data.lengths import LengthChoice, choose_max_length
 from llm_finetune.data.formats import apply_column_mapping, detect_format, explode_records, to_canonical
+from llm_finetune.data.prepared import (  # noqa: F401 - PreparedData and split_frame re-exported for callers
+    PreparedData, check_drop_fraction, describe_case, split_frame,
+)
 from llm_finetune.data.preference import detect_preference, prepare_preference
 from llm_finetune.data.sources import load_raw
-from llm_finetune.data.validation import RULES, ValidationReport, validate_rows
+from llm_finetune.data.validation import RULES, validate_rows
 from llm_finetune.encoding import IGNORE_INDEX, Encoded, encode_many, encode_row, encode_text
 from llm_finetune.errors import DataError
 from llm_finetune.packing import mask_first_label, pack_examples, packing_efficiency
@@ -34,50 +36,6 @@ from llm_finetune.packing import mask_first_label, pack_examples, packing_effici
 CANONICAL_COLUMNS = ["messages", "text", "source_row", "n_tokens", "n_trained_tokens"]
 TOKEN_COLUMNS = ["input_ids", "labels", "seq_lens", "source_rows"]
 HELDOUT_COLUMNS = CANONICAL_COLUMNS + ["input_ids", "labels", "seq_lens"]  # validation and test rows
-DROP_NOTE_FRACTION = 0.01  # more dropped than this: the run summary says so at its top
-
-FIXES = {
-    "too_long": "set data.max_length: auto (the default) or a larger value, or data.overlong: truncate_prompt",
-    "duplicate": "remove the repeated rows from the source",
-    "empty_prompt": "fill or remove rows without an instruction / user turn",
-    "empty_completion": "fill or remove rows without an answer",
-    "empty_text": "remove empty text rows",
-}
-
-
-@dataclass
-class PreparedData:
-    train: pd.DataFrame  # canonical rows (CANONICAL_COLUMNS)
-    validation: pd.DataFrame  # canonical + token rows (HELDOUT_COLUMNS): checkpoint choice, early stopping
-    test: pd.DataFrame  # canonical + token rows (HELDOUT_COLUMNS): base vs tuned scores only
-    train_tokens: pd.DataFrame  # model-ready rows (TOKEN_COLUMNS), packed when data.packing
-    format: str
-    format_reason: str
-    report: ValidationReport
-    length: LengthChoice  # the max_length used, why, and what it costs
-    lengths: pd.Series = None  # tokens per non-empty row as read, before validation and truncation
-    truncated_rows: int = 0  # rows whose prompt was cut from the left (data.overlong: truncate_prompt)
-    packing_efficiency: float = 0.0  # real tokens / (rows * max_length) of train_tokens
-
-    @property
-    def max_length(self) -> int:
-        return self.length.max_length
-
-    @property
-    def dropped_fraction(self) -> float:
-        r = self.report
-        return (r.rows_in - r.rows_kept) / r.rows_in if r.rows_in else 0.0
-
-    def drop_note(self) -> str:
-        """One line for the top of the run summary when more than 1% of the rows were dropped; else empty."""
-        if self.dropped_fraction <= DROP_NOTE_FRACTION:
-            return ""
-        r = self.report
-        rules = ", ".join(f"{k} {v}" for k, v in sorted(r.dropped.items()))
-        return (
-            f"{r.rows_in - r.rows_kept} of {r.rows_in} rows ({self.dropped_fraction:.1%}) were dropped ({rules}) "
-            f"at max_length {self.max_length}; the get_data deck lists them"
-        )
 
 
 def _summaries(canon: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -96,31 +54,6 @@ def _summaries(canon: pd.DataFrame) -> tuple[list[str], list[str]]:
 def group_keys(frame: pd.DataFrame, is_text: bool) -> list[str]:
     """Rows with the same key stay in one split: the prompt (instruction rows) or the text."""
     return list(frame["content_key"]) if is_text else [hashlib.sha256(p.strip().encode()).hexdigest() for p in frame["prompt"]]
-
-
-def split_frame(
-    frame: pd.DataFrame, validation_fraction: float, test_fraction: float, seed: int, groups: list[str]
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Deterministic train / validation / test split of whole groups.
-
-    Groups are ordered by a seeded hash of their key (not by position), then dealt to test
-    until it holds ``test_fraction`` of the rows, then to validation, the rest to train.
-    """
-    n = len(frame)
-    sizes = pd.Series(groups).value_counts(sort=False)
-    order = sorted(sizes.index, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
-    want = {"test": max(1, round(test_fraction * n)), "validation": max(1, round(validation_fraction * n))}
-    where, filled, target = {}, {"test": 0, "validation": 0}, iter(["test", "validation", "train"])
-    current = next(target)
-    for g in order:
-        while current != "train" and filled[current] >= want[current]:
-            current = next(target)
-        where[g] = current
-        if current != "train":
-            filled[current] += int(sizes[g])
-    part = pd.Series([where[g] for g in groups], index=frame.index)
-    pick = lambda name: frame[part == name].sort_values("source_row")  # noqa: E731
-    return pick("train"), pick("validation"), pick("test")
 
 
 def token_rows(encoded: dict[int, Encoded], source_rows: list[int], cfg: DataConfig, is_text: bool, n: int) -> pd.DataFrame:
@@ -176,40 +109,6 @@ def truncate_prompt(enc: Encoded, n: int) -> Encoded:
     if cut > enc.prompt_tokens:  # pragma: no cover - validation drops these rows as too_long first
         raise DataError(f"a completion of {len(enc.input_ids) - enc.prompt_tokens} tokens cannot fit in {n}")
     return Encoded(enc.input_ids[cut:], enc.labels[cut:], enc.prompt_tokens - cut)
-
-
-def _describe_case(case, cfg: DataConfig, max_length: int) -> str:
-    where = f"  row {case.source_row}: {case.rule} ({RULES.get(case.rule, case.rule)})"
-    if case.rule == "too_long":
-        return f"{where}: {case.value} tokens, max_length is {max_length}; {FIXES['too_long']}, or shorten the row"
-    return f"{where} in column {case.column}"
-
-
-def check_drop_fraction(report: ValidationReport, cfg: DataConfig, max_length: int, length: LengthChoice | None = None,
-                        rules: dict[str, str] | None = None, extra_fixes: dict[str, str] | None = None) -> None:
-    """Fail before training when more rows than ``data.max_drop_fraction`` are dropped, naming each rule.
-
-    ``rules`` / ``extra_fixes``: descriptions and fixes of another data kind's rules (preference pairs)."""
-    dropped = report.rows_in - report.rows_kept
-    if not report.rows_in or dropped / report.rows_in <= cfg.max_drop_fraction:
-        return
-    described = {**RULES, **(rules or {})}
-    fixes = {**FIXES, **(extra_fixes or {})}
-    if length is not None and length.limited_by == "memory":
-        fixes["too_long"] = (
-            f"max_length was capped at {max_length} by the memory estimate ({length.device}, "
-            f"train.per_device_batch_size {length.batch_size}); raise train.memory or use GPUs, lower "
-            "train.per_device_batch_size, set train.gradient_checkpointing: true, or set data.overlong: truncate_prompt"
-        )
-    rules = "\n".join(
-        f"  {rule}: {count} rows ({described.get(rule, rule)}); fix: {fixes.get(rule, 'see the validation deck')}"
-        for rule, count in sorted(report.dropped.items(), key=lambda kv: -kv[1])
-    )
-    raise DataError(
-        f"data.max_drop_fraction: {dropped} of {report.rows_in} rows of {cfg.source} ({dropped / report.rows_in:.1%}) "
-        f"would be dropped, more than the {cfg.max_drop_fraction:.0%} allowed (max_length {max_length}):\n{rules}\n"
-        "Fix the rows, or raise data.max_drop_fraction to accept the loss."
-    )
 
 
 def encode_canonical(tokenizer, canon: pd.DataFrame, cfg: DataConfig, chunk: int = 2048) -> dict[int, Encoded]:
@@ -285,12 +184,12 @@ def prepare(cfg: DataConfig, tokenizer, choose_length: Callable[[list[int], int]
         cases = report.failure_cases[report.failure_cases["rule"] == "too_long"]
         raise DataError(
             f"data.overlong is 'fail' and {report.dropped['too_long']} of {report.rows_in} rows in {cfg.source} are "
-            f"longer than max_length {n} tokens:\n" + "\n".join(_describe_case(r, cfg, n) for r in cases.head(10).itertuples())
+            f"longer than max_length {n} tokens:\n" + "\n".join(describe_case(r, cfg, n) for r in cases.head(10).itertuples())
             + "\nShorten them, or set data.overlong: drop or truncate_prompt."
         )
     if report.dropped and cfg.on_invalid == "fail":
         head = report.failure_cases.head(10)
-        cases = "\n".join(_describe_case(r, cfg, n) for r in head.itertuples())
+        cases = "\n".join(describe_case(r, cfg, n) for r in head.itertuples())
         raise DataError(
             f"data.on_invalid is 'fail' and {report.rows_in - report.rows_kept} of {report.rows_in} rows in "
             f"{cfg.source} break a rule: {report.dropped}\n{cases}\nFix the rows, or set data.on_invalid: drop."

@@ -21,7 +21,12 @@ EMBEDDED = {
 }
 
 
-def _looks_like_file(source: str) -> bool:
+def is_content_fingerprint(revision: str) -> bool:
+    """True for the ``sha256:``/``etag:`` fingerprints of files, which are not hub revisions."""
+    return revision.startswith(("sha256:", "etag:"))
+
+
+def looks_like_file(source: str) -> bool:
     return "://" in source or source.startswith((".", "/", "~")) or Path(source).suffix.lower() in FILE_SUFFIXES
 
 
@@ -37,7 +42,7 @@ def load_raw(source: str, subset: str = "", split: str = "train", revision: str 
     local = Path(source).expanduser()
     if local.is_dir():  # a dataset repository on disk reads like a hub id (configs, splits)
         return _read_hub(str(local), subset, split)
-    if _looks_like_file(source):
+    if looks_like_file(source):
         return _read_file(source)
     return _read_hub(source, subset, split, revision)
 
@@ -121,8 +126,6 @@ def _read_jsonl(text: str, uri: str) -> pd.DataFrame:
 
 def _read_hub(dataset_id: str, subset: str, split: str, revision: str = "") -> pd.DataFrame:
     import datasets
-
-    from llm_finetune.revisions import is_content_fingerprint
 
     pinned = {"revision": revision} if revision and not is_content_fingerprint(revision) else {}
     try:

@@ -434,7 +434,7 @@ def config_pods(config, values: dict, model_bytes: dict | None = None) -> tuple[
     base = config.model.base_model
     base_bytes = sizes.get(base)
     if base_bytes is None:
-        notes.append(f"model.base_model {base!r} has no known size (tasks/limits.py KNOWN_MODEL_BYTES): the training, "
+        notes.append(f"model.base_model {base!r} has no known size (deploy/limits.py KNOWN_MODEL_BYTES): the training, "
                      "evaluation and quantization pods are checked without their disk request, which train_model and "
                      "assess size from the model at run time")
     tuned_bytes = None if base_bytes is None else tuned_factor(config.train) * base_bytes
