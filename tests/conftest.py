@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # local runs write runs/<execution id>/ (decks, summary.json, model card): keep the tests' out of the repo
 os.environ.setdefault("LLM_FINETUNE_RUNS_DIR", tempfile.mkdtemp(prefix="llm-finetune-test-runs-"))
+pytest_plugins = ["tests.tiers"]  # a test that trains or spawns must be marked slow (make test-fast)
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own tmp_path clean-up
