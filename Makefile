@@ -26,8 +26,9 @@ setup:
 test:
 	$(BIN)/python -m pytest -v
 
+# the inner loop: every test that neither trains nor starts a process (tests/tiers.py), ~1.5 min on 2 cores
 test-fast:
-	$(BIN)/python -m pytest -v -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # CUDA-only tests (QLoRA, bf16, flex-attention training, chunked loss in bf16): run these first on
 # a lent GPU machine, with a python that has a CUDA torch and this project's dependencies:

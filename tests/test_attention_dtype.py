@@ -8,6 +8,8 @@ what reaches flex attention, and that the output matches SDPA's under the same a
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test here trains a model or starts a process (tests/tiers.py)
+
 
 def _model(impl: str):
     from transformers import LlamaConfig, LlamaForCausalLM

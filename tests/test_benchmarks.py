@@ -11,12 +11,14 @@ from llm_finetune.config import EvalConfig
 TASKS = Path(__file__).parent / "lm_eval_tasks"
 
 
+@pytest.mark.slow
 def test_benchmarks_are_off_by_default(base_model_dir):
     from llm_finetune.benchmarks import run_benchmarks
 
     assert EvalConfig().lm_eval_tasks == [] and run_benchmarks(base_model_dir, EvalConfig()) == {}
 
 
+@pytest.mark.slow
 def test_local_multiple_choice_task_matches_our_own_loglikelihood_scoring(base_model_dir, tokenizer):
     pytest.importorskip("lm_eval")
     from transformers import AutoModelForCausalLM

@@ -1,9 +1,12 @@
 """The user's entry points: pyflyte run with a YAML config, and offline packaging."""
 
+import pytest
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+
+pytestmark = pytest.mark.slow  # every test here trains a model or starts a process (tests/tiers.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 PYFLYTE = str(Path(sys.executable).with_name("pyflyte"))

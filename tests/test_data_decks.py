@@ -1,5 +1,6 @@
 """get_data as a Flyte task on messy data: typed outputs, and decks that render in a browser."""
 
+import pytest
 import html
 import json
 import re
@@ -8,6 +9,8 @@ import pandas as pd
 
 from llm_finetune.config import DataConfig
 from tests.chromium import render
+
+pytestmark = pytest.mark.slow  # every test here trains a model or starts a process (tests/tiers.py)
 
 
 def messy_rows():

@@ -111,6 +111,7 @@ def test_evaluate_answers_equal_transformers_generate(base_model_dir, tokenizer,
     assert list(table["correct"])[1::2] == [False] * 4
 
 
+@pytest.mark.slow
 def test_gguf_answers_equal_llama_cpp_token_by_token(base_model_dir, tokenizer, tmp_path, monkeypatch):
     pytest.importorskip("llama_cpp", reason="install the gguf-check extra: pip install -c constraints.txt '.[gguf-check]'")
     import llm_finetune.evaluate as ev

@@ -46,6 +46,8 @@ def _report(loss):
 from tasks.evaluate import EvalReport  # noqa: E402
 from tasks.hub import push_to_hub  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test here trains a model or starts a process (tests/tiers.py)
+
 
 def test_pushed_adapter_loads_from_the_hub_with_the_cards_snippet(hub, tokenizer, tmp_path):
     import torch

@@ -47,6 +47,7 @@ from tasks.quantize import QuantizedModel  # noqa: E402
 from tasks.result import summarize  # noqa: E402
 
 
+@pytest.mark.slow
 def test_publishes_every_artifact_idempotently_without_leaking_the_token(hub, tmp_path, capfd):
     cfg = from_dict(FineTuneConfig, {"hub": {"repo_id": "alice/iso", "endpoint": hub.url}})
     model = _folder(tmp_path / "model", {"config.json": b"{}", "model.safetensors": b"w" * 4096})

@@ -90,6 +90,7 @@ def test_default_builder_docker_context(spec, tmp_path):
         assert apt in dockerfile
 
 
+@pytest.mark.slow
 def test_spec_hash_is_the_same_in_a_fresh_process():
     """A dynamic task recomputes the spec in its pod and finds its image by this id."""
     code = "from images.specs import cpu_image, gpu_image; print(cpu_image.id, gpu_image.id)"
@@ -129,6 +130,7 @@ def _make(target: str, tmp_path, **env):
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_without_docker_register_stops_before_registering_and_leaves_the_build_contexts(tmp_path):
     """flytekit, unable to look into the registry, would assume the images exist; make register must not."""
     out = _make("register", tmp_path, DOCKER=str(tmp_path / "no-docker"), IMAGES_PUSHED="")
@@ -142,6 +144,7 @@ def test_without_docker_register_stops_before_registering_and_leaves_the_build_c
     assert "pyflyte" not in out.stdout + out.stderr.split("Cannot build")[0]  # nothing was registered
 
 
+@pytest.mark.slow
 def test_with_docker_or_images_pushed_the_check_passes(tmp_path):
     # a stand-in for the Docker client (no daemon on this machine): answers `docker info` as a running one does
     fake = tmp_path / "docker"
@@ -158,6 +161,7 @@ def test_with_docker_or_images_pushed_the_check_passes(tmp_path):
     assert down.returncode != 0 and "Cannot connect to the Docker daemon" in down.stderr
 
 
+@pytest.mark.slow
 def test_the_images_get_the_converter_that_make_setup_gets(tmp_path):
     """The image command that installs llama.cpp's converter, run here into a temporary folder: it yields a
     working convert_hf_to_gguf.py, from the llama-cpp-python release the images, pyproject and

@@ -114,6 +114,7 @@ def _final_wait_worker(rank: int, port: int, result_dir: str) -> None:
             Path(result_dir, f"{name}-rank{rank}").write_text(f"{type(e).__name__}: {e}")
 
 
+@pytest.mark.slow
 def test_the_other_ranks_outwait_a_merge_longer_than_the_collective_timeout(tmp_path):
     import torch.multiprocessing as mp
 

@@ -78,6 +78,7 @@ def test_label_only_loss_and_gradients_equal_full_logits_loss(tokenizer, tmp_pat
         torch.testing.assert_close(eval_loss, _reference(model, batch, n), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_backward_of_a_128k_vocabulary_head_holds_one_weight_gradient(tmp_path):
     """Peak memory on CPU (a fresh process's peak RSS): forward + backward of the chunked loss over a
     128,256 x 1,024 fp32 head adds about 1.4 weights (the fp32 weight gradient and chunks of logits).

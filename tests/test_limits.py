@@ -58,6 +58,7 @@ def test_flyte_core_values_are_read_too():
                for p in check(FineTuneConfig(train=TrainConfig(gpus_per_node=2, nproc_per_node=2)), core))
 
 
+@pytest.mark.slow
 def test_make_check_cluster(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "deploy.limits", "--config", "configs/llama7b_alpaca_lora.yaml",
                          "--values", "deploy/flyte-binary-values.yaml"], cwd=ROOT, capture_output=True, text=True)

@@ -65,6 +65,7 @@ def stored_model(tmp_path, tokenizer):
     return remote, model
 
 
+@pytest.mark.slow
 def test_model_metadata_reads_config_tokenizer_and_headers_only(stored_model, tokenizer):
     from flytekit.types.directory import FlyteDirectory
 

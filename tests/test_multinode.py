@@ -23,6 +23,8 @@ from llm_finetune.config import DataConfig, TrainConfig
 from llm_finetune.data.prepare import prepare
 from tests.tiny import save_tiny_llama
 
+pytestmark = pytest.mark.slow  # every test here trains a model or starts a process (tests/tiers.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

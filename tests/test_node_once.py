@@ -18,6 +18,8 @@ from fsspec.implementations.local import LocalFileSystem
 from tests.hub_standin import HubStandIn
 from tests.tiny import save_tiny_llama
 
+pytestmark = pytest.mark.slow  # every test here trains a model or starts a process (tests/tiers.py)
+
 
 class CountingFS(LocalFileSystem):
     """A local directory behind a remote-looking protocol; logs every file it serves to $COUNTFS_LOG."""

@@ -101,6 +101,7 @@ def _tiny_model(tokenizer, impl="sdpa"):
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager", "flex_attention", "embedded-sdpa"])
+@pytest.mark.slow
 def test_packed_logits_and_loss_equal_per_example(base_model_dir, tokenizer, impl):
     from transformers import AutoModelForCausalLM
 
@@ -140,6 +141,7 @@ def _sliding_window_model(family: str, impl: str):
     ("mistral", "sdpa", "sdpa"), ("mistral", "flex_attention", "sdpa"),
     ("gemma2", "eager", "eager"), ("gemma2", "flex_attention", "eager"),  # Gemma-2 has no SDPA path
 ])
+@pytest.mark.slow
 def test_sliding_windows_hold_inside_packed_rows(tokenizer, family, impl, reference):
     """Examples of 65-76 tokens, window 8: a packed row must not widen or drop any layer's window.
 
@@ -170,6 +172,7 @@ def test_sliding_windows_hold_inside_packed_rows(tokenizer, family, impl, refere
     platform.machine() not in ("x86_64", "AMD64") or not torch.cpu._is_avx2_supported(),
     reason="inductor's AVX2 code needs an x86 CPU with AVX2",
 )
+@pytest.mark.slow
 def test_cpu_flex_attention_with_avx2_code_is_exact_at_padded_lengths():
     """The AVX2 flex kernel on any x86 host (inductor cpp.simdlen 256, as on a CPU without AVX-512).
 

@@ -13,6 +13,8 @@ import pytest
 
 from tests.tiny import run_torchrun, save_tiny_llama
 
+pytestmark = pytest.mark.slow  # every test here trains a model or starts a process (tests/tiers.py)
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):

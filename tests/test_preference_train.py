@@ -60,6 +60,7 @@ THRESHOLDS = {"full": dict(loss_drop=0.05, accuracy=0.7, margin=1.0), "lora": di
 
 
 @pytest.mark.parametrize("weights", ["lora", "full"])
+@pytest.mark.slow
 def test_dpo_learns_the_preferences(weights, tiny_dir, pairs, reference_loads, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -111,6 +112,7 @@ def _the_reference_is_the_untouched_base(base_dir, adapter_dir, pairs):
     assert (tuned - want).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_dpo_resumes_from_the_checkpoint_store(tiny_dir, pairs, tmp_path):
     from transformers import TrainerCallback
 

@@ -17,6 +17,7 @@ def gguf_dir(base_model_dir, tmp_path_factory):
     return quantize_variant(base_model_dir, tmp_path_factory.mktemp("gguf"), "gguf_q8_0", name="smollm2")
 
 
+@pytest.mark.slow
 def test_gguf_q8_0_export_loads_in_transformers_and_matches_source(base_model_dir, tokenizer, gguf_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -41,6 +42,7 @@ def test_gguf_q8_0_export_loads_in_transformers_and_matches_source(base_model_di
     assert out_a.tolist() == out_b.tolist()
 
 
+@pytest.mark.slow
 def test_gguf_export_refuses_unsupported_architectures_by_name(tmp_path, tokenizer):
     """llama.cpp's converter, run on the config and tokenizer files alone (no weights), names the architecture."""
     from llm_finetune.gguf_convert import GGUFExportError, check_exportable
@@ -52,6 +54,7 @@ def test_gguf_export_refuses_unsupported_architectures_by_name(tmp_path, tokeniz
         check_exportable(tmp_path)
 
 
+@pytest.mark.slow
 def test_gguf_export_refuses_a_tokenizer_llama_cpp_does_not_know_before_training(tmp_path):
     """A byte-level BPE trained from scratch: llama.cpp cannot tell its pre-tokenizer, so the export would write a
     file that tokenizes differently from training. Refused up front, with why and the fix."""
@@ -73,6 +76,7 @@ def test_gguf_export_refuses_a_tokenizer_llama_cpp_does_not_know_before_training
         check_exportable(tmp_path)
 
 
+@pytest.mark.slow
 def test_the_embedded_model_is_exportable_from_its_metadata_alone(base_model_dir, tmp_path):
     import shutil
 
@@ -134,6 +138,7 @@ def test_long_answers_switch_the_task_metric_to_chrf(base_model_dir):
     assert metrics.median_reference_words > 8 and len(table) == 2
 
 
+@pytest.mark.slow
 def test_gguf_for_an_unsupported_base_fails_before_training(tmp_path):
     """check_outputs runs on the base model ahead of train_model, so no GPU hours are spent first."""
     from flytekit.types.directory import FlyteDirectory

@@ -106,6 +106,7 @@ def _error_kind(out: Path) -> tuple[str, str]:
     return errors_pb2.ContainerError.Kind.Name(doc.error.kind), doc.error.message
 
 
+@pytest.mark.slow
 def test_a_config_error_is_not_retried(tmp_path):
     from llm_finetune.config import FineTuneConfig, TrainConfig
     from tasks.validate import validate_config
@@ -117,6 +118,7 @@ def test_a_config_error_is_not_retried(tmp_path):
     assert "train.method: 'lorra' is not one of lora, qlora, full" in message
 
 
+@pytest.mark.slow
 def test_a_hub_outage_is_retried(tmp_path):
     """validate_config resolves the hub model's revision; a hub answering 503 makes the attempt RECOVERABLE."""
     from llm_finetune.config import FineTuneConfig, ModelConfig

@@ -90,6 +90,7 @@ TRAINING_TASKS = ("tasks.train.train_elastic", "tasks.preference_train.dpo_elast
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.slow  # the module's package fixture runs `pyflyte package`
 def test_task_image_cache_retries_resources(package, name):
     image, cache, retries, requests = EXPECTED[name]
     t = _task(package, name)
@@ -103,6 +104,7 @@ def test_task_image_cache_retries_resources(package, name):
     assert "GPU" not in _requests(t["container"].get("resources", {}))  # GPUs come from the run's config
 
 
+@pytest.mark.slow  # the module's package fixture runs `pyflyte package`
 def test_no_task_is_registered_interruptible_and_training_has_shared_memory(package):
     """Spot or not is decided per config when train_model launches the training node (see the dynamic
     test below); registered as the default config (CPU) decides: not interruptible, as the runbook's only
@@ -119,6 +121,7 @@ def _quantity(value: str) -> float:
     return quantity(value)
 
 
+@pytest.mark.slow  # the module's package fixture runs `pyflyte package`
 def test_no_task_asks_for_more_disk_than_the_smallest_node_it_may_land_on_offers(package):
     """A pod whose ephemeral-storage request exceeds every node's allocatable stays Pending (until
     pod-pending-timeout). Registered tasks request no GPU, so they land on the untainted default pools;
@@ -141,6 +144,7 @@ def test_no_task_asks_for_more_disk_than_the_smallest_node_it_may_land_on_offers
         assert disk is None or _quantity(disk) <= offered, f"{name} requests {disk} of disk; a {pool} node offers {offered / 2**30:.0f}Gi"
 
 
+@pytest.mark.slow  # the module's package fixture runs `pyflyte package`
 def test_push_to_hub_runs_only_when_publishing_and_the_other_branch_has_no_pod(package):
     wf = json_format.MessageToDict(package[("workflows.fine_tune.fine_tune", "2")].template)
     (branch,) = [n for n in wf["nodes"] if "branchNode" in n]
@@ -156,6 +160,7 @@ def test_push_to_hub_runs_only_when_publishing_and_the_other_branch_has_no_pod(p
     assert urls["binding"]["promise"]["nodeId"] == branch["id"]
 
 
+@pytest.mark.slow  # the module's package fixture runs `pyflyte package`
 def test_training_cache_key_ignores_the_tracked_run(package):
     """Every execution has a new MLflow / W&B run id; it must not make the cluster retrain."""
     for name in ("tasks.train.train_model", "tasks.train.train_elastic", "tasks.preference_train.dpo_elastic"):
@@ -164,6 +169,7 @@ def test_training_cache_key_ignores_the_tracked_run(package):
         assert "tracking" in t["interface"]["inputs"]["variables"], name
 
 
+@pytest.mark.slow  # the module's package fixture runs `pyflyte package`
 def test_hf_secret_requests(package):
     """Publishing reads the token itself; downloads of gated models/datasets get it as HF_TOKEN."""
     hf_token_env = {"group": "huggingface", "key": "token", "mountRequirement": "ENV_VAR", "envVar": "HF_TOKEN"}
@@ -182,6 +188,7 @@ def test_hf_secret_requests(package):
         assert secrets == want.get(name, []), name
 
 
+@pytest.mark.slow  # the module's package fixture runs `pyflyte package`
 def test_launch_plans_schedules_and_default_config(package):
     from flytekit.core.context_manager import FlyteContextManager
     from flytekit.core.type_engine import TypeEngine
@@ -205,6 +212,7 @@ def test_launch_plans_schedules_and_default_config(package):
     assert cfg == load_config(ROOT / "configs" / "retrain_nightly.yaml")
 
 
+@pytest.mark.slow  # the module's package fixture runs `pyflyte package`
 def test_data_refresh_waits_on_a_file_sensor_then_launches_fine_tune(package):
     sensor = _task(package, "wait_for_data")
     assert sensor["type"] == "sensor" and sensor["custom"]["sensor_name"] == "FileSensor"
@@ -266,6 +274,7 @@ ONE_L4 = TrainConfig(nproc_per_node=1, gpus_per_node=1, accelerator="nvidia-l4",
 
 
 @pytest.mark.parametrize("train", [MULTI_NODE, TrainConfig(), ONE_L4], ids=["2x8xH100", "default-1-node-cpu", "1xL4-auto-spot"])
+@pytest.mark.slow  # the module's package fixture runs `pyflyte package`
 def test_dynamic_compiles_the_configured_elastic_task(package, tmp_path, train):
     spec = _compile_train_model(package, tmp_path, train)
     (node,) = spec["nodes"]
@@ -312,6 +321,7 @@ def test_dynamic_compiles_the_configured_elastic_task(package, tmp_path, train):
     assert loaded.task_type == task["type"]
 
 
+@pytest.mark.slow  # the module's package fixture runs `pyflyte package`
 def test_dynamic_compiles_dpo_to_the_dpo_elastic_task(package, tmp_path):
     """train.method: dpo launches tasks.preference_train.dpo_elastic, on the image registration built."""
     spec = _compile_train_model(package, tmp_path, TrainConfig(method="dpo"))
@@ -326,6 +336,7 @@ def test_dynamic_compiles_dpo_to_the_dpo_elastic_task(package, tmp_path):
     assert loaded.name == "tasks.preference_train.dpo_elastic"
 
 
+@pytest.mark.slow
 def test_copy_all_bundle_ships_the_files_tasks_read_at_runtime():
     """``--copy all`` (what docs/deploy.md and ``make register`` use) ships data files;
     the default ``--copy auto`` ships only imported modules, so a remote run would miss

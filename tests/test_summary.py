@@ -1,5 +1,6 @@
 """The summarize task: a drop warning at the top, the validation-chosen checkpoint, metrics with intervals, a run folder."""
 
+import pytest
 import json
 
 import pandas as pd
@@ -7,6 +8,8 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.structured import StructuredDataset
 
 from llm_finetune.evaluate import EvalMetrics
+
+pytestmark = pytest.mark.slow  # every test here trains a model or starts a process (tests/tiers.py)
 
 
 def _report(em, low, high):

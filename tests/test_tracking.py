@@ -306,6 +306,7 @@ def fine_tune_once(cfg):
 # ------------------------------------------------------------------------------------------------ failures
 
 
+@pytest.mark.slow
 def test_tracker_failing_mid_run_never_stops_training(tiny, tmp_path, no_file_store, monkeypatch, capfd):
     """The real MLflow client on a local store accepts the first logs, then the 'server' goes away.
 
@@ -408,6 +409,7 @@ def _store_worker(job: tuple) -> tuple[str, int]:
     return run.run_id, tracker.failures
 
 
+@pytest.mark.slow
 def test_local_sqlite_store_takes_several_processes_at_once(tmp_path, no_file_store):
     """Rank 0 of training and the other tasks may write at the same time: SQLite's locking serializes them
     (nothing is lost), and the first use of a new database is serialized by a lock file."""

@@ -20,6 +20,7 @@ def train_frame(tokenizer):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.slow
 def test_single_process_training_lowers_loss_and_saves_loadable_model(method, request, train_frame, tmp_path):
     """LoRA on the embedded model (what users run); full fine-tuning on the tiny random model."""
     from transformers import AutoModelForCausalLM

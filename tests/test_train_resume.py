@@ -16,6 +16,8 @@ from llm_finetune.data.prepare import prepare
 from llm_finetune.train import train
 from tests.tiny import save_tiny_llama
 
+pytestmark = pytest.mark.slow  # every test here trains a model or starts a process (tests/tiers.py)
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):

@@ -7,6 +7,8 @@ from llm_finetune.data.prepare import prepare
 from llm_finetune.train import train
 from tests.tiny import save_tiny_llama
 
+pytestmark = pytest.mark.slow  # every test here trains a model or starts a process (tests/tiers.py)
+
 
 @pytest.mark.parametrize("patience, steps", [(2, 3), (0, 5)])
 def test_early_stopping_on_validation_loss(patience, steps, tokenizer, tmp_path):
