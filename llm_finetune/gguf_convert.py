@@ -62,8 +62,9 @@ def _why(proc: subprocess.CompletedProcess) -> str:
 
 
 def _refusal(model_dir: Path, why: str) -> GGUFExportError:
-    config = json.loads((model_dir / "config.json").read_text())
-    arch = ", ".join(config.get("architectures") or [config.get("model_type", "?")])
+    config_file = model_dir / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}  # the converter's error says why
+    arch = ", ".join(config.get("architectures") or [config.get("model_type", "no config.json")])
     hint = ("its tokenizer's pre-tokenizer is not one llama.cpp knows (a tokenizer trained from scratch or edited); "
             "keep the published tokenizer of the base model" if "pre-tokenizer" in why else
             "llama.cpp does not convert this architecture" if "not supported" in why else "")

@@ -24,7 +24,6 @@ import re
 from pathlib import Path
 from typing import NoReturn
 
-from llm_finetune.data.sources import is_content_fingerprint  # noqa: F401 - where revisions are decided
 from llm_finetune.errors import ConfigError, TransientError, is_transient
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 MISTRAL_TEMPLATE = (
@@ -51,9 +52,9 @@ def vocab_cases(vocab: str) -> list[tuple[str, list[int]]]:
     return [(t, [int(x) for x in i.split()]) for t, i in zip(texts, ids) if t]
 
 
-def _spm_model(vocab: str, out: Path, dummy_prefix: bool = True) -> tuple[int, list[str]]:
+def _spm_model(vocab: str, out: Path, dummy_prefix: bool = True) -> list[str]:
     """Write tokenizer.model from the GGUF vocabulary (pieces, scores and types as in the original model);
-    returns how many pieces it holds (Phi-3's extra chat tokens become added tokens)."""
+    returns the tokens after its pieces (Phi-3's chat tokens, which become added tokens)."""
     from gguf import GGUFReader
     from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -78,7 +79,7 @@ def _spm_model(vocab: str, out: Path, dummy_prefix: bool = True) -> tuple[int, l
         piece.type = 2 if i == 0 else 3 if i < 3 else int(types[i])
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.model").write_bytes(m.SerializeToString())
-    return n, tokens[n:]
+    return list(tokens[n:])
 
 
 def real_tokenizer(family: str, out: Path, smollm_tokenizer=None):
@@ -91,10 +92,10 @@ def real_tokenizer(family: str, out: Path, smollm_tokenizer=None):
         return smollm_tokenizer
     key = f"{vocab}:{template}"
     if key not in _BUILT:
-        built = Path(__import__("tempfile").mkdtemp(prefix=f"tok-{family}-"))
+        built = Path(tempfile.mkdtemp(prefix=f"tok-{family}-"))
         chat = template if "{" in template else (llama_cpp_models() / "templates" / template).read_text()
         if vocab in SPM_VOCABS:
-            _, extra = _spm_model(vocab, built, dummy_prefix=not family.startswith("gemma"))  # Gemma's has none
+            extra = _spm_model(vocab, built, dummy_prefix=not family.startswith("gemma"))  # Gemma's has none
             (built / "tokenizer_config.json").write_text(json.dumps({
                 **({"add_prefix_space": False} if family.startswith("gemma") else {}), "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                 "add_bos_token": True, "add_eos_token": False, "legacy": False}))
