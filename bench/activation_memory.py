@@ -24,10 +24,10 @@ import torch
 from llm_finetune.config import TrainConfig
 from llm_finetune.data.lengths import activation_bytes_per_token
 from llm_finetune.label_loss import label_only_loss
-from llm_finetune.train import _load_model
+from llm_finetune.training.weights import load_model
 model_dir, length, ckpt = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 cfg = TrainConfig(gradient_checkpointing=ckpt)
-model = _load_model(model_dir, cfg, bf16=False)
+model = load_model(model_dir, cfg, bf16=False)[0]
 model.train()
 if ckpt:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -175,10 +175,9 @@ KNOWN_MODEL_BYTES = {
 
 def tuned_factor(train) -> int:
     """The tuned model's size in base-model sizes (the shipped models are stored in 16 bits): full fine-tuning
-    loads and saves fp32 (2x); a LoRA/QLoRA/DPO-LoRA merge is saved in bf16 with ``precision: bf16``, else
-    possibly in fp32 (2x, llm_finetune/train.py merge_adapter)."""
-    full = train.method == "full" or (train.method == "dpo" and train.dpo.weights == "full")
-    return 2 if full or train.precision != "bf16" else 1
+    loads and saves fp32 (2x); a LoRA/QLoRA merge is saved in bf16 with ``precision: bf16``, else
+    possibly in fp32 (2x, llm_finetune/training/weights.py merge_adapter)."""
+    return 2 if train.weights == "full" or train.precision != "bf16" else 1
 PROPELLER_GPU_LABEL = "k8s.amazonaws.com/accelerator"  # propeller's default gpu-device-node-label
 GPU = "nvidia.com/gpu"
 CLOUD_OF_LABEL = {"cloud.google.com/gke-accelerator": "gke", "k8s.amazonaws.com/accelerator": "eks"}
@@ -443,7 +442,7 @@ def config_pods(config, values: dict, model_bytes: dict | None = None) -> tuple[
         disk = training_disk(train, model)
         req = _res(resources(train, disk))
         keys = {"cpu": f"{prefix}.cpu", "memory": f"{prefix}.memory", GPU: f"{prefix}.gpus_per_node",
-                "ephemeral-storage": f"the model's size x copies for {prefix}.method (llm_finetune/disk.py)",
+                "ephemeral-storage": f"the model's size x copies for {prefix}.weights (llm_finetune/disk.py)",
                 "accelerator": f"{prefix}.accelerator", "interruptible": f"{prefix}.interruptible"}
         note = f"x {train.nnodes} pods (PyTorchJob workers)" if train.nnodes > 1 else ""
         spot = is_interruptible(train)
@@ -455,12 +454,12 @@ def config_pods(config, values: dict, model_bytes: dict | None = None) -> tuple[
     for name in ("validate_config", "start_tracking", "prepare_base_model", "check_outputs", "get_data", "train_model"):
         fixed(name)
     t = config.train
-    training("dpo_elastic" if t.method == "dpo" else "train_elastic", t, "train", base_bytes)
+    training("train_elastic", t, "train", base_bytes)
     if config.preference.enabled:
         fixed("preference_stage")
         pods.append(build_pod("get_data (preference)", {k: v for k, v in static["get_data"].items() if not k.startswith("_")}, values))
         pods.append(build_pod("train_model (preference)", {k: v for k, v in static["train_model"].items() if not k.startswith("_")}, values))
-        training("dpo_elastic (preference)", config.preference.train, "preference.train", tuned_bytes)
+        training("train_elastic (preference)", config.preference.train, "preference.train", tuned_bytes)
     fixed("assess")
     ev = eval_resources(t)
     ev_keys = {k: "train.gpus_per_node (eval_resources in tasks/evaluate.py)" for k in ("cpu", "memory", GPU)}

@@ -58,7 +58,7 @@ COMMON_PACKAGES = [
     "gguf==0.19.0",
     "sentencepiece==0.2.3",  # SentencePiece vocabularies (Mistral, Llama 2) in GGUF exports
     "bitsandbytes==0.50.2",  # QLoRA on the GPU; int8/nf4 quantization runs on its CPU backend too
-    "trl==1.16.0",  # DPOTrainer: train.method dpo (llm_finetune/preference.py), training runs on both images
+    "trl==1.16.0",  # DPO, KTO and ORPO trainers (llm_finetune/training/recipes/), training runs on both images
     "lm_eval==0.4.13",  # evaluate.lm_eval_tasks: zero-shot benchmarks in the evaluation pods (both images evaluate)
     # GGUF variants are evaluated in llama.cpp, as users run them (llm_finetune/gguf_eval.py), not dequantized to
     # fp32 in the pod. Built from source at image build: a compiler (apt) and a portable CPU build (LLAMA_CPP_ENV).

@@ -16,17 +16,20 @@ import difflib
 import json
 import re
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from llm_finetune.errors import ConfigError
+from llm_finetune.methods import DATA_FORMATS as METHOD_DATA, DEPRECATED_METHODS, METHODS, WEIGHTS
 
 EMBEDDED_MODEL = "embedded://SmolLM2-135M-Instruct"
 EMBEDDED_DATASET = "embedded://iso_dates"
 EMBEDDED_PREFERENCE_DATASET = "embedded://iso_dates_preference"
+EMBEDDED_UNPAIRED_DATASET = "embedded://iso_dates_unpaired"
 
-DATA_FORMATS = ("auto", "alpaca", "dolly", "chat", "text", "preference")
+DATA_FORMATS = ("auto", "alpaca", "dolly", "chat", "text", "preference", "unpaired")
 INVALID_ROW_POLICIES = ("drop", "fail")
 OVERLONG_POLICIES = ("drop", "truncate_prompt", "fail")
 # int keys that also take the word "auto" in YAML/JSON (also inside the preference stage's
@@ -36,7 +39,6 @@ AUTO_INT_KEYS = {"data.max_length": 0, "evaluate.max_new_tokens": 0, "train.samp
 # train.per_device_batch_size: auto trains this many rows per micro-batch when they fit in memory;
 # when not, get_data lowers it and raises gradient accumulation by the same factor (data/lengths.py)
 AUTO_MICRO_BATCH = 4
-TRAIN_METHODS = ("lora", "qlora", "full", "dpo")
 QUANTIZE_BITS = (0, 4, 8)
 QUANTIZE_VARIANTS = ("int8", "nf4", "gguf_q8_0", "gguf_f16", "gguf_q4_k_m", "gguf_q5_k_m")
 PROMPT_TEMPLATES = ("alpaca", "plain")
@@ -45,12 +47,10 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRACKING_BACKENDS = ("none", "mlflow", "wandb")
 # accelerator names of GPUs older than Turing (sm_75): the CUDA 12.8 torch wheels dropped them
 UNSUPPORTED_GPUS = ("k80", "m60", "p4", "p100", "v100")
-# preference tuning (llm_finetune/preference.py, TRL's DPOTrainer)
-PREFERENCE_METHODS = ("dpo",)
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down", "sigmoid_norm", "nca_pair", "bco_pair",
                   "sppo_hard", "discopop", "exo_pair")
 DPO_REFERENCES = ("auto",)
-DPO_WEIGHTS = ("lora", "qlora", "full")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 @dataclass
@@ -103,6 +103,14 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
 
+def _choice(key: str, value, allowed) -> list[str]:
+    if value in allowed:
+        return []
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return [f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}{hint}"]
+
+
 @dataclass
 class DPOSettings:
     """Direct preference optimisation (TRL's DPOTrainer) when ``train.method`` is ``dpo``."""
@@ -112,15 +120,57 @@ class DPOSettings:
     # auto: LoRA/QLoRA use the adapter-disabled base as the reference (no second copy of the weights);
     # full fine-tuning loads a frozen copy of the starting model
     reference: str = "auto"
-    weights: str = "lora"  # which weights DPO trains: lora | qlora (adapters, settings in train.lora) | full
+    weights: str = ""  # deprecated: train.weights (still accepted, moved there with a warning)
     label_smoothing: float = 0.0  # robust / exo_pair only: assumed share of flipped preference labels
+
+    def problems(self, key: str) -> list[str]:
+        p = _choice(f"{key}.loss_type", self.loss_type, DPO_LOSS_TYPES) + _choice(f"{key}.reference", self.reference, DPO_REFERENCES)
+        if self.beta <= 0:
+            p.append(f"{key}.beta: must be > 0 (typical 0.01 to 0.5), got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            p.append(f"{key}.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.loss_type == "exo_pair" and self.label_smoothing == 0.0:
+            p.append(f"{key}.label_smoothing: loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 0.001)")
+        return p
+
+
+@dataclass
+class KTOSettings:
+    """Kahneman-Tversky optimisation (TRL's KTOTrainer) when ``train.method`` is ``kto``."""
+
+    beta: float = 0.1  # how far the policy may move from the reference (higher = closer)
+    loss_type: str = "kto"  # kto | apo_zero_unpaired
+    # weights of the desirable / undesirable losses; with unbalanced labels keep
+    # desirable_weight x desirable rows / (undesirable_weight x undesirable rows) in [1, 4/3] (KTO paper, eq. 8)
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    def problems(self, key: str) -> list[str]:
+        p = _choice(f"{key}.loss_type", self.loss_type, KTO_LOSS_TYPES)
+        if self.beta <= 0:
+            p.append(f"{key}.beta: must be > 0 (typical 0.01 to 0.5), got {self.beta}")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) <= 0:
+                p.append(f"{key}.{name}: must be > 0, got {getattr(self, name)}")
+        return p
+
+
+@dataclass
+class ORPOSettings:
+    """Odds-ratio preference optimisation (TRL's ORPOTrainer) when ``train.method`` is ``orpo``."""
+
+    beta: float = 0.1  # weight of the odds-ratio term beside the SFT loss (the paper's lambda)
+
+    def problems(self, key: str) -> list[str]:
+        return [] if self.beta > 0 else [f"{key}.beta: must be > 0 (the paper uses 0.1 to 0.25), got {self.beta}"]
 
 
 @dataclass
 class TrainConfig:
     """How to train, and on what hardware (the resources are declarative, see tasks/train.py)."""
 
-    method: str = "lora"  # lora | qlora | full
+    method: str = "sft"  # the objective: sft | dpo | kto | orpo (the registry, llm_finetune/methods.py)
+    weights: str = "lora"  # which weights train: lora | qlora (adapters, settings in train.lora) | full
     max_steps: int = 60  # optimizer steps; 0 (or -1) means train for num_epochs
     num_epochs: float = 1.0
     learning_rate: float = 1e-3
@@ -159,7 +209,20 @@ class TrainConfig:
     retries: int = 2
     keep_checkpoints: int = 2  # newest complete checkpoints kept in the checkpoint store (plus the best one they name)
     dpo: DPOSettings = field(default_factory=DPOSettings)  # used when method is dpo
+    kto: KTOSettings = field(default_factory=KTOSettings)  # used when method is kto
+    orpo: ORPOSettings = field(default_factory=ORPOSettings)  # used when method is orpo
     early_stopping_patience: int = 0  # stop after N validations without a better validation loss; 0 = off
+
+    def __post_init__(self):
+        """The old spellings still work: ``train.method: lora|qlora|full`` (supervised training of those
+        weights) and ``train.dpo.weights``; each is moved to ``train.weights`` once, with a warning."""
+        if self.method in DEPRECATED_METHODS:
+            warnings.warn(f"train.method: {self.method} is deprecated: write train.method: sft and train.weights: "
+                          f"{DEPRECATED_METHODS[self.method]}", FutureWarning, stacklevel=3)
+            self.method, self.weights = "sft", DEPRECATED_METHODS[self.method]
+        if self.dpo.weights:
+            warnings.warn(f"train.dpo.weights is deprecated: write train.weights: {self.dpo.weights}", FutureWarning, stacklevel=3)
+            self.weights, self.dpo.weights = self.dpo.weights, ""
 
 
 # TrainConfig keys that change how a run executes or is watched, never the weights it returns.
@@ -519,7 +582,8 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
     if not m.base_model.strip():
         p.append(f"model.base_model: empty; give a hub id, a local model directory or {EMBEDDED_MODEL}")
 
-    one_of("train.method", t.method, TRAIN_METHODS)
+    one_of("train.method", t.method, tuple(METHODS))
+    one_of("train.weights", t.weights, WEIGHTS)
     one_of("train.lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
     one_of("train.precision", t.precision, PRECISIONS)
     if t.max_steps < -1:
@@ -571,7 +635,7 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
         p.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
     if t.retries < 0:
         p.append(f"train.retries: must be >= 0, got {t.retries}")
-    if t.method in ("lora", "qlora"):
+    if t.weights in ("lora", "qlora"):
         positive("train.lora.r", t.lora.r)
         positive("train.lora.alpha", t.lora.alpha)
         if not 0.0 <= t.lora.dropout < 1.0:
@@ -584,10 +648,10 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
             "torch 2.13 CUDA 12.8 wheels do not support; choose nvidia-tesla-t4, nvidia-l4, nvidia-tesla-a100, "
             "nvidia-a100-80gb, nvidia-h100 or newer"
         )
-    if t.method == "qlora" and t.gpus_per_node == 0:
+    if t.weights == "qlora" and t.gpus_per_node == 0:
         p.append(
-            "train.method: qlora quantizes the base model to 4-bit with bitsandbytes CUDA kernels and needs a GPU; "
-            "set train.gpus_per_node >= 1, or use train.method: lora on CPU"
+            "train.weights: qlora quantizes the base model to 4-bit with bitsandbytes CUDA kernels and needs a GPU; "
+            "set train.gpus_per_node >= 1, or use train.weights: lora on CPU"
         )
     if t.precision == "bf16" and t.gpus_per_node == 0:
         p.append("train.precision: bf16 training needs a GPU here; use auto or fp32 on CPU")
@@ -595,7 +659,7 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
         p.append("train.precision: fp16 mixed precision needs a GPU; use auto or fp32 on CPU")
     ds = deepspeed_config_path(t.deepspeed, deepspeed_dir or Path("deepspeed_configs"))
     if ds is not None:
-        if t.method == "qlora":
+        if t.weights == "qlora":
             p.append("train.deepspeed: QLoRA with DeepSpeed ZeRO is not supported here; set train.deepspeed: none")
         if deepspeed_dir is not None and not ds.is_file():
             names = sorted(f.stem for f in deepspeed_dir.glob("*.json"))
@@ -638,51 +702,35 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
 
 
 def preference_problems(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> list[str]:
-    """Problems of the DPO settings (``train.method: dpo``) and of the optional ``preference`` stage."""
+    """Problems of the method's data and settings (the registry, methods.py) and of the optional ``preference`` stage."""
     p: list[str] = []
     d, t = config.data, config.train
-    if t.method == "dpo":
-        o = t.dpo
-        for key, value, allowed in (("loss_type", o.loss_type, DPO_LOSS_TYPES), ("reference", o.reference, DPO_REFERENCES),
-                                    ("weights", o.weights, DPO_WEIGHTS)):
-            if value not in allowed:
-                close = difflib.get_close_matches(str(value), allowed, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                p.append(f"train.dpo.{key}: {value!r} is not one of {', '.join(allowed)}{hint}")
-        if o.beta <= 0:
-            p.append(f"train.dpo.beta: must be > 0 (typical 0.01 to 0.5), got {o.beta}")
-        if not 0.0 <= o.label_smoothing < 0.5:
-            p.append(f"train.dpo.label_smoothing: must be in [0, 0.5), got {o.label_smoothing}")
-        if o.loss_type == "exo_pair" and o.label_smoothing == 0.0:
-            p.append("train.dpo.label_smoothing: loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 0.001)")
-        if d.format not in ("auto", "preference"):
-            p.append(f"data.format: {d.format!r} holds no preference pairs; train.method: dpo needs data.format: preference "
-                     "(prompt/chosen/rejected columns or chosen/rejected message lists) or auto")
-        if d.packing:
-            p.append("data.packing: DPO trains on padded chosen/rejected pairs and cannot pack them; set data.packing: false")
-        if o.weights in ("lora", "qlora"):
-            if t.lora.r <= 0 or t.lora.alpha <= 0:
-                p.append(f"train.lora: r and alpha must be > 0, got r={t.lora.r}, alpha={t.lora.alpha}")
-            if not t.lora.target_modules:
-                p.append("train.lora.target_modules: empty; use [all-linear] or name the modules, e.g. [q_proj, v_proj]")
-        if o.weights == "qlora" and t.gpus_per_node == 0:
-            p.append("train.dpo.weights: qlora needs a GPU (4-bit bitsandbytes kernels); set train.gpus_per_node >= 1, "
-                     "or use train.dpo.weights: lora on CPU")
-        if o.weights == "qlora" and deepspeed_config_path(t.deepspeed, deepspeed_dir or Path("deepspeed_configs")):
-            p.append("train.deepspeed: QLoRA with DeepSpeed ZeRO is not supported here; set train.deepspeed: none")
-    elif d.format == "preference":
-        p.append(f"data.format: preference pairs train with train.method: dpo, but train.method is {t.method!r}; "
-                 "set train.method: dpo, or use the preference section to run DPO after this stage")
+    spec = METHODS.get(t.method)
+    if spec is not None:
+        settings = getattr(t, t.method, None)  # train.dpo, train.kto, ...: the method's own section, if it has one
+        if settings is not None:
+            p += settings.problems(f"train.{t.method}")
+        if d.format not in METHOD_DATA[spec.data]:
+            takes = sorted(name for name, m in METHODS.items() if d.format in METHOD_DATA[m.data])
+            p.append(f"data.format: {d.format!r} is not data train.method {t.method} trains on ({spec.data} rows: data.format "
+                     f"{' or '.join(METHOD_DATA[spec.data])}); {d.format} data trains with train.method "
+                     f"{' or '.join(takes) or 'none'}. Set data.format and data.source to match train.method"
+                     + (", or use the preference section to run it after this stage" if spec.data == "sft" else ""))
+        if d.packing and not spec.can_pack:
+            p.append(f"data.packing: train.method {t.method} trains on whole {spec.data} rows (answers compared side by "
+                     "side) and cannot pack them; set data.packing: false")
     stage = config.preference
     if stage.enabled:
-        if t.method == "dpo":
-            p.append("preference.enabled: the preference stage runs DPO after the first stage, so train.method must be "
-                     "lora, qlora or full (supervised); for DPO alone set train.method: dpo and preference.enabled: false")
+        if spec is not None and spec.data != "sft":
+            p.append(f"preference.enabled: the preference stage tunes on preferences after the first stage, so train.method "
+                     f"must be sft (supervised); for {t.method} alone set preference.enabled: false")
         if stage.data.prompt_template != d.prompt_template:
             p.append(f"preference.data.prompt_template: {stage.data.prompt_template!r} differs from data.prompt_template "
                      f"{d.prompt_template!r}; DPO must see prompts rendered as the first stage trained them")
-        if stage.train.method != "dpo":
-            p.append(f"preference.train.method: must be dpo (the preference stage is DPO), got {stage.train.method!r}")
+        stage_spec = METHODS.get(stage.train.method)
+        if stage_spec is not None and stage_spec.data == "sft":
+            p.append(f"preference.train.method: the preference stage tunes on preferences, so it takes "
+                     f"{' or '.join(n for n, m in METHODS.items() if m.data != 'sft')}, got {stage.train.method!r}")
         inner = FineTuneConfig(data=stage.data, train=stage.train, model=config.model, evaluate=config.evaluate,
                                quantize=QuantizeConfig(variants=[]), hub=HubConfig())
         try:

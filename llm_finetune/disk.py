@@ -49,7 +49,6 @@ def disk_gib(model_bytes: int, copies: float) -> int:
     return math.ceil(copies * model_bytes / GIB) + SLACK_GIB
 
 
-def training_copies(method: str, dpo_weights: str = "lora") -> int:
-    """Model copies on a training pod's disk for ``train.method`` (and ``train.dpo.weights`` when it is dpo)."""
-    full = method == "full" or (method == "dpo" and dpo_weights == "full")
-    return TRAIN_FULL_COPIES if full else TRAIN_ADAPTER_COPIES
+def training_copies(weights: str) -> int:
+    """Model copies on a training pod's disk for ``train.weights`` (a reference model is the base already there)."""
+    return TRAIN_FULL_COPIES if weights == "full" else TRAIN_ADAPTER_COPIES

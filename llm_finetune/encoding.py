@@ -210,3 +210,26 @@ def prompt_and_reference(tokenizer, messages: list[dict], template: str = "alpac
         if tokenizer.bos_token:
             prompt = tokenizer.bos_token + prompt
     return prompt, reference
+
+
+def encode_frame(tokenizer, frame, data_cfg) -> list[dict]:
+    """Training examples from get_data's token rows, or by encoding canonical rows.
+
+    Token rows (``input_ids``, ``labels``, ``seq_lens``; packed or not) are used as they
+    are. Canonical rows are encoded here; text is cut into ``data.max_length`` blocks. Shared
+    by SFT training and evaluation's loss pass, which must see the same tokens.
+    """
+    if "input_ids" in frame.columns:
+        return [
+            {"input_ids": list(r["input_ids"]), "labels": list(r["labels"]), "seq_lens": [int(x) for x in r["seq_lens"]]}
+            for r in frame.to_dict(orient="records")
+        ]
+    out = []
+    for row in frame.to_dict(orient="records"):
+        enc = encode_row(tokenizer, row, train_on_prompt=data_cfg.train_on_prompt, template=data_cfg.prompt_template)
+        n = data_cfg.max_length or max(len(enc.input_ids), 1)  # 0 = auto: get_data fitted the rows already
+        for start in range(0, len(enc.input_ids), n):
+            ids, labels = enc.input_ids[start : start + n], enc.labels[start : start + n]
+            if any(x != IGNORE_INDEX for x in labels):
+                out.append({"input_ids": ids, "labels": labels})
+    return out

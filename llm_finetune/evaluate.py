@@ -19,13 +19,12 @@ import torch
 from llm_finetune.collate import TokenCollator
 from llm_finetune.config import DataConfig, EvalConfig
 from llm_finetune.data.preference import is_preference_frame
-from llm_finetune.encoding import IGNORE_INDEX, prompt_and_reference
+from llm_finetune.encoding import IGNORE_INDEX, encode_frame, prompt_and_reference
 from llm_finetune.draft_answers import drafted_answers
 from llm_finetune.data.lengths import model_context
 from llm_finetune.generation import generation_budget, stop_token_ids
 from llm_finetune.eval_models import eval_tokenizer, generate, load_model  # noqa: F401 - generate re-exported
 from llm_finetune.metrics import HEADLINE, EvalMetrics, score, task_kind  # noqa: F401 - EvalMetrics re-exported
-from llm_finetune.train import encode_frame
 
 
 @torch.no_grad()

@@ -26,11 +26,11 @@ def count_parameters(model_dir: Path) -> int:
     return total
 
 
-def training_bytes(n_params: int, method: str, bf16: bool, zero_stage: int, world_size: int, offload: bool) -> float:
+def training_bytes(n_params: int, weights: str, bf16: bool, zero_stage: int, world_size: int, offload: bool) -> float:
     """Bytes per process for weights + gradients + optimizer states (ZeRO shards them over ranks)."""
-    if method == "qlora":
+    if weights == "qlora":
         return n_params * 0.55  # nf4 weights with double-quantised scales; adapters are tiny
-    if method == "lora":
+    if weights == "lora":
         return n_params * (2 if bf16 else 4)  # frozen base; adapter states are negligible
     weights, grads, optim = (2.0 if bf16 else 4.0), (2.0 if bf16 else 4.0), 12.0 if bf16 else 8.0  # Adam m, v (+fp32 master)
     n = max(world_size, 1)
@@ -43,18 +43,18 @@ def training_bytes(n_params: int, method: str, bf16: bool, zero_stage: int, worl
     return n_params * (weights + grads + optim)
 
 
-def check_fits(n_params: int, method: str, bf16: bool, zero_stage: int, world_size: int, offload: bool,
+def check_fits(n_params: int, weights: str, bf16: bool, zero_stage: int, world_size: int, offload: bool,
                available_bytes: float, device: str) -> None:
-    need = training_bytes(n_params, method, bf16, zero_stage, world_size, offload)
+    need = training_bytes(n_params, weights, bf16, zero_stage, world_size, offload)
     if need <= available_bytes:
         return
     hint = {
-        "full": "use train.method: lora or qlora, train.deepspeed: zero3 (or zero3_offload), or more GPUs",
-        "lora": "use train.method: qlora (4-bit base) or a GPU with more memory",
+        "full": "use train.weights: lora or qlora, train.deepspeed: zero3 (or zero3_offload), or more GPUs",
+        "lora": "use train.weights: qlora (4-bit base) or a GPU with more memory",
         "qlora": "use a GPU with more memory",
-    }[method]
+    }[weights]
     raise ConfigError([
-        f"train.method: {method} of a {n_params / 1e9:.2f}B-parameter model needs at least {need / GiB:.1f} GiB per "
+        f"train.weights: {weights} of a {n_params / 1e9:.2f}B-parameter model needs at least {need / GiB:.1f} GiB per "
         f"process for weights, gradients and optimizer states, but {device} has {available_bytes / GiB:.1f} GiB; {hint}"
     ])
 

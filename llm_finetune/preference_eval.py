@@ -22,7 +22,7 @@ import torch
 
 from llm_finetune.config import DataConfig, EvalConfig
 from llm_finetune.generation import generation_budget
-from llm_finetune.preference import pair_examples, sample_prompts
+from llm_finetune.data.preference import pair_examples, pair_sample_prompts as sample_prompts
 
 BOOTSTRAP_SAMPLES = 2000
 

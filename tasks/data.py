@@ -19,6 +19,7 @@ from llm_finetune.data.validation import RULES
 from llm_finetune.encoding import IGNORE_INDEX, encode_row
 from llm_finetune.model import load_tokenizer
 from llm_finetune.fit import deepspeed_offload
+from llm_finetune.methods import method_spec
 from tasks.common import CACHE_DATA, DEEPSPEED_DIR, HF_TOKEN_ENV_SECRET, length_histogram, publish_deck, recoverable, table_html
 from tasks.model_files import model_metadata
 
@@ -37,7 +38,7 @@ class DataReport:
     length_note: str  # how max_length was chosen and what it costs
     drop_note: str  # non-empty when more than 1% of the rows were dropped: the summary leads with it
     batch_note: str = ""  # how the micro-batch was fitted to keep the rows (empty: as configured)
-from tasks.preference_data import preference_decks
+from tasks.preference_data import preference_decks, unpaired_decks
 
 
 class DataSplits(typing.NamedTuple):
@@ -149,13 +150,15 @@ def get_data(
     """
     model_dir, n_params = model_metadata(base_model)  # config and tokenizer; the weights stay in the store
     tokenizer = load_tokenizer(model_dir)
-    prepared = prepare(data, tokenizer, length_chooser(model_dir, n_params, join_train(train, train_ops)))
+    prepared = prepare(data, tokenizer, length_chooser(model_dir, n_params, join_train(train, train_ops)),
+                       kind=method_spec(train.method).data)
     if prepared.length.plan.note:
         print(f"[get_data] batch fitted to keep the rows: {prepared.length.plan.note}", flush=True)
     note = prepared.drop_note()
     if note:
         print(f"[get_data] WARNING: {note}", flush=True)
-    decks = preference_decks(prepared, data) if prepared.format == "preference" else _decks(prepared, tokenizer, data)
+    decks_of = {"preference": preference_decks, "unpaired": unpaired_decks}.get(prepared.format)  # by the rows' shape
+    decks = decks_of(prepared, data) if decks_of else _decks(prepared, tokenizer, data)
     publish_deck("get_data", decks)
     return DataSplits(
         train=StructuredDataset(dataframe=prepared.train),

@@ -1,4 +1,5 @@
-"""get_data's decks for preference pairs: the same validation page as SFT data, a pair profile, sample pairs."""
+"""get_data's decks for preference data (pairs for DPO/ORPO, labelled answers for KTO): the same validation
+page as SFT data, a profile, sample rows."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pandas as pd
 
 from llm_finetune.config import overlong_policy, DataConfig
 from llm_finetune.data.preference import PREFERENCE_RULES, prompt_text
+from llm_finetune.data.unpaired import UNPAIRED_RULES
 from tasks.common import length_histogram, table_html
 
 PROMPT_CUT = ("the prompt and the longer answer exceed data.max_length: the prompt was cut from the left (its last turn "
@@ -40,6 +42,35 @@ def preference_decks(prepared, data: DataConfig) -> dict[str, str]:
         "Validation": validation,
         "Data profile": profile,
         "Sample pairs": table_html(sample[["source_row", "prompt", "chosen", "rejected"]], max_rows=10),
+    }
+
+
+def unpaired_decks(prepared, data: DataConfig) -> dict[str, str]:
+    """Labelled single answers (KTO): rows dropped per rule, the label balance per split, sample rows."""
+    r = prepared.report
+    rules = pd.DataFrame([{"reason": k, "meaning": UNPAIRED_RULES.get(k, k), "rows dropped": v} for k, v in sorted(r.dropped.items())],
+                         columns=["reason", "meaning", "rows dropped"])
+    validation = (
+        f"<p>Source <code>{html.escape(data.source)}</code>: {html.escape(prepared.format_reason)} (answers labelled "
+        f"desirable or not, for KTO).</p><p>Rows in: <b>{r.rows_in}</b>, kept: <b>{r.rows_kept}</b>, dropped: "
+        f"<b>{r.rows_in - r.rows_kept}</b> (policy <code>{data.on_invalid}</code>).</p>{table_html(rules)}"
+        f"<h3>Failure cases</h3>{table_html(r.failure_cases) if len(r.failure_cases) else '<p>none</p>'}"
+    )
+    train, tokens = prepared.train, prepared.train_tokens
+    good = int(train["label"].sum())
+    profile = (
+        f"<p>Format: <b>unpaired</b>; train rows {len(train)} ({good} desirable, {len(train) - good} undesirable), "
+        f"validation rows {len(prepared.validation)}, test rows scored {len(prepared.test)} (the desirable held-out "
+        f"answers); max_length {prepared.max_length} tokens (prompt + answer).</p>"
+        f"<p>Tokens per row (train): prompt mean {tokens['prompt_ids'].map(len).mean():.1f}, answer mean "
+        f"{tokens['completion_ids'].map(len).mean():.1f}.</p>"
+        + length_histogram(prepared.lengths, prepared.max_length, False)
+    )
+    sample = train.head(10).assign(prompt=lambda f: f["prompt"].map(prompt_text))
+    return {
+        "Validation": validation,
+        "Data profile": profile,
+        "Sample rows": table_html(sample[["source_row", "prompt", "completion", "label"]], max_rows=10),
     }
 
 

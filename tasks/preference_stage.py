@@ -1,8 +1,8 @@
-"""preference_stage: SFT then DPO in one execution (the ``preference`` section of the config).
+"""preference_stage: SFT then preference tuning (DPO, KTO or ORPO) in one execution (the ``preference`` section).
 
 A dynamic workflow after the first training stage. With ``preference.enabled`` it prepares
 the preference pairs with the first stage's tokenizer and launches ``train_model`` (hence
-``dpo_elastic``) with the first stage's output model as the base; otherwise it hands the
+``train_elastic`` with the stage's ``train.method``) with the first stage's output model as the base; otherwise it hands the
 first stage's outputs through untouched. Its tasks are cached on their own inputs: the
 stage-1 model directory (the same URI when stage 1 is served from the cache), the stage's
 data and train sections. So re-running with a new ``preference.train.dpo.beta`` re-trains
@@ -55,7 +55,7 @@ def preference_stage(
     """
     if not enabled:
         return model, adapter, heldout, None, "", None
-    print(f"[preference_stage] DPO ({preference_train.dpo.loss_type}, beta {preference_train.dpo.beta}) on "
+    print(f"[preference_stage] {preference_train.method} ({preference_train.weights}) on "
           f"{preference_data.source}, starting from the first stage's model", flush=True)
     splits = get_data(data=preference_data, base_model=model, train=preference_train, train_ops=preference_train_ops)
     trained = train_model(  # validation pairs choose the checkpoint; test pairs only score

@@ -64,7 +64,7 @@ def start_tracking(config: FineTuneConfig) -> TrackedRun:
     name = execution_name()
     m, d = config.model, config.data
     tags = {"flyte.execution_id": name, "base_model": m.base_model, "dataset": redact_uri(d.source),
-            "train.method": config.train.method,
+            "train.method": config.train.method, "train.weights": config.train.weights,
             # pinned by validate_config: the hub commit or content fingerprint this execution reads
             "base_model.revision": m.revision, "data.revision": d.revision}
     if os.environ.get("FLYTE_EXECUTION_URL"):

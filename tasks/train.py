@@ -33,17 +33,17 @@ from images.specs import cpu_image, gpu_image
 from llm_finetune.config import DataConfig, TrainConfig, TrainOps, deepspeed_config_path, is_interruptible, join_train
 from llm_finetune.data.lengths import BatchPlan
 from llm_finetune.errors import ConfigError
+from llm_finetune.methods import method_spec
 from llm_finetune.tracking import TrackedRun, tracking_html
-from llm_finetune.train import train as run_training
+from llm_finetune.training.harness import train as run_training
 from tasks.checkpoint import FlyteCheckpointStore
 from tasks.elastic import configure_elastic, recoverable_elastic
 from tasks.common import DEEPSPEED_DIR, WANDB_SECRET, is_local, publish_deck, recoverable, table_html
 from tasks.model_files import directory_bytes
 from tasks.node_inputs import node_local_directory, node_local_frame
-from tasks.preference_train import dpo_elastic
 from tasks.train_parts import (  # noqa: F401 - re-exported: tests and bench import them from here
-    CACHE_TRAIN_IGNORING_OPS, TrainResult, curves_html, elastic_config, rank0_tracking, resource_profile_html, resources,
-    samples_table_html, suspend_tracking, train_result, training_disk,
+    CACHE_TRAIN_IGNORING_OPS, TrainResult, curves_html, elastic_config, method_curves_html, rank0_tracking,
+    resource_profile_html, resources, samples_table_html, suspend_tracking, train_result, training_disk,
 )
 
 
@@ -67,7 +67,8 @@ def train_elastic(
     train_ops: TrainOps,
     tracking: Optional[TrackedRun] = None,  # not in the cache key
 ) -> TrainResult:
-    """Runs on every worker process; global rank 0's return value is the task's output.
+    """Runs on every worker process, for every method (the harness picks the recipe from ``train.method``);
+    global rank 0's return value is the task's output.
 
     Transient faults (a lost peer rank, a collective timeout, a store that did not answer)
     leave as FlyteRecoverableException, so Flyte retries the task and the next attempt
@@ -85,19 +86,24 @@ def train_elastic(
     if outputs is None:  # not rank 0: Flyte ignores this value
         return None  # type: ignore[return-value]
     tracked_run_id = suspend_tracking(tracker, outputs)
-    s = outputs.summary
-    logs = pd.DataFrame(s.log_history)
+    s, spec = outputs.summary, method_spec(train.method)
     best = f"best validation loss {s.best_eval_loss:.4f} at step {s.best_step} (returned)" if s.best_step >= 0 else "last step returned"
     resumed = f" Resumed from step {s.resumed_from_step}." if s.resumed_from_step else ""
+    last = next((h for h in reversed(s.log_history) if any(f"eval_{k}" in h for k in spec.deck_metrics)), {})
+    validation = "; ".join(f"{k} {last[f'eval_{k}']:.3f}" for k in spec.deck_metrics if f"eval_{k}" in last)
+    panels = {"Training curves": curves_html(s.log_history)}
+    if spec.deck_metrics:
+        panels[f"{spec.name.upper()} metrics"] = method_curves_html(s.log_history, spec.deck_metrics, spec.deck_note)
     publish_deck(
         "train",
         {
-            "Training curves": curves_html(s.log_history),
+            **panels,
             "Resource profile": resource_profile_html(s.resource_profile),
             "Sample generations": samples_table_html(s.samples),
             "Run": f"<p>{s.method} on {s.world_size} process(es): {s.steps} steps, loss {s.first_loss:.4f} -> "
             f"{s.final_loss:.4f}; {best}; {s.trained_tokens} trained tokens at {s.tokens_per_s:.1f} tokens/s."
-            f"{resumed}</p>" + table_html(logs, max_rows=200),
+            + (f" Last validation: {validation}." if validation else "")
+            + f"{resumed}</p>" + table_html(pd.DataFrame(s.log_history), max_rows=200),
             "Tracking": tracking_html(tracking),
         },
     )
@@ -108,13 +114,13 @@ def train_elastic(
 train_elastic = recoverable_elastic(train_elastic)
 
 
-def _configured_copy(cfg: TrainConfig, base: PytorchElasticFunctionTask | None = None) -> PytorchElasticFunctionTask:
-    """A copy of ``train_elastic`` (or ``base``) with the config's Elastic settings, for local runs."""
+def _configured_copy(cfg: TrainConfig) -> PytorchElasticFunctionTask:
+    """A copy of ``train_elastic`` with the config's Elastic settings, for local runs."""
     if cfg.nnodes > 1:
         raise ConfigError(
             [f"train.nnodes: {cfg.nnodes} nodes need a cluster; run with pyflyte run --remote, or set nnodes: 1 locally"]
         )
-    local = recoverable_elastic(copy.copy(base or train_elastic))
+    local = recoverable_elastic(copy.copy(train_elastic))
     local._task_config = elastic_config(cfg)
     local.min_nodes = local.max_nodes = 1
     return local
@@ -137,8 +143,7 @@ def train_model(
     train, train_ops = plan.apply(train, train_ops)
     full = join_train(train, train_ops)
     # configure_elastic, not with_overrides(task_config=...): see tasks/elastic.py
-    base = dpo_elastic if train.method == "dpo" else train_elastic  # DPO: tasks/preference_train.py
-    task_fn = _configured_copy(full, base) if is_local() else configure_elastic(base, elastic_config(full))
+    task_fn = _configured_copy(full) if is_local() else configure_elastic(train_elastic, elastic_config(full))
     result = task_fn(
         base_model=base_model, train_data=train_data, eval_data=eval_data, data=data, train=train, train_ops=train_ops,
         tracking=tracking,  # a promise on a cluster: passed on as it is

@@ -1,8 +1,7 @@
-"""What every training task shares (SFT's train_elastic, DPO's dpo_elastic): the result type, the
-Elastic settings and resources, the deck panels and tracking on rank 0.
+"""The training task's parts: the result type, the Elastic settings and resources, the deck panels
+(loss curves, each method's own metrics, resources, samples) and tracking on rank 0.
 
-It sits below tasks/train.py and tasks/preference_train.py so that both import it and neither
-imports the other's internals (tests/test_import_graph.py).
+Below tasks/train.py and the preference stage, which both import it (tests/test_import_graph.py).
 """
 
 from __future__ import annotations
@@ -77,7 +76,7 @@ def training_disk(cfg: TrainConfig, base_model_bytes: int | None) -> str | None:
     """
     if base_model_bytes is None:
         return None
-    return f"{disk_gib(base_model_bytes, training_copies(cfg.method, cfg.dpo.weights))}Gi"
+    return f"{disk_gib(base_model_bytes, training_copies(cfg.weights))}Gi"
 
 
 def curves_html(log_history: list[dict]) -> str:
@@ -97,6 +96,25 @@ def curves_html(log_history: list[dict]) -> str:
         fig.add_trace(go.Scatter(x=logs["step"], y=logs["tokens_per_s"], name="tokens/s"), row=1, col=3)
     fig.update_layout(height=360)
     return fig.to_html(full_html=False, include_plotlyjs=True)
+
+
+def method_curves_html(log_history: list[dict], keys: tuple[str, ...], note: str) -> str:
+    """One panel per metric a method logs beside its loss (the registry's ``deck_metrics``), train and validation."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    logs = pd.DataFrame([h for h in log_history if "loss" in h])
+    evals = pd.DataFrame([h for h in log_history if "eval_loss" in h])
+    if logs.empty:
+        return "<p>no training logs</p>"
+    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=keys)
+    for i, key in enumerate(keys, start=1):
+        if key in logs:
+            fig.add_trace(go.Scatter(x=logs["step"], y=logs[key], name=f"train {key}"), row=1, col=i)
+        if f"eval_{key}" in evals:
+            fig.add_trace(go.Scatter(x=evals["step"], y=evals[f"eval_{key}"], name=f"validation {key}", mode="lines+markers"), 1, i)
+    fig.update_layout(height=360)
+    return f"<p>{note}</p>" + fig.to_html(full_html=False, include_plotlyjs=False)
 
 
 def resource_profile_html(samples: list[dict]) -> str:
@@ -129,7 +147,7 @@ def samples_table_html(rows: list[dict]) -> str:
 
 
 def train_result(outputs, tracked_run_id: str) -> TrainResult:
-    """Rank 0's task outputs from the core's TrainOutputs (train_elastic and dpo_elastic alike)."""
+    """Rank 0's task outputs from the core's TrainOutputs (every method)."""
     s = outputs.summary
     return TrainResult(
         model=FlyteDirectory(str(outputs.model_dir)),

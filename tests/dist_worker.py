@@ -21,7 +21,7 @@ from llm_finetune.checkpoint import LocalCheckpointStore
 from llm_finetune.config import DataConfig, TrainConfig, deepspeed_config_path, from_dict
 from llm_finetune.data.prepare import prepare
 from llm_finetune.model import load_tokenizer
-from llm_finetune.train import train
+from llm_finetune.training.harness import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def main(spec_path: str) -> None:
 
 def dpo(spec: dict) -> None:
     from llm_finetune.config import DPOTrainConfig, PreferenceDataConfig
-    from llm_finetune.preference import train_dpo
+    from llm_finetune.training.harness import train as train_dpo
 
     data = PreferenceDataConfig()
     prepared = prepare(data, load_tokenizer(spec["model_dir"]))

@@ -25,7 +25,8 @@ from llm_finetune.collate import model_inputs
 from llm_finetune.config import DataConfig, TrainConfig
 from llm_finetune.data.prepare import prepare
 from llm_finetune.model import load_tokenizer
-from llm_finetune.train import _load_model, build_dataset
+from llm_finetune.training.recipes.sft import build_dataset
+from llm_finetune.training.weights import load_model
 from llm_finetune.trainer import FineTuneTrainer
 
 
@@ -47,7 +48,7 @@ def main(spec_path: str) -> None:
     assert all(len(r["seq_lens"]) >= 2 for r in rows), [r["seq_lens"] for r in rows]
 
     torch.manual_seed(0)
-    model = _load_model(Path(spec["model_dir"]), TrainConfig(method="lora"), bf16=False, attn_implementation=spec["attn"])
+    model = load_model(Path(spec["model_dir"]), TrainConfig(weights="lora"), bf16=False, attn_implementation=spec["attn"])[0]
     for n, p in model.named_parameters():  # non-zero adapters, so LoRA changes the logits
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02)

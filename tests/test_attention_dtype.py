@@ -62,12 +62,12 @@ def test_training_registers_it_whenever_flex_is_loaded(tokenizer, tmp_path, monk
 
     from llm_finetune.attention import consistent_flex_attention
     from llm_finetune.config import TrainConfig
-    from llm_finetune.train import _load_model
+    from llm_finetune.training.weights import load_model
     from tests.tiny import save_tiny_llama
 
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flex_attention",
                         ALL_ATTENTION_FUNCTIONS._global_mapping["flex_attention"])  # restored afterwards
-    model = _load_model(save_tiny_llama(tmp_path / "tiny", tokenizer), TrainConfig(method="full"), bf16=False,
-                        attn_implementation="flex_attention")
+    model = load_model(save_tiny_llama(tmp_path / "tiny", tokenizer), TrainConfig(weights="full"), bf16=False,
+                        attn_implementation="flex_attention")[0]
     assert model.config._attn_implementation == "flex_attention"
     assert ALL_ATTENTION_FUNCTIONS["flex_attention"] is consistent_flex_attention

@@ -14,7 +14,7 @@ def test_defaults_are_valid_and_use_embedded_model_and_data():
     cfg = validate(FineTuneConfig(), DS)
     assert cfg.model.base_model == "embedded://SmolLM2-135M-Instruct"
     assert cfg.data.source == "embedded://iso_dates"
-    assert (cfg.train.method, cfg.train.nnodes, cfg.train.nproc_per_node) == ("lora", 1, 2)
+    assert (cfg.train.method, cfg.train.weights, cfg.train.nnodes, cfg.train.nproc_per_node) == ("sft", "lora", 1, 2)
     assert quantize_variants(cfg.quantize) == ["int8", "gguf_q8_0"] and cfg.hub.repo_id == ""
 
 
@@ -45,8 +45,9 @@ def test_wrong_types_are_reported_with_key_path():
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ({"train": {"method": "lorra"}}, "train.method: 'lorra' is not one of lora, qlora, full, dpo (did you mean 'lora'?)"),
-        ({"train": {"method": "qlora"}}, "train.method: qlora quantizes the base model to 4-bit"),
+        ({"train": {"method": "sfft"}}, "train.method: 'sfft' is not one of sft, dpo, kto, orpo (did you mean 'sft'?)"),
+        ({"train": {"weights": "lorra"}}, "train.weights: 'lorra' is not one of lora, qlora, full (did you mean 'lora'?)"),
+        ({"train": {"weights": "qlora"}}, "train.weights: qlora quantizes the base model to 4-bit"),
         ({"train": {"deepspeed": "zero4"}}, "train.deepspeed: no file zero4.json in deepspeed_configs/"),
         ({"quantize": {"bits": 3}}, "quantize.bits: 3 is not one of 0, 4, 8"),
         ({"hub": {"repo_id": "no-slash"}}, "hub.repo_id: 'no-slash' is not of the form owner/name"),
@@ -87,9 +88,24 @@ def test_production_configs_cover_the_seed_runs():
     assert runs["llama7b_alpaca_lora"].model.base_model == "huggyllama/llama-7b"
     assert runs["llama13b_alpaca_lora"].model.base_model == "huggyllama/llama-13b"
     dolly = runs["dolly_pythia12b_full_zero3"]
-    assert (dolly.train.method, dolly.train.deepspeed, dolly.data.format) == ("full", "zero3", "dolly")
+    assert (dolly.train.method, dolly.train.weights, dolly.train.deepspeed, dolly.data.format) == ("sft", "full", "zero3", "dolly")
     q = runs["llama3_8b_qlora"]
-    assert q.train.method == "qlora" and q.train.gpus_per_node >= 1
+    assert q.train.weights == "qlora" and q.train.gpus_per_node >= 1
+
+
+@pytest.mark.parametrize("old, new", [
+    ({"method": "full"}, ("sft", "full")),
+    ({"method": "qlora", "gpus_per_node": 1, "nproc_per_node": 1}, ("sft", "qlora")),
+    ({"method": "dpo", "dpo": {"weights": "full"}}, ("dpo", "full")),
+])
+def test_the_old_spelling_is_accepted_and_reported_as_deprecated(old, new):
+    """train.method: lora|qlora|full and train.dpo.weights still load, moved to train.method + train.weights."""
+    with pytest.warns(FutureWarning, match="deprecated: write train"):
+        cfg = from_dict(FineTuneConfig, {"train": old, **({"data": {"format": "preference"}} if new[0] == "dpo" else {})})
+    assert (cfg.train.method, cfg.train.weights, cfg.train.dpo.weights) == (*new, "")
+    validate(cfg, DS)
+    again = FineTuneConfig.from_json(__import__("json").dumps(cfg.to_dict()))  # a task boundary: no second warning
+    assert (again.train.method, again.train.weights) == new
 
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])

@@ -176,8 +176,8 @@ def test_dpo_is_fitted_for_its_weights_and_both_answers():
 
     n = 8_030_261_248
     gpu = dict(gpus_per_node=1, nproc_per_node=1, accelerator="nvidia-a100-80gb", per_device_batch_size=1)
-    sft = TrainConfig(method="lora", **gpu)
-    dpo = from_dict(DPOTrainConfig, {"method": "dpo", "dpo": {"weights": "lora"}, **gpu})
+    sft = TrainConfig(weights="lora", **gpu)
+    dpo = from_dict(DPOTrainConfig, {"method": "dpo", "weights": "lora", **gpu})
     sft_cap, _ = memory_limit(LLAMA3_8B, n, sft)
     dpo_cap, _ = memory_limit(LLAMA3_8B, n, dpo)
     assert sft_cap > 0 and dpo_cap > 0  # LoRA DPO fits an 80 GB card (as full fine-tuning's 16 bytes a weight would not)
@@ -195,7 +195,7 @@ def test_dpo_is_fitted_for_its_weights_and_both_answers():
     assert held >= 3000
     assert (plan.micro_batch or 4, not plan.gradient_checkpointing) < (rows.plan.micro_batch or 4, not rows.plan.gradient_checkpointing)
     # full DPO of an 8B model on one 80 GB card: its states (and the reference copy) alone do not fit: an error, not a guess
-    full = from_dict(DPOTrainConfig, {"method": "dpo", "dpo": {"weights": "full"}, **gpu})
-    with pytest.raises(DataError, match=r"train.method dpo \(train.dpo.weights full\): the model's weights, gradients and "
+    full = from_dict(DPOTrainConfig, {"method": "dpo", "weights": "full", **gpu})
+    with pytest.raises(DataError, match=r"train.method dpo with train.weights full: the model's weights, gradients and "
                                         r"optimizer states .* leave no room for a single row on nvidia-a100-80gb"):
         choose_max_length([900] * 100, 0, LLAMA3_8B, n, full)

@@ -22,7 +22,7 @@ def tiny_dir(tmp_path_factory, tokenizer):
 def test_deepspeed_two_process_cpu_training(stage, method, tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    train = {"method": method, "max_steps": 12, "per_device_batch_size": 4, "gradient_accumulation_steps": 2,
+    train = {"weights": method, "max_steps": 12, "per_device_batch_size": 4, "gradient_accumulation_steps": 2,
              "learning_rate": 3e-3 if method == "full" else 2e-2, "logging_steps": 2, "warmup_ratio": 0.0, "save_steps": 0, "eval_steps": 6,
              "eval_max_samples": 8, "sample_prompts": 2, "sample_max_new_tokens": 4, "lora": {"r": 8}}
     out = tmp_path / "out"
@@ -55,7 +55,7 @@ def test_zero3_offload_trains_with_deepspeed_cpu_adam(tiny_dir, tmp_path):
     DeepSpeed's own CPU Adam (built with gcc) steps the offloaded optimizer states."""
     from safetensors.torch import load_file
 
-    train = {"method": "full", "max_steps": 2, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+    train = {"weights": "full", "max_steps": 2, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
              "learning_rate": 1e-3, "logging_steps": 1, "warmup_ratio": 0.0, "save_steps": 0, "eval_steps": 0}
     out = tmp_path / "out"
     proc = run_torchrun({"model_dir": str(tiny_dir), "out_dir": str(out), "train": train, "deepspeed": "zero3_offload"},

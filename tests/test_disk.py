@@ -37,11 +37,10 @@ def test_training_disk_follows_the_model_and_the_method():
     gib = 2**30
     assert training_disk(TrainConfig(), None) is None  # unknown size: no request (no limit to be evicted by)
     assert training_disk(TrainConfig(), 10 * gib) == f"{3 * 10 + 8}Gi"  # base + merged output (fp32) + slack
-    assert training_disk(TrainConfig(method="full"), 10 * gib) == f"{23 * 10 + 8}Gi"  # + three checkpoints with Adam state
-    dpo_full = TrainConfig(method="dpo")
-    dpo_full.dpo.weights = "full"
-    assert training_disk(dpo_full, 10 * gib) == training_disk(TrainConfig(method="full"), 10 * gib)
-    assert training_copies("qlora") == training_copies("dpo", "lora") < training_copies("full")
+    assert training_disk(TrainConfig(weights="full"), 10 * gib) == f"{23 * 10 + 8}Gi"  # + three checkpoints with Adam state
+    dpo_full = TrainConfig(method="dpo", weights="full")  # the reference copy is the base already on disk
+    assert training_disk(dpo_full, 10 * gib) == training_disk(TrainConfig(weights="full"), 10 * gib)
+    assert training_copies("qlora") == training_copies("lora") < training_copies("full")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -28,5 +28,5 @@ def test_dpo_smoke_raises_preference_accuracy_beyond_the_interval(isolated_flyte
     printed = capfd.readouterr().out
     assert "preference accuracy (200 held-out pairs" in printed and "tuned is above base by more than the interval" in printed
     train_deck = (isolated_flyte / "decks" / "train.html").read_text()
-    assert "Reward curves" in train_deck and "rewards/margins" in train_deck
+    assert "DPO metrics" in train_deck and "rewards/margins" in train_deck
     assert "Sample pairs" in (isolated_flyte / "decks" / "get_data.html").read_text()

@@ -8,7 +8,7 @@ import torch
 
 from llm_finetune.config import DataConfig, TrainConfig
 from llm_finetune.data.prepare import prepare
-from llm_finetune.train import train
+from llm_finetune.training.harness import train
 from tests.tiny import save_tiny_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -46,11 +46,11 @@ def test_gpu_packed_training_lowers_loss_and_saves_loadable_model(method, precis
     """The train task's path on one GPU: packed rows -> flex attention (BlockMask), bf16 / 4-bit base."""
     from transformers import AutoModelForCausalLM
 
-    from llm_finetune.train import attention_implementation
+    from llm_finetune.training.precision import attention_implementation
 
     assert attention_implementation(True) == "flex_attention"
     model_dir = request.getfixturevalue("lora_model_dir" if method != "full" else "tiny_model_dir")
-    cfg = TrainConfig(method=method, precision=precision, max_steps=12, per_device_batch_size=2, logging_steps=1,
+    cfg = TrainConfig(weights=method, precision=precision, max_steps=12, per_device_batch_size=2, logging_steps=1,
                       warmup_ratio=0.0, learning_rate=3e-3)
     out = train(model_dir, packed_rows, packed, cfg, tmp_path)
     s = out.summary

@@ -100,7 +100,7 @@ def test_the_rendezvous_store_gets_the_read_timeout():
 def _final_wait_worker(rank: int, port: int, result_dir: str) -> None:
     import torch.distributed as dist
 
-    from llm_finetune.train import wait_for_rank0
+    from llm_finetune.training.distributed import wait_for_rank0
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=2))  # train.collective_timeout_s
@@ -163,7 +163,7 @@ def training_inputs(tmp_path, tokenizer):
 
     base = save_tiny_llama(tmp_path / "tiny", tokenizer)
     prepared = prepare(DataConfig(), tokenizer)
-    train_cfg = TrainConfig(method="full", max_steps=8, save_steps=4, eval_steps=0, per_device_batch_size=2,
+    train_cfg = TrainConfig(weights="full", max_steps=8, save_steps=4, eval_steps=0, per_device_batch_size=2,
                             learning_rate=3e-3, logging_steps=1, warmup_ratio=0.1, nproc_per_node=2, sample_prompts=0)
     train, ops = split_train(train_cfg)
     return {

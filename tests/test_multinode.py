@@ -104,7 +104,7 @@ def test_two_pods_run_the_serialized_pytorchjob_command(tiny_llama, train_frame,
     from llm_finetune.config import split_train
     from tasks.train import TrainResult, elastic_config, train_elastic
 
-    train = TrainConfig(method="full", max_steps=1, per_device_batch_size=2, warmup_ratio=0.0, logging_steps=1,
+    train = TrainConfig(weights="full", max_steps=1, per_device_batch_size=2, warmup_ratio=0.0, logging_steps=1,
                         nnodes=2, nproc_per_node=1)
     task = configure_elastic(train_elastic, elastic_config(train))
     spec = get_serializable(OrderedDict(), SerializationSettings(image_config=ImageConfig.auto_default_image()), task)

@@ -101,7 +101,7 @@ def test_a_two_node_zero3_attempt_killed_after_a_checkpoint_is_resumed_by_the_ne
 
     model = save_tiny_llama(tmp_path / "tiny", tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
-    cfg = TrainConfig(method="full", deepspeed="zero3", nnodes=2, nproc_per_node=1, max_steps=8, save_steps=2,
+    cfg = TrainConfig(weights="full", deepspeed="zero3", nnodes=2, nproc_per_node=1, max_steps=8, save_steps=2,
                       eval_steps=0, per_device_batch_size=2, learning_rate=1e-2, warmup_ratio=0.0, logging_steps=1,
                       keep_checkpoints=2, collective_timeout_s=120, sample_prompts=0)
     train, ops = split_train(cfg)

@@ -10,7 +10,8 @@ import torch
 
 from llm_finetune.config import TrainConfig
 from llm_finetune.errors import ConfigError
-from llm_finetune.train import _check_hardware, _load_model, _use_bf16, _use_fp16, attention_implementation
+from llm_finetune.training.precision import attention_implementation, check_hardware as _check_hardware, use_bf16 as _use_bf16, use_fp16 as _use_fp16
+from llm_finetune.training.weights import load_model
 
 
 @pytest.fixture
@@ -61,9 +62,9 @@ def test_lora_on_an_fp16_gpu_loads_the_frozen_base_in_fp16_and_keeps_the_adapter
 
     model_dir = save_tiny_llama(tmp_path / "tiny", tokenizer)
     gpu("Tesla T4", (7, 5))
-    model = _load_model(model_dir, TrainConfig(method="lora", precision="auto"), bf16=False)
+    model = load_model(model_dir, TrainConfig(weights="lora", precision="auto"), bf16=False)[0]
     frozen = {p.dtype for n, p in model.named_parameters() if not p.requires_grad}
     trained = {p.dtype for n, p in model.named_parameters() if p.requires_grad}
     assert frozen == {torch.float16} and trained == {torch.float32}  # fp32 adapters: GradScaler can unscale them
-    full = _load_model(model_dir, TrainConfig(method="full", precision="auto"), bf16=False)
+    full = load_model(model_dir, TrainConfig(weights="full", precision="auto"), bf16=False)[0]
     assert {p.dtype for p in full.parameters()} == {torch.float32}  # fp32 master weights under autocast

@@ -12,7 +12,7 @@ import pytest
 from llm_finetune.checkpoint import LocalCheckpointStore
 from llm_finetune.config import DPOTrainConfig, EvalConfig, PreferenceDataConfig, from_dict
 from llm_finetune.data.prepare import prepare
-from llm_finetune.preference import train_dpo
+from llm_finetune.training.harness import train as train_dpo
 from llm_finetune.preference_eval import evaluate_preference
 from tests.tiny import run_torchrun, save_tiny_llama
 
@@ -31,7 +31,7 @@ def pairs(tokenizer):
 
 def _cfg(weights: str, **kw) -> DPOTrainConfig:
     base = {"max_steps": 16, "per_device_batch_size": 8, "learning_rate": 2e-2 if weights == "lora" else 2e-3, "logging_steps": 2,
-            "warmup_ratio": 0.0, "save_steps": 0, "eval_steps": 0, "lora": {"r": 8}, "dpo": {"weights": weights, "beta": 0.1}}
+            "warmup_ratio": 0.0, "save_steps": 0, "eval_steps": 0, "lora": {"r": 8}, "weights": weights, "dpo": {"beta": 0.1}}
     return from_dict(DPOTrainConfig, {**base, **kw})
 
 
@@ -138,7 +138,7 @@ def test_dpo_refuses_supervised_rows(tiny_dir, tokenizer, tmp_path):
     from llm_finetune.errors import DataError
 
     sft = prepare(DataConfig(), tokenizer)
-    with pytest.raises(DataError, match="train.method: dpo needs preference pairs"):
+    with pytest.raises(DataError, match="train.method trains on preference pairs"):
         train_dpo(tiny_dir, sft.train, DataConfig(), _cfg("lora"), tmp_path)
 
 
@@ -147,7 +147,7 @@ def test_dpo_refuses_supervised_rows(tiny_dir, tokenizer, tmp_path):
 def test_two_process_lora_dpo(deepspeed, tiny_dir, tmp_path):
     train = {"max_steps": 8, "per_device_batch_size": 4, "learning_rate": 1e-2, "logging_steps": 2, "warmup_ratio": 0.0,
              "save_steps": 4, "eval_steps": 4, "eval_max_samples": 8, "sample_prompts": 2, "sample_max_new_tokens": 4,
-             "lora": {"r": 8}, "dpo": {"weights": "lora"}}
+             "lora": {"r": 8}, "weights": "lora"}
     out = tmp_path / "out"
     proc = run_torchrun({"model_dir": str(tiny_dir), "out_dir": str(out), "train": train, "deepspeed": deepspeed, "dpo": True},
                         tmp_path, timeout=600)

@@ -204,7 +204,7 @@ def test_a_transient_fault_mid_training_is_retried_and_the_retry_resumes_even_af
 
     base = save_tiny_llama(tmp_path / "tiny", tokenizer)
     prepared = prepare(DataConfig(), tokenizer)
-    train_cfg = TrainConfig(method="full", max_steps=12, save_steps=4, eval_steps=0, per_device_batch_size=4,
+    train_cfg = TrainConfig(weights="full", max_steps=12, save_steps=4, eval_steps=0, per_device_batch_size=4,
                             learning_rate=3e-3, logging_steps=1, warmup_ratio=0.1, nproc_per_node=2)
     train, ops = split_train(train_cfg)
     inputs = {

@@ -81,12 +81,11 @@ EXPECTED = {
     "tasks.evaluate.evaluate_quantized": (CPU, common.CACHE_EVAL.version, 1, {"CPU": "2", "MEMORY": "8Gi"}),
     "tasks.quantize.check_outputs": (CPU, common.CACHE_QUANTIZE.version, 0, {"CPU": "1", "MEMORY": "2Gi"}),
     "tasks.quantize.model_size_mb": (CPU, common.CACHE_QUANTIZE.version, 0, {"CPU": "1", "MEMORY": "1Gi"}),
-    "tasks.preference_train.dpo_elastic": (GPU, common.CACHE_TRAIN.version, 2, {"CPU": "2", "MEMORY": "8Gi"}),
     "tasks.preference_stage.preference_stage": (CPU, None, 0, {}),
     "tasks.tracking.start_tracking": (CPU, None, 0, {}),
     "tasks.tracking.finish_tracking": (CPU, None, 0, {}),
 }
-TRAINING_TASKS = ("tasks.train.train_elastic", "tasks.preference_train.dpo_elastic")
+TRAINING_TASKS = ("tasks.train.train_elastic",)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -163,7 +162,7 @@ def test_push_to_hub_runs_only_when_publishing_and_the_other_branch_has_no_pod(p
 @pytest.mark.slow  # the module's package fixture runs `pyflyte package`
 def test_training_cache_key_ignores_the_tracked_run(package):
     """Every execution has a new MLflow / W&B run id; it must not make the cluster retrain."""
-    for name in ("tasks.train.train_model", "tasks.train.train_elastic", "tasks.preference_train.dpo_elastic"):
+    for name in ("tasks.train.train_model", "tasks.train.train_elastic"):
         t = _task(package, name)
         assert set(t["metadata"]["cacheIgnoreInputVars"]) == {"train_ops", "tracking"}, name
         assert "tracking" in t["interface"]["inputs"]["variables"], name
@@ -181,7 +180,7 @@ def test_hf_secret_requests(package):
     }
     wandb = {"group": "wandb", "key": "api_key"}  # tracking.backend: wandb (validated first, used by these)
     for name in ("tasks.validate.validate_config", "tasks.tracking.start_tracking", "tasks.train.train_elastic",
-                 "tasks.preference_train.dpo_elastic", "tasks.tracking.finish_tracking"):
+                 "tasks.tracking.finish_tracking"):
         want[name] = [*want.get(name, []), wandb]
     for name in EXPECTED:
         secrets = _task(package, name).get("securityContext", {}).get("secrets", [])
@@ -270,7 +269,7 @@ MULTI_NODE = TrainConfig(
     nnodes=2, nproc_per_node=8, gpus_per_node=8, accelerator="nvidia-h100", cpu="48", memory="400Gi",
     retries=4, interruptible=False,
 )
-ONE_L4 = TrainConfig(nproc_per_node=1, gpus_per_node=1, accelerator="nvidia-l4", method="qlora")  # interruptible: auto
+ONE_L4 = TrainConfig(nproc_per_node=1, gpus_per_node=1, accelerator="nvidia-l4", weights="qlora")  # interruptible: auto
 
 
 @pytest.mark.parametrize("train", [MULTI_NODE, TrainConfig(), ONE_L4], ids=["2x8xH100", "default-1-node-cpu", "1xL4-auto-spot"])
@@ -322,18 +321,19 @@ def test_dynamic_compiles_the_configured_elastic_task(package, tmp_path, train):
 
 
 @pytest.mark.slow  # the module's package fixture runs `pyflyte package`
-def test_dynamic_compiles_dpo_to_the_dpo_elastic_task(package, tmp_path):
-    """train.method: dpo launches tasks.preference_train.dpo_elastic, on the image registration built."""
-    spec = _compile_train_model(package, tmp_path, TrainConfig(method="dpo"))
+@pytest.mark.parametrize("method", ["dpo", "kto", "orpo"])
+def test_every_method_compiles_to_the_one_training_task(package, tmp_path, method):
+    """No task per method: train.method travels in the config and the harness picks the recipe (methods.py)."""
+    spec = _compile_train_model(package, tmp_path, TrainConfig(method=method))
     (node,) = spec["nodes"]
     (task,) = spec["tasks"]
-    assert node["taskNode"]["referenceId"]["name"] == task["id"]["name"] == "tasks.preference_train.dpo_elastic"
-    assert task["container"]["image"] == _task(package, "tasks.preference_train.dpo_elastic")["container"]["image"]
+    assert node["taskNode"]["referenceId"]["name"] == task["id"]["name"] == "tasks.train.train_elastic"
+    assert task["container"]["image"] == _task(package, "tasks.train.train_elastic")["container"]["image"]
     args = task["container"]["args"]
     from flytekit.tools.module_loader import load_object_from_module
 
     loaded = load_object_from_module(args[args.index("--resolver") + 1]).load_task(args[args.index("--") + 1 :])
-    assert loaded.name == "tasks.preference_train.dpo_elastic"
+    assert loaded.name == "tasks.train.train_elastic"
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ def _config(tiny: Path, data: Path, tracking: dict, variants=("int8",)) -> FineT
     return from_dict(FineTuneConfig, {
         "model": {"base_model": str(tiny)},
         "data": {"source": str(data), "max_length": 128, "eval_fraction": 0.2},
-        "train": {"method": "full", "max_steps": MAX_STEPS, "logging_steps": LOGGING_STEPS, "eval_steps": EVAL_STEPS,
+        "train": {"weights": "full", "max_steps": MAX_STEPS, "logging_steps": LOGGING_STEPS, "eval_steps": EVAL_STEPS,
                   "save_steps": EVAL_STEPS, "eval_max_samples": 8, "sample_prompts": 1, "sample_max_new_tokens": 4,
                   "per_device_batch_size": 4, "learning_rate": 1e-3},
         "evaluate": {"max_samples": 8, "max_new_tokens": 4},
@@ -316,7 +316,7 @@ def test_tracker_failing_mid_run_never_stops_training(tiny, tmp_path, no_file_st
 
     from llm_finetune.config import DataConfig, TrackingConfig, TrainConfig
     from llm_finetune.tracking import TrackingCallback, open_command, start_run
-    from llm_finetune.train import train
+    from llm_finetune.training.harness import train
 
     run = start_run(TrackingConfig(backend="mlflow", uri=str(tmp_path / "mlruns")), "mid-run-failure", {"a": "1"}, {})
     assert run.run_id and run.url == f"{(tmp_path / 'mlruns').as_uri()}/{run.url.split('/')[-2]}/{run.run_id}"
@@ -333,7 +333,7 @@ def test_tracker_failing_mid_run_never_stops_training(tiny, tmp_path, no_file_st
     monkeypatch.setattr(mlflow.MlflowClient, "log_batch", flaky)
     rows = [{"messages": json.dumps([{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": str(i)}]),
              "text": ""} for i in range(32)]
-    cfg = TrainConfig(method="full", max_steps=6, logging_steps=1, eval_steps=0, save_steps=0, warmup_ratio=0.0)
+    cfg = TrainConfig(weights="full", max_steps=6, logging_steps=1, eval_steps=0, save_steps=0, warmup_ratio=0.0)
     callback = TrackingCallback(run)
     out = train(tiny, pd.DataFrame(rows), DataConfig(max_length=64), cfg, tmp_path / "out", callbacks=(callback,))
     callback.tracker.close("finished")

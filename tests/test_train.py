@@ -5,7 +5,8 @@ import torch
 
 from llm_finetune.config import DataConfig, TrainConfig
 from llm_finetune.data.prepare import prepare
-from llm_finetune.train import merge_adapter, train
+from llm_finetune.training.harness import train
+from llm_finetune.training.weights import merge_adapter
 from tests.tiny import save_tiny_llama
 
 
@@ -28,7 +29,7 @@ def test_single_process_training_lowers_loss_and_saves_loadable_model(method, re
     model_dir = request.getfixturevalue("base_model_dir" if method == "lora" else "tiny_model_dir")
     steps, batch = (10, 4) if method == "lora" else (30, 8)
     cfg = TrainConfig(
-        method=method, max_steps=steps, learning_rate=1e-3 if method == "lora" else 3e-3,
+        weights=method, max_steps=steps, learning_rate=1e-3 if method == "lora" else 3e-3,
         per_device_batch_size=batch, logging_steps=1, warmup_ratio=0.0,
     )
     out = train(model_dir, train_frame, DataConfig(), cfg, tmp_path)
@@ -64,4 +65,4 @@ def test_qlora_on_cpu_fails_before_loading_anything(tiny_model_dir, train_frame,
     from llm_finetune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="qlora needs a CUDA GPU"):
-        train(tiny_model_dir, train_frame, DataConfig(), TrainConfig(method="qlora"), tmp_path)
+        train(tiny_model_dir, train_frame, DataConfig(), TrainConfig(weights="qlora"), tmp_path)

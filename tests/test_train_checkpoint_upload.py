@@ -21,7 +21,7 @@ def tiny_dir(tmp_path_factory, tokenizer):
 @pytest.mark.slow
 def test_slow_store_does_not_fail_a_two_process_run_and_every_checkpoint_arrives(tiny_dir, tmp_path):
     timeout_s, delay_s = 10, 15  # each upload takes longer than a collective may wait
-    train = {"method": "full", "max_steps": 6, "per_device_batch_size": 2, "save_steps": 3, "eval_steps": 0,
+    train = {"weights": "full", "max_steps": 6, "per_device_batch_size": 2, "save_steps": 3, "eval_steps": 0,
              "collective_timeout_s": timeout_s, "logging_steps": 1, "keep_checkpoints": 5}
     store = tmp_path / "store"
     spec = {"model_dir": str(tiny_dir), "out_dir": str(tmp_path / "out"), "train": train,

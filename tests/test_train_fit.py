@@ -24,5 +24,5 @@ def test_zero_stages_shard_what_they_promise():
     full = [training_bytes(1_000, "full", True, stage, 4, False) for stage in (0, 1, 2, 3)]
     assert full == [16_000, 2_000 + 2_000 + 3_000, 2_000 + 500 + 3_000, 500 + 500 + 3_000]
     assert training_bytes(1_000, "full", True, 3, 4, True) == 500  # offload: only sharded gradients stay
-    with pytest.raises(ConfigError, match="lora of a .* use train.method: qlora"):
+    with pytest.raises(ConfigError, match="train.weights: lora of a .* use train.weights: qlora"):
         check_fits(70_000_000_000, "lora", True, 0, 1, False, 80 * GiB, "GPU A100")

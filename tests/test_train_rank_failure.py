@@ -16,7 +16,7 @@ def tiny_dir(tmp_path_factory, tokenizer):
 @pytest.mark.parametrize("mode", ["exit", "hang"])
 def test_run_fails_within_bound_when_a_rank_dies_or_hangs(mode, tiny_dir, tmp_path):
     timeout_s = 15
-    train = {"method": "full", "max_steps": 200, "per_device_batch_size": 2, "save_steps": 0, "eval_steps": 0,
+    train = {"weights": "full", "max_steps": 200, "per_device_batch_size": 2, "save_steps": 0, "eval_steps": 0,
              "collective_timeout_s": timeout_s, "logging_steps": 1}
     spec = {"model_dir": str(tiny_dir), "out_dir": str(tmp_path / "out"), "train": train,
             "fault": {"rank": 1, "step": 3, "mode": mode}}

@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from llm_finetune.checkpoint import COMPLETE_MARKER, LocalCheckpointStore
 from llm_finetune.config import DataConfig, TrainConfig
 from llm_finetune.data.prepare import prepare
-from llm_finetune.train import train
+from llm_finetune.training.harness import train
 from tests.tiny import save_tiny_llama
 
 pytestmark = pytest.mark.slow  # every test here trains a model or starts a process (tests/tiers.py)
@@ -55,7 +55,7 @@ def _losses(summary):
 
 def test_resumed_run_ends_where_an_uninterrupted_run_ends(tiny_dir, splits, tmp_path):
     train_frame, _ = splits
-    cfg = TrainConfig(method="full", max_steps=16, save_steps=4, eval_steps=0, per_device_batch_size=4,
+    cfg = TrainConfig(weights="full", max_steps=16, save_steps=4, eval_steps=0, per_device_batch_size=4,
                       learning_rate=3e-3, logging_steps=1, warmup_ratio=0.1)
     clean = train(tiny_dir, train_frame, DataConfig(), cfg, tmp_path / "clean").summary
 
@@ -93,7 +93,7 @@ def test_best_checkpoint_by_validation_loss_is_returned_with_samples_and_profile
         json.dumps(json.loads(m)[:-1] + [{"role": "assistant", "content": " ".join(["Purple elephants juggle violins quietly."] * 6)}])
         for m in eval_frame["messages"]
     ]
-    cfg = TrainConfig(method="full", max_steps=16, save_steps=4, eval_steps=4, eval_max_samples=16,
+    cfg = TrainConfig(weights="full", max_steps=16, save_steps=4, eval_steps=4, eval_max_samples=16,
                       per_device_batch_size=4, learning_rate=1e-2, logging_steps=2, sample_prompts=3,
                       sample_max_new_tokens=6, profile_interval_s=0.2)
     out = train(tiny_dir, train_frame, DataConfig(), cfg, tmp_path, eval_frame=eval_frame)
@@ -123,7 +123,7 @@ def test_training_stops_at_the_first_non_finite_loss(tokenizer, splits, tmp_path
         model.model.norm.weight.fill_(math.inf)
     model.save_pretrained(poisoned)
     steps = StepRecorder()
-    cfg = TrainConfig(method="full", max_steps=50, save_steps=0, eval_steps=0, per_device_batch_size=2)
+    cfg = TrainConfig(weights="full", max_steps=50, save_steps=0, eval_steps=0, per_device_batch_size=2)
     with pytest.raises(FloatingPointError, match=r"training loss is nan at step 1 .*stopped at the first non-finite"):
         train(poisoned, splits[0], DataConfig(), cfg, tmp_path / "out", callbacks=[steps])
     assert steps.steps == []  # not a single optimizer step on a NaN loss
@@ -141,14 +141,14 @@ def test_gradient_accumulation_normalises_by_trained_tokens(tiny_dir, tokenizer,
     whole accumulated batch (HF's ``num_items_in_batch``); averaging per micro-batch would
     weight the two examples' tokens differently, since their trained-token counts differ.
     """
-    from llm_finetune.train import build_dataset
+    from llm_finetune.training.recipes.sft import build_dataset
 
     data = DataConfig(train_on_prompt=True)  # prompts differ in length, so trained tokens differ
     frame = splits[0].head(2)  # exactly the two examples of the one optimizer step
     grads = {}
     for bs, ga in ((2, 1), (1, 2)):
         cap = GradCapture()
-        cfg = TrainConfig(method="full", max_steps=1, save_steps=0, eval_steps=0, per_device_batch_size=bs,
+        cfg = TrainConfig(weights="full", max_steps=1, save_steps=0, eval_steps=0, per_device_batch_size=bs,
                           gradient_accumulation_steps=ga, warmup_ratio=0.0)
         train(tiny_dir, frame, data, cfg, tmp_path / f"bs{bs}", callbacks=[cap])
         grads[bs] = cap.grad
@@ -161,7 +161,7 @@ def test_gradient_accumulation_normalises_by_trained_tokens(tiny_dir, tokenizer,
 def test_store_keeps_the_newest_checkpoints_and_a_corrupt_newest_one_is_skipped(tiny_dir, splits, tmp_path, caplog):
     """keep_checkpoints bounds the store; a truncated newest checkpoint falls back to the one before, with a warning."""
     train_frame, _ = splits
-    cfg = TrainConfig(method="full", max_steps=12, save_steps=2, eval_steps=0, per_device_batch_size=4,
+    cfg = TrainConfig(weights="full", max_steps=12, save_steps=2, eval_steps=0, per_device_batch_size=4,
                       learning_rate=3e-3, logging_steps=1, warmup_ratio=0.1, keep_checkpoints=2)
     clean = train(tiny_dir, train_frame, DataConfig(), cfg, tmp_path / "clean").summary
     store = LocalCheckpointStore(tmp_path / "store")

@@ -4,7 +4,7 @@ import pytest
 
 from llm_finetune.config import DataConfig, TrainConfig
 from llm_finetune.data.prepare import prepare
-from llm_finetune.train import train
+from llm_finetune.training.harness import train
 from tests.tiny import save_tiny_llama
 
 pytestmark = pytest.mark.slow  # every test here trains a model or starts a process (tests/tiers.py)
@@ -15,7 +15,7 @@ def test_early_stopping_on_validation_loss(patience, steps, tokenizer, tmp_path)
     """A learning rate of 0 never improves the validation loss: patience 2 stops after the 3rd evaluation."""
     p = prepare(DataConfig(), tokenizer)
     model_dir = save_tiny_llama(tmp_path / "tiny", tokenizer)
-    cfg = TrainConfig(method="full", max_steps=5, learning_rate=0.0, warmup_ratio=0.0, per_device_batch_size=2,
+    cfg = TrainConfig(weights="full", max_steps=5, learning_rate=0.0, warmup_ratio=0.0, per_device_batch_size=2,
                       eval_steps=1, save_steps=1, eval_max_samples=4, sample_prompts=0, logging_steps=1,
                       early_stopping_patience=patience)
     out = train(model_dir, p.train.head(40), DataConfig(), cfg, tmp_path / "out", eval_frame=p.validation)

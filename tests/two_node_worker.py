@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from llm_finetune.config import DataConfig, TrainConfig
-from llm_finetune.train import train
+from llm_finetune.training.harness import train
 
 ENV_KEYS = ("RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
             "TORCHELASTIC_RUN_ID")
@@ -47,7 +47,7 @@ def main(model_dir: str, data: str, out: str) -> None:
         return result
 
     transformers.Trainer.train = recording_train
-    cfg = TrainConfig(method="full", max_steps=1, per_device_batch_size=2, learning_rate=1e-2, warmup_ratio=0.0,
+    cfg = TrainConfig(weights="full", max_steps=1, per_device_batch_size=2, learning_rate=1e-2, warmup_ratio=0.0,
                       logging_steps=1, nnodes=2, nproc_per_node=1)
     torch.set_num_threads(1)
     train(model_dir, pd.read_parquet(data), DataConfig(), cfg, out_dir / "train")

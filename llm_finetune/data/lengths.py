@@ -17,10 +17,10 @@ CPU for the embedded SmolLM2-135M with LoRA in fp32 (peak RSS over the loaded mo
 MB/token at 2 x 512 tokens and 3.62 MB/token at 1 x 1024; the formula gives 2.85 and 3.68.
 The estimate is printed and shown in the get_data deck with the length it led to.
 
-DPO (``train.method: dpo``): the optimizer states are those of ``train.dpo.weights`` (LoRA DPO
-holds a frozen base, not full fine-tuning's states; full DPO adds a frozen reference copy), and
-every pair runs its chosen and rejected answers through the backward pass, so a micro-batch
-of pairs costs twice the activations of as many SFT rows. When the states alone leave no
+Preference methods: the optimizer states are those of ``train.weights`` (LoRA holds a frozen
+base, not full fine-tuning's states; full DPO and KTO add a frozen reference copy, ORPO has
+none), and a pair runs its chosen and rejected answers through the backward pass, so a
+micro-batch of pairs costs twice the activations of as many SFT rows (``Method.sequences_per_row``). When the states alone leave no
 room for one row, get_data fails with the fix instead of ignoring the estimate.
 
 **Fit the batch, keep the rows.** The micro-batch is a throughput choice; the rows are the
@@ -44,6 +44,7 @@ import numpy as np
 
 from llm_finetune.config import AUTO_MICRO_BATCH, TrainConfig, micro_batch
 from llm_finetune.errors import DataError
+from llm_finetune.methods import method_spec
 from llm_finetune.fit import GiB, training_bytes
 
 COVERAGE = 0.99
@@ -184,7 +185,7 @@ def activation_bytes_per_token(model_config: dict, train: TrainConfig, length: i
     layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or 32
     heads = cfg.get("num_attention_heads") or cfg.get("n_head") or 32
     vocab = cfg.get("vocab_size") or 32000
-    width = 2 if bf16_training(train) or train.method == "qlora" else 4
+    width = 2 if bf16_training(train) or train.weights == "qlora" else 4
     per_layer = (10 * h + 4 * inter) * width
     if train.gradient_checkpointing:  # keep each layer's input, recompute one layer at a time
         layer_bytes = layers * h * width + per_layer
@@ -195,26 +196,22 @@ def activation_bytes_per_token(model_config: dict, train: TrainConfig, length: i
     return layer_bytes + attention + 3 * vocab * 4
 
 
-def trained_weights(train: TrainConfig) -> str:
-    """lora, qlora or full: what the optimizer holds states for (DPO: ``train.dpo.weights``)."""
-    return train.dpo.weights if train.method == "dpo" else train.method
-
-
 def static_bytes(n_params: int, train: TrainConfig, zero_stage: int = 0, offload: bool = False) -> float:
-    """Weights, gradients and optimizer states of one process; full DPO adds its frozen reference copy
-    (LoRA DPO's reference is the policy with its adapter disabled: no second copy)."""
+    """Weights, gradients and optimizer states of one process; a full-weight run of a method with a reference
+    model (DPO, KTO: ``Method.reference_copy``) adds its frozen copy (LoRA's reference is the policy with its
+    adapter disabled: no second copy)."""
     world = max(train.nnodes * train.nproc_per_node, 1)
-    weights = trained_weights(train)
+    weights = train.weights
     need = training_bytes(n_params, weights, bf16_training(train), zero_stage, world, offload)
-    if train.method == "dpo" and weights == "full":
+    if method_spec(train.method).reference_copy and weights == "full":
         need += n_params * (2 if bf16_training(train) else 4) / (world if zero_stage >= 3 else 1)
     return need
 
 
 def rows_per_example(train: TrainConfig) -> int:
-    """Sequences one example puts through the backward pass: a DPO pair runs chosen and rejected (the
-    reference pass runs without gradients and keeps nothing), an SFT row runs once."""
-    return 2 if train.method == "dpo" else 1
+    """Sequences one example puts through the backward pass (``Method.sequences_per_row``): a pair runs
+    chosen and rejected (a reference pass runs without gradients and keeps nothing), an SFT row runs once."""
+    return method_spec(train.method).sequences_per_row
 
 
 def memory_limit(model_config: dict, n_params: int, train: TrainConfig, zero_stage: int = 0, offload: bool = False) -> tuple[int, str]:
@@ -258,11 +255,11 @@ def choose_max_length(
     if n_params and not mem:  # not even one row with activation checkpointing: the states alone fill the device
         available, device = device_memory(train)
         need = static_bytes(n_params, train, zero_stage, offload) + OVERHEAD_BYTES
-        what = f"train.method {train.method}" + (f" (train.dpo.weights {train.dpo.weights})" if train.method == "dpo" else "")
+        what = f"train.method {train.method} with train.weights {train.weights}"
         raise DataError(
             f"{what}: the model's weights, gradients and optimizer states ({need / GiB:.1f} GiB with overhead, for "
             f"{n_params / 1e9:.2f}B parameters) leave no room for a single row on {device}. Use LoRA or QLoRA "
-            "(train.method, or train.dpo.weights for DPO), a ZeRO config (train.deepspeed: zero3 or zero3_offload) "
+            "(train.weights), a ZeRO config (train.deepspeed: zero3 or zero3_offload) "
             "over more GPUs, or a larger accelerator")
     if requested > 0:
         length, by = requested, "data.max_length"

@@ -37,7 +37,7 @@ import pandera.pandas as pa
 from llm_finetune.config import DataConfig
 from llm_finetune.data.formats import ROLES, Detected, detect_format
 from llm_finetune.data.validation import ValidationReport
-from llm_finetune.encoding import IGNORE_INDEX, encode_many
+from llm_finetune.encoding import IGNORE_INDEX, encode_many, prompt_and_reference
 from llm_finetune.errors import DataError
 
 PREFERENCE_RULES = {
@@ -190,6 +190,33 @@ def encode_pairs(tokenizer, frame: pd.DataFrame, data_cfg: DataConfig, chunk: in
             r0, r1 = _last_span(rejected.labels)
             out.append({"prompt_ids": chosen.input_ids[:c0], "chosen_ids": chosen.input_ids[c0:c1],
                         "rejected_ids": rejected.input_ids[r0:r1], "source_row": int(r["source_row"])})
+    return out
+
+
+PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def pair_examples(tokenizer, frame: pd.DataFrame, data_cfg: DataConfig) -> list[dict]:
+    """Tokenized pairs from get_data's token rows, or by encoding canonical preference rows."""
+    if "prompt_ids" in frame.columns:
+        return [{k: [int(x) for x in r[k]] for k in PAIR_COLUMNS} for r in frame.to_dict(orient="records")]
+    if not {"chosen", "rejected"} <= set(frame.columns):
+        raise DataError(
+            "train.method trains on preference pairs (prompt/chosen/rejected), but the training data has columns "
+            f"{', '.join(map(str, frame.columns))}; set data.format: preference (or auto) and point data.source at pairs, "
+            "or use train.method: sft for supervised data"
+        )
+    return [{k: e[k] for k in PAIR_COLUMNS} for e in encode_pairs(tokenizer, frame, data_cfg)]
+
+
+def pair_sample_prompts(tokenizer, frame: pd.DataFrame, data_cfg: DataConfig, n: int) -> list[tuple[str, str]]:
+    """(generation prompt, chosen answer) for the first ``n`` held-out pairs."""
+    if "prompt" not in frame or "chosen" not in frame:
+        return []
+    out = []
+    for row in frame.head(n).to_dict(orient="records"):
+        conv = json.loads(row["prompt"]) + [{"role": "assistant", "content": row["chosen"]}]
+        out.append(prompt_and_reference(tokenizer, conv, data_cfg.prompt_template))
     return out
 
 

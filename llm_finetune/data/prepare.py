@@ -27,6 +27,7 @@ from llm_finetune.data.prepared import (  # noqa: F401 - PreparedData and split_
     PreparedData, check_drop_fraction, describe_case, split_frame,
 )
 from llm_finetune.data.preference import detect_preference, prepare_preference
+from llm_finetune.data.unpaired import detect_unpaired, prepare_unpaired
 from llm_finetune.data.sources import load_raw
 from llm_finetune.data.validation import RULES, validate_rows
 from llm_finetune.encoding import IGNORE_INDEX, Encoded, encode_many, encode_row, encode_text
@@ -138,9 +139,13 @@ def encode_canonical(tokenizer, canon: pd.DataFrame, cfg: DataConfig, chunk: int
     return encoded
 
 
-def prepare(cfg: DataConfig, tokenizer, choose_length: Callable[[list[int], int], LengthChoice] | None = None) -> PreparedData:
+def prepare(cfg: DataConfig, tokenizer, choose_length: Callable[[list[int], int], LengthChoice] | None = None,
+            kind: str | None = None) -> PreparedData:
     """``choose_length(lengths, requested)`` fits ``data.max_length`` (the task passes the model and
-    hardware, see lengths.choose_max_length); by default only the data and the request count."""
+    hardware, see lengths.choose_max_length); by default only the data and the request count.
+
+    ``kind``: the rows the training method takes (``Method.data``: sft, preference, unpaired); data
+    of another kind is refused here, before any training, naming the methods that take it."""
     raw = load_raw(cfg.source, cfg.subset, cfg.split, cfg.revision)
     if len(raw) == 0:
         raise DataError(f"data.source: {cfg.source} holds no rows")
@@ -148,10 +153,25 @@ def prepare(cfg: DataConfig, tokenizer, choose_length: Callable[[list[int], int]
         raw = explode_records(raw, cfg.explode.strip())
     if cfg.columns:
         raw = apply_column_mapping(raw, cfg.columns)
-    preference = detect_preference(list(map(str, raw.columns)), cfg.format)
-    if preference is not None:  # chosen/rejected pairs for DPO: data/preference.py
-        return prepare_preference(raw, cfg, tokenizer, preference, choose_length)
-    detected = detect_format(list(map(str, raw.columns)), cfg.format)
+    columns = list(map(str, raw.columns))
+    found = [(k, d) for k, d in (("preference", detect_preference(columns, cfg.format)),
+                                 ("unpaired", detect_unpaired(columns, cfg.format))) if d is not None]
+    found_kind = found[0][0] if found else "sft"
+    if kind is not None and found_kind != kind:
+        from llm_finetune.methods import METHODS
+
+        takes = " or ".join(n for n, m in METHODS.items() if m.data == found_kind)
+        wants = " or ".join(n for n, m in METHODS.items() if m.data == kind)
+        raise DataError(
+            f"data.source: {cfg.source} holds {found_kind} rows ({found[0][1].reason if found else 'columns ' + ', '.join(columns)}), "
+            f"which train with train.method {takes}; the configured method needs {kind} rows (train.method {wants}). "
+            "Point data.source at the right data, set data.format, or change train.method"
+        )
+    if found_kind == "preference":  # chosen/rejected pairs: data/preference.py
+        return prepare_preference(raw, cfg, tokenizer, found[0][1], choose_length)
+    if found_kind == "unpaired":  # labelled single answers (KTO): data/unpaired.py
+        return prepare_unpaired(raw, cfg, tokenizer, found[0][1], choose_length)
+    detected = detect_format(columns, cfg.format)
     canon = to_canonical(raw, detected.format)
     is_text = detected.format == "text"
     policy = overlong_policy(cfg)

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from llm_finetune.config import EMBEDDED_DATASET, EMBEDDED_PREFERENCE_DATASET
+from llm_finetune.config import EMBEDDED_DATASET, EMBEDDED_PREFERENCE_DATASET, EMBEDDED_UNPAIRED_DATASET
 from llm_finetune.errors import DataError, TransientError, is_transient
 
 FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 EMBEDDED = {
     EMBEDDED_DATASET: Path(__file__).with_name("iso_dates.jsonl"),
-    EMBEDDED_PREFERENCE_DATASET: Path(__file__).with_name("iso_dates_preference.jsonl"),  # DPO pairs
+    EMBEDDED_PREFERENCE_DATASET: Path(__file__).with_name("iso_dates_preference.jsonl"),  # DPO / ORPO pairs
+    EMBEDDED_UNPAIRED_DATASET: Path(__file__).with_name("iso_dates_unpaired.jsonl"),  # KTO: answers with a thumbs up/down
 }
 
 
