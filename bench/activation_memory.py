@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from llm_finetune.config import TrainConfig
 from llm_finetune.data.lengths import activation_bytes_per_token
-from llm_finetune.label_loss import label_only_loss
+from llm_finetune.training.label_loss import label_only_loss
 from llm_finetune.training.weights import load_model
 model_dir, length, ckpt = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 cfg = TrainConfig(gradient_checkpointing=ckpt)
@@ -39,21 +39,27 @@ base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 label_only_loss(model, {"input_ids": ids, "labels": ids}).backward()
 peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
 estimate = length * activation_bytes_per_token(json.loads((model_dir / "config.json").read_text()), cfg, length)
-print(json.dumps({"measured_bytes": peak, "estimated_bytes": estimate}))
+total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the whole process: framework, weights, activations
+print(json.dumps({"measured_bytes": peak, "estimated_bytes": estimate, "peak_rss_bytes": total}))
 """
+
+
+def measure(model_dir, length: int, gradient_checkpointing: bool) -> dict:
+    """One fresh process: {measured_bytes (RSS growth of the step), estimated_bytes, peak_rss_bytes (whole process)}."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", PROBE, str(model_dir), str(length), "1" if gradient_checkpointing else "0"],
+                         capture_output=True, text=True, env=env, check=True).stdout.strip().splitlines()[-1]
+    return json.loads(out)
 
 
 def main() -> None:
     from bench.common import embedded_model_dir, print_table, write_result
 
     model_dir = embedded_model_dir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
     rows = []
     for length in (256, 1024):
         for ckpt in (False, True):
-            out = subprocess.run([sys.executable, "-c", PROBE, str(model_dir), str(length), "1" if ckpt else "0"],
-                                 capture_output=True, text=True, env=env, check=True).stdout.strip().splitlines()[-1]
-            r = json.loads(out)
+            r = measure(model_dir, length, ckpt)
             rows.append({"length": length, "gradient_checkpointing": ckpt,
                          "measured_mib": round(r["measured_bytes"] / 2**20, 1),
                          "estimated_mib": round(r["estimated_bytes"] / 2**20, 1),

@@ -109,9 +109,9 @@ def run_one(a: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainerCallback, TrainingArguments
 
-    from llm_finetune.collate import TokenCollator
-    from llm_finetune.packing import mask_first_label, pack_examples
-    from llm_finetune.trainer import FineTuneTrainer
+    from llm_finetune.training.collate import TokenCollator
+    from llm_finetune.training.packing import mask_first_label, pack_examples
+    from llm_finetune.training.trainer import FineTuneTrainer
 
     cuda = a.device == "cuda"
     ours, trl = a.path == "ours", a.path == "trl_best"

@@ -54,13 +54,13 @@ COMMON_PACKAGES = [
     "fsspec==2026.9.0",
     "PyYAML==6.0.3",
     "plotly==7.1.0",
-    "sacrebleu==2.6.0",  # chrF for free-text answers (llm_finetune/metrics.py)
+    "sacrebleu==2.6.0",  # chrF for free-text answers (llm_finetune/evaluation/metrics.py)
     "gguf==0.19.0",
     "sentencepiece==0.2.3",  # SentencePiece vocabularies (Mistral, Llama 2) in GGUF exports
     "bitsandbytes==0.50.2",  # QLoRA on the GPU; int8/nf4 quantization runs on its CPU backend too
     "trl==1.16.0",  # DPO, KTO and ORPO trainers (llm_finetune/training/recipes/), training runs on both images
     "lm_eval==0.4.13",  # evaluate.lm_eval_tasks: zero-shot benchmarks in the evaluation pods (both images evaluate)
-    # GGUF variants are evaluated in llama.cpp, as users run them (llm_finetune/gguf_eval.py), not dequantized to
+    # GGUF variants are evaluated in llama.cpp, as users run them (llm_finetune/evaluation/gguf_eval.py), not dequantized to
     # fp32 in the pod. Built from source at image build: a compiler (apt) and a portable CPU build (LLAMA_CPP_ENV).
     f"llama-cpp-python=={LLAMA_CPP_VERSION}",
     # tracking.backend: wandb | mlflow (llm_finetune/tracking.py); mlflow-skinny itself comes by TRACKING_COMMANDS
@@ -74,7 +74,7 @@ COMMON_PACKAGES = [
 # mlflow-skinny 3.17.2 caps cachetools / importlib_metadata below the lock: installed without its resolver,
 # as `make setup` does (docs/tracking.md); what it imports is in COMMON_PACKAGES.
 TRACKING_COMMANDS = ["pip install --no-deps mlflow-skinny==3.17.2"]
-# llama.cpp's HF -> GGUF converter for the gguf_* variants (llm_finetune/gguf_convert.py), from the same
+# llama.cpp's HF -> GGUF converter for the gguf_* variants (llm_finetune/export/gguf_convert.py), from the same
 # llama-cpp-python source release the image builds: what images/fetch_llama_cpp.sh does for `make setup`.
 _LLAMA_CPP_SRC = f"llama_cpp_python-{LLAMA_CPP_VERSION}/vendor/llama.cpp"
 LLAMA_CPP_CONVERTER_DIR = "/opt/llama.cpp"

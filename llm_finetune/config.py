@@ -530,25 +530,21 @@ def deepspeed_config_path(name: str, search_dir: Path) -> Path | None:
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineTuneConfig:
-    """Check every value a run depends on before any GPU time is spent.
+class _Problems(list):
+    """Problems of one config section, each with its key path and the fix."""
 
-    Collects all problems and raises one ``ConfigError`` listing them, each with the key
-    path and the fix. Returns the config unchanged when it is valid.
-    """
-    p: list[str] = []
-    d, m, t, e, q, h = config.data, config.model, config.train, config.evaluate, config.quantize, config.hub
+    def one_of(self, key: str, value, allowed) -> None:
+        self.extend(_choice(key, value, allowed))
 
-    def one_of(key: str, value, allowed):
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            p.append(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}{hint}")
-
-    def positive(key: str, value):
+    def positive(self, key: str, value) -> None:
         if value <= 0:
-            p.append(f"{key}: must be > 0, got {value}")
+            self.append(f"{key}: must be > 0, got {value}")
 
+
+def data_problems(d: DataConfig) -> list[str]:
+    """``data``: the source, format, split fractions, length and row policies."""
+    p = _Problems()
+    one_of, positive = p.one_of, p.positive
     if not d.source.strip():
         p.append("data.source: empty; give a hub dataset id, a local file, an fsspec URI or embedded://iso_dates")
     one_of("data.format", d.format, DATA_FORMATS)
@@ -578,10 +574,21 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
     positive("data.min_train_rows", d.min_train_rows)
     if d.explode.strip() and "." in d.explode:
         p.append(f"data.explode: {d.explode!r} must be a top-level column name (nested fields are addressed as column.field)")
+    return p
 
+
+def model_problems(m: ModelConfig) -> list[str]:
+    """``model``: the base model."""
+    p = _Problems()
     if not m.base_model.strip():
         p.append(f"model.base_model: empty; give a hub id, a local model directory or {EMBEDDED_MODEL}")
+    return p
 
+
+def train_problems(t: TrainConfig, deepspeed_dir: Path | None = None) -> list[str]:
+    """``train``: method and weights, steps and schedule, checkpoints, hardware and DeepSpeed."""
+    p = _Problems()
+    one_of, positive = p.one_of, p.positive
     one_of("train.method", t.method, tuple(METHODS))
     one_of("train.weights", t.weights, WEIGHTS)
     one_of("train.lr_scheduler", t.lr_scheduler, LR_SCHEDULERS)
@@ -664,7 +671,13 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
         if deepspeed_dir is not None and not ds.is_file():
             names = sorted(f.stem for f in deepspeed_dir.glob("*.json"))
             p.append(f"train.deepspeed: no file {ds.name} in deepspeed_configs/; choose one of: none, {', '.join(names)}")
+    return p
 
+
+def evaluate_problems(e: EvalConfig) -> list[str]:
+    """``evaluate``: batch sizes, generation budget, sample counts, benchmarks."""
+    p = _Problems()
+    positive = p.positive
     positive("evaluate.batch_size", e.batch_size)
     positive("evaluate.generate_batch_size", e.generate_batch_size)
     if e.max_new_tokens < 0:
@@ -676,7 +689,13 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
         p.append(f"evaluate.short_answer_words: must be >= 1, got {e.short_answer_words}")
     if e.lm_eval_limit < 0:
         p.append(f"evaluate.lm_eval_limit: must be >= 0 (0 = all examples), got {e.lm_eval_limit}")
+    return p
 
+
+def quantize_problems(q: QuantizeConfig) -> list[str]:
+    """``quantize``: the variants and what they need installed."""
+    p = _Problems()
+    one_of = p.one_of
     if q.bits != -1:
         one_of("quantize.bits", q.bits, QUANTIZE_BITS)
     for i, v in enumerate(q.variants):
@@ -688,14 +707,29 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
                  f"or use gguf_q8_0")
     if q.bits != -1 and q.variants != QuantizeConfig().variants and q.variants != quantize_variants(q):
         p.append(f"quantize.bits: deprecated and conflicts with quantize.variants {q.variants}; remove quantize.bits")
+    return p
+
+
+def hub_problems(h: HubConfig) -> list[str]:
+    """``hub``: the repo id and retries."""
+    p = _Problems()
     if h.max_retries < 1:
         p.append(f"hub.max_retries: must be >= 1, got {h.max_retries}")
     if h.repo_id and not _REPO_ID.match(h.repo_id):
         p.append(f"hub.repo_id: {h.repo_id!r} is not of the form owner/name (leave it empty to skip publishing)")
+    return p
 
-    p += preference_problems(config, deepspeed_dir)
-    one_of("tracking.backend", config.tracking.backend, TRACKING_BACKENDS)
 
+def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineTuneConfig:
+    """Check every value a run depends on before any GPU time is spent.
+
+    Collects all problems of every section (one function each, above) and raises one
+    ``ConfigError`` listing them, each with the key path and the fix. Returns the config
+    unchanged when it is valid.
+    """
+    p = (data_problems(config.data) + model_problems(config.model) + train_problems(config.train, deepspeed_dir)
+         + evaluate_problems(config.evaluate) + quantize_problems(config.quantize) + hub_problems(config.hub)
+         + preference_problems(config, deepspeed_dir) + _choice("tracking.backend", config.tracking.backend, TRACKING_BACKENDS))
     if p:
         raise ConfigError(p)
     return config

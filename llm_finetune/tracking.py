@@ -487,7 +487,7 @@ class TrackingCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.tracker is None or not state.is_world_process_zero or not logs:
             return
-        from llm_finetune.resources import memory_snapshot
+        from llm_finetune.training.resources import memory_snapshot
 
         metrics = {metric_name(k, self.run.stage): v for k, v in logs.items()}
         if "loss" in logs:  # a training log: the node's memory at the same step

@@ -2,7 +2,7 @@
 
 Flyte gives each attempt of a task one checkpoint prefix to write (``checkpoint_dest``) and
 the previous attempt's prefix to read (``checkpoint_src``). The layout under the prefix is
-the core's (llm_finetune/checkpoint.py): ``checkpoint-<step>/`` with every node's files and
+the core's (llm_finetune/training/checkpoint.py): ``checkpoint-<step>/`` with every node's files and
 its completion manifest, which is uploaded after them, so a checkpoint cut short by a
 preemption is skipped rather than half-loaded. All nodes of a multi-node run write into the
 same prefix (their shard files have distinct names); node 0 alone deletes old checkpoints.
@@ -29,8 +29,8 @@ from pathlib import Path
 import flytekit
 from flytekit.core.context_manager import FlyteContextManager
 
-from llm_finetune.checkpoint import PrefixCheckpointStore, checkpoint_step
-from llm_finetune.checkpoint_upload import link_or_copy
+from llm_finetune.training.checkpoint import PrefixCheckpointStore, checkpoint_step
+from llm_finetune.training.checkpoint_upload import link_or_copy
 
 
 class FlyteCheckpointStore(PrefixCheckpointStore):

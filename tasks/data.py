@@ -18,7 +18,7 @@ from llm_finetune.data.prepare import PreparedData, prepare
 from llm_finetune.data.validation import RULES
 from llm_finetune.encoding import IGNORE_INDEX, encode_row
 from llm_finetune.model import load_tokenizer
-from llm_finetune.fit import deepspeed_offload
+from llm_finetune.training.fit import deepspeed_offload
 from llm_finetune.methods import method_spec
 from tasks.common import CACHE_DATA, DEEPSPEED_DIR, HF_TOKEN_ENV_SECRET, length_histogram, publish_deck, recoverable, table_html
 from tasks.model_files import model_metadata

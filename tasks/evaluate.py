@@ -9,11 +9,11 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.structured import StructuredDataset
 
 from images.specs import cpu_image
-from llm_finetune.benchmarks import run_benchmarks
+from llm_finetune.evaluation.benchmarks import run_benchmarks
 from llm_finetune.config import DataConfig, EvalConfig, TrainConfig
 from llm_finetune.cpus import use_container_cpus
-from llm_finetune.evaluate import EvalMetrics
-from llm_finetune.evaluate import evaluate as score_model
+from llm_finetune.evaluation.evaluate import EvalMetrics
+from llm_finetune.evaluation.evaluate import evaluate as score_model
 from tasks.common import CACHE_EVAL, publish_deck, table_html, recoverable
 from tasks.quantize import QuantizedModel
 
@@ -63,7 +63,7 @@ def task_metrics_table(models: list[tuple[str, EvalMetrics]]) -> pd.DataFrame:
 
 
 def metrics_html(label: str, m: EvalMetrics) -> str:
-    if m.task_metric == "preference_accuracy":  # held-out preference pairs (llm_finetune/preference_eval.py)
+    if m.task_metric == "preference_accuracy":  # held-out preference pairs (llm_finetune/evaluation/preference_eval.py)
         metric = (f"preference accuracy {m.preference_accuracy:.1%} (95% interval {m.preference_ci_low:.1%} to "
                   f"{m.preference_ci_high:.1%}; chosen answer more likely than rejected), greedy answer equals chosen "
                   f"{m.exact_match:.1%}")

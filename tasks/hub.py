@@ -20,7 +20,7 @@ from flytekit.types.directory import FlyteDirectory
 
 from images.specs import cpu_image
 from llm_finetune.config import FineTuneConfig
-from llm_finetune.hub import HUB_TOKEN_ENV, adapter_for_hub, card_metrics, model_card, push_folder
+from llm_finetune.export.hub import HUB_TOKEN_ENV, adapter_for_hub, card_metrics, model_card, push_folder
 from llm_finetune.tracking import redacted  # credentials inside URIs (tracking.uri, data.source) stay out of cards
 from tasks.assess import SFT_TASK_MODELS
 from tasks.common import MODEL_DISK, NOT_PUBLISHING, recoverable

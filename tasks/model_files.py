@@ -14,7 +14,7 @@ from pathlib import Path
 from flytekit.core.context_manager import FlyteContextManager
 from flytekit.types.directory import FlyteDirectory
 
-from llm_finetune.fit import count_parameters
+from llm_finetune.training.fit import count_parameters
 from llm_finetune.model_files import fetch_metadata
 
 
@@ -29,11 +29,11 @@ def model_metadata(directory: FlyteDirectory) -> tuple[Path, int]:
     return local, fetch_metadata(fs, source, local)
 
 
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf")  # what llm_finetune.quantize.weights_mb counts
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf")  # what llm_finetune.export.quantize.weights_mb counts
 
 
 def weights_mb_listed(directory: FlyteDirectory) -> float:
-    """``llm_finetune.quantize.weights_mb`` of ``directory`` from a listing of the store: no download, so no disk.
+    """``llm_finetune.export.quantize.weights_mb`` of ``directory`` from a listing of the store: no download, so no disk.
 
     Weighing a 12B model in fp32 by downloading it needed a 53Gi disk on a CPU pod, more than the
     runbook's default GKE pool offers (deploy/node-pools.yaml).

@@ -4,7 +4,7 @@ flytekit hands every torchrun worker the same input literals; each worker callin
 ``FlyteDirectory.download()`` or ``StructuredDataset.open().all()`` pulls its own copy of
 the base model and data (8 GPUs: 8 copies of the weights on one disk). Here the first
 process on the node fetches into a node-local directory under a file lock and the others
-read it (llm_finetune/node_once.py). Local inputs (a local run) are read where they are.
+read it (llm_finetune/training/node_once.py). Local inputs (a local run) are read where they are.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flytekit.core.context_manager import FlyteContextManager
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.structured import StructuredDataset
 
-from llm_finetune.node_once import fetch_once_per_node
+from llm_finetune.training.node_once import fetch_once_per_node
 
 
 def node_local_directory(directory: FlyteDirectory) -> Path:

@@ -76,7 +76,7 @@ def unpaired_decks(prepared, data: DataConfig) -> dict[str, str]:
 
 def preference_summary(base, tuned, base_table: pd.DataFrame, tuned_table: pd.DataFrame) -> tuple[list[str], list[float]]:
     """Summary lines for preference accuracy, and [gain, low, high] of tuned minus base on the same pairs."""
-    from llm_finetune.preference_eval import paired_difference
+    from llm_finetune.evaluation.preference_eval import paired_difference
 
     if tuned.task_metric != "preference_accuracy" or len(base_table) != len(tuned_table):
         return [], []

@@ -7,10 +7,10 @@ from flytekit import Resources, task
 from flytekit.types.directory import FlyteDirectory
 
 from images.specs import cpu_image
-from llm_finetune.benchmarks import check_available
+from llm_finetune.evaluation.benchmarks import check_available
 from llm_finetune.config import EvalConfig, QuantizeConfig, quantize_variants
-from llm_finetune.gguf_convert import check_exportable
-from llm_finetune.quantize import GGUF_VARIANTS, quantize_variant
+from llm_finetune.export.gguf_convert import check_exportable
+from llm_finetune.export.quantize import GGUF_VARIANTS, quantize_variant
 from tasks.common import CACHE_QUANTIZE, recoverable
 from tasks.model_files import model_metadata
 

@@ -11,7 +11,7 @@ from flytekit import task
 from flytekit.types.directory import FlyteDirectory
 
 from images.specs import cpu_image
-from llm_finetune.evaluate import EvalMetrics
+from llm_finetune.evaluation.evaluate import EvalMetrics
 from llm_finetune.tracking import TrackedRun, open_command, tracking_html
 from tasks.common import is_local, local_deck_dir, publish_deck, run_dir, table_html, write_run_file
 from tasks.assess import SFT_TASK_MODELS

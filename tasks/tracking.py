@@ -122,7 +122,7 @@ def _stage_summary(tracker, run: TrackedRun, metrics: FlyteFile, tracked_run_id:
 def run_model_card(config: FineTuneConfig, result: FineTuneResult) -> str:
     """The merged model's card with the execution's metrics (base, tuned, each variant): the preview a local
     run keeps in runs/<execution id>/model_card.md and the card the tracked run stores."""
-    from llm_finetune.hub import card_metrics, model_card
+    from llm_finetune.export.hub import card_metrics, model_card
 
     h = config.hub
     return model_card(h.repo_id or "(not published)", base_model=config.model.base_model, dataset=config.data.source,

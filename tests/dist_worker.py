@@ -6,7 +6,7 @@ spec: model_dir, out_dir, train (TrainConfig overrides), deepspeed (file name or
 fault: {"rank": r, "step": s, "mode": "exit" | "hang"} to make one rank die or hang,
 store: {"root": dir, "delay_s": t} a LocalCheckpointStore whose every save first sleeps t seconds
 (a slow object store; the real store code runs after the sleep),
-dpo: true to run DPO (llm_finetune/preference.py) on the embedded preference pairs,
+dpo: true to run DPO (llm_finetune/training/recipes/dpo.py) on the embedded preference pairs,
 """
 
 import json
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from llm_finetune.checkpoint import LocalCheckpointStore
+from llm_finetune.training.checkpoint import LocalCheckpointStore
 from llm_finetune.config import DataConfig, TrainConfig, deepspeed_config_path, from_dict
 from llm_finetune.data.prepare import prepare
 from llm_finetune.model import load_tokenizer
@@ -80,12 +80,12 @@ def main(spec_path: str) -> None:
 
 def dpo(spec: dict) -> None:
     from llm_finetune.config import DPOTrainConfig, PreferenceDataConfig
-    from llm_finetune.training.harness import train as train_dpo
+    from llm_finetune.training.harness import train
 
     data = PreferenceDataConfig()
     prepared = prepare(data, load_tokenizer(spec["model_dir"]))
     ds = deepspeed_config_path(spec.get("deepspeed") or "none", ROOT / "deepspeed_configs")
-    out = train_dpo(spec["model_dir"], prepared.train_tokens, data, from_dict(DPOTrainConfig, spec["train"]), spec["out_dir"],
+    out = train(spec["model_dir"], prepared.train_tokens, data, from_dict(DPOTrainConfig, spec["train"]), spec["out_dir"],
                     deepspeed_config=ds, eval_frame=prepared.validation)
     if out is not None:
         print("[summary] " + json.dumps({"steps": out.summary.steps, "first_loss": out.summary.first_loss}), flush=True)

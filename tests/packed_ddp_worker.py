@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainingArguments
 
-from llm_finetune.collate import model_inputs
+from llm_finetune.training.collate import model_inputs
 from llm_finetune.config import DataConfig, TrainConfig
 from llm_finetune.data.prepare import prepare
 from llm_finetune.model import load_tokenizer
 from llm_finetune.training.recipes.sft import build_dataset
 from llm_finetune.training.weights import load_model
-from llm_finetune.trainer import FineTuneTrainer
+from llm_finetune.training.trainer import FineTuneTrainer
 
 
 def main(spec_path: str) -> None:

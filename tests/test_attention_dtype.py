@@ -1,4 +1,4 @@
-"""Flex attention under bf16 autocast gets query, key and value of one dtype (llm_finetune/attention.py).
+"""Flex attention under bf16 autocast gets query, key and value of one dtype (llm_finetune/training/attention.py).
 
 Full fine-tuning trains fp32 weights under autocast; the rotary embedding leaves query and key in
 fp32 while the value projection is bf16. Checked on CPU, where autocast behaves the same way:
@@ -23,7 +23,7 @@ def _model(impl: str):
 def test_flex_under_autocast_gets_one_dtype_and_matches_sdpa(monkeypatch):
     import transformers.integrations.flex_attention as fa
 
-    from llm_finetune.attention import register
+    from llm_finetune.training.attention import register
 
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -60,7 +60,7 @@ def test_flex_under_autocast_gets_one_dtype_and_matches_sdpa(monkeypatch):
 def test_training_registers_it_whenever_flex_is_loaded(tokenizer, tmp_path, monkeypatch):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from llm_finetune.attention import consistent_flex_attention
+    from llm_finetune.training.attention import consistent_flex_attention
     from llm_finetune.config import TrainConfig
     from llm_finetune.training.weights import load_model
     from tests.tiny import save_tiny_llama

@@ -13,7 +13,7 @@ TASKS = Path(__file__).parent / "lm_eval_tasks"
 
 @pytest.mark.slow
 def test_benchmarks_are_off_by_default(base_model_dir):
-    from llm_finetune.benchmarks import run_benchmarks
+    from llm_finetune.evaluation.benchmarks import run_benchmarks
 
     assert EvalConfig().lm_eval_tasks == [] and run_benchmarks(base_model_dir, EvalConfig()) == {}
 
@@ -23,7 +23,7 @@ def test_local_multiple_choice_task_matches_our_own_loglikelihood_scoring(base_m
     pytest.importorskip("lm_eval")
     from transformers import AutoModelForCausalLM
 
-    from llm_finetune.benchmarks import run_benchmarks
+    from llm_finetune.evaluation.benchmarks import run_benchmarks
 
     scores = run_benchmarks(base_model_dir, EvalConfig(lm_eval_tasks=["tiny_boolq"], lm_eval_include_path=str(TASKS)))
     # the same zero-shot rule by hand: pick the choice (" no" / " yes") with the higher log-likelihood
@@ -46,7 +46,7 @@ def test_local_multiple_choice_task_matches_our_own_loglikelihood_scoring(base_m
 def test_missing_task_or_package_is_a_clear_error(base_model_dir, monkeypatch):
     import importlib.util
 
-    from llm_finetune.benchmarks import BenchmarkError, check_available, run_benchmarks
+    from llm_finetune.evaluation.benchmarks import BenchmarkError, check_available, run_benchmarks
 
     if importlib.util.find_spec("lm_eval") is not None:
         with pytest.raises(BenchmarkError, match="unknown task"):

@@ -12,6 +12,7 @@ from llm_finetune.encoding import IGNORE_INDEX, encode_messages
 from llm_finetune.errors import DataError
 from tests.public_style import json_extraction_rows
 
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 SMOL = {  # SmolLM2-135M's config.json (the embedded model)
     "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
     "vocab_size": 49152, "max_position_embeddings": 8192,
@@ -114,16 +115,31 @@ def test_fits_the_batch_to_keep_the_rows():
     assert f"micro-batch {p.micro_batch}, gradient accumulation {p.micro_batch and 4 // p.micro_batch}" in msg
 
 
-def test_memory_estimate_fills_but_does_not_exceed_the_room():
-    """The cap is the largest multiple of 8 whose micro-batch fits (checked from the outside by bisection's contract)."""
-    from llm_finetune.data.lengths import OVERHEAD_BYTES, activation_bytes_per_token, device_memory
-    from llm_finetune.fit import training_bytes
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_length_memory_allows_fits_in_the_memory_measured(base_model_dir, checkpointing, monkeypatch):
+    """The cap the estimate picks, checked against a measurement, not the estimate's own formula: one training
+    step of the embedded model at that length (the pipeline's model loader and loss, every position labelled,
+    in a fresh process) peaks below the memory one process is given (train.memory / nproc_per_node), and uses a
+    fair share of it (an estimate that returned a tiny length would drop rows for nothing).
 
-    t = TrainConfig(per_device_batch_size=4)
-    cap, _ = memory_limit(SMOL, 134_515_008, t)
-    room = 0.9 * (device_memory(t)[0] - training_bytes(134_515_008, "lora", False, 0, 2, False) - OVERHEAD_BYTES)
-    used = lambda n: t.per_device_batch_size * n * activation_bytes_per_token(SMOL, t, n)  # noqa: E731
-    assert used(cap) <= room < used(cap + 8)
+    Measured here (2-core Xeon, 3 GiB per process): the caps 504 (no checkpointing) and 1800 tokens (checkpointing)
+    peak at 2.47 and 2.84 GiB; twice those lengths peak at 3.59 and 4.39 GiB, over the budget, so an estimate
+    twice as permissive fails this test. With checkpointing the activation term alone is under the measurement
+    (1.35 vs 1.59 GiB, bench/NOTES.md); the 1 GiB framework allowance is what keeps the total inside."""
+    import json as _json
+
+    from bench.activation_memory import measure
+    from llm_finetune.data.lengths import device_memory
+
+    monkeypatch.chdir(ROOT)
+    t = TrainConfig(per_device_batch_size=1, memory="6Gi", gradient_checkpointing=checkpointing)
+    config = _json.loads((base_model_dir / "config.json").read_text())
+    cap, _ = memory_limit(config, 134_515_008, t)
+    budget = device_memory(t)[0]  # 3 GiB per process
+    r = measure(base_model_dir, cap, checkpointing)
+    assert r["peak_rss_bytes"] <= budget, f"{cap} tokens peaked at {r['peak_rss_bytes'] / 2**30:.2f} GiB of {budget / 2**30:.2f}"
+    assert r["peak_rss_bytes"] >= 0.4 * budget
 
 
 def test_truncate_prompt_cuts_from_the_left_and_keeps_the_completion(tokenizer, tmp_path):

@@ -74,7 +74,7 @@ def test_model_size_is_weighed_from_the_store_listing_without_a_download(tmp_pat
     import fsspec
     from flytekit.types.directory import FlyteDirectory
 
-    from llm_finetune.quantize import weights_mb
+    from llm_finetune.export.quantize import weights_mb
     from tasks.model_files import weights_mb_listed
 
     local = tmp_path / "model"

@@ -1,4 +1,4 @@
-"""Greedy answers read off the loss pass (llm_finetune/draft_answers.py) equal plain greedy generation.
+"""Greedy answers read off the loss pass (llm_finetune/evaluation/draft_answers.py) equal plain greedy generation.
 
 Evaluation skips generating a row when the loss pass shows the model reproducing the
 reference and then stopping. The answers must be the ones plain generation gives: checked
@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from llm_finetune.draft_answers import drafted_answers, read_greedy
+from llm_finetune.evaluation.draft_answers import drafted_answers, read_greedy
 
 STOP = 9
 
@@ -87,9 +87,9 @@ def _read_off_the_pass(generated: list[str], prompts: list[str]) -> None:
 def test_evaluate_answers_equal_transformers_generate(base_model_dir, tokenizer, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import llm_finetune.evaluate as ev
+    import llm_finetune.evaluation.evaluate as ev
     from llm_finetune.config import EvalConfig
-    from llm_finetune.generation import stop_token_ids
+    from llm_finetune.evaluation.generation import stop_token_ids
 
     data, frame = _split(tokenizer, 8)
     cfg = EvalConfig(max_samples=0, max_new_tokens=12, batch_size=4)
@@ -114,10 +114,10 @@ def test_evaluate_answers_equal_transformers_generate(base_model_dir, tokenizer,
 @pytest.mark.slow
 def test_gguf_answers_equal_llama_cpp_token_by_token(base_model_dir, tokenizer, tmp_path, monkeypatch):
     pytest.importorskip("llama_cpp", reason="install the gguf-check extra: pip install -c constraints.txt '.[gguf-check]'")
-    import llm_finetune.evaluate as ev
-    from llm_finetune import gguf_eval
+    import llm_finetune.evaluation.evaluate as ev
+    from llm_finetune.evaluation import gguf_eval
     from llm_finetune.config import EvalConfig
-    from llm_finetune.quantize import quantize_variant
+    from llm_finetune.export.quantize import quantize_variant
 
     data, frame = _split(tokenizer, 8)
     cfg = EvalConfig(max_samples=0, max_new_tokens=12, batch_size=4)

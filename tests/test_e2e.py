@@ -14,7 +14,7 @@ def test_fine_tune_workflow_end_to_end(isolated_flyte, capfd):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_finetune.quantize import load_quantized
+    from llm_finetune.export.quantize import load_quantized
     from workflows.fine_tune import fine_tune
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml")

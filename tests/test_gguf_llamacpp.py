@@ -41,7 +41,7 @@ def family(request, tmp_path_factory, tokenizer):
 
 
 def _llama(path):
-    from llm_finetune.gguf_runtime import load_gguf
+    from llm_finetune.export.gguf_runtime import load_gguf
 
     return load_gguf(path, n_ctx=256, n_threads=2)
 
@@ -74,7 +74,7 @@ def _llama_greedy(llm, ids: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
 def test_gguf_runs_in_llama_cpp_like_the_hf_model(family, gguf_type, tmp_path):
-    from llm_finetune.quantize import quantize_variant
+    from llm_finetune.export.quantize import quantize_variant
 
     name, model_dir, model, tok = family
     q = quantize_variant(model_dir, tmp_path, f"gguf_{gguf_type}", name=name)
@@ -130,8 +130,8 @@ def test_gguf_runs_in_llama_cpp_like_the_hf_model(family, gguf_type, tmp_path):
 
 def test_modelfile_beside_the_gguf_names_it_and_stops_on_single_special_tokens(family, tmp_path):
     """The Ollama Modelfile: FROM the file, the family's chat format, stop strings that are one token each."""
-    from llm_finetune.modelfile import chat_format
-    from llm_finetune.quantize import quantize_variant
+    from llm_finetune.export.modelfile import chat_format
+    from llm_finetune.export.quantize import quantize_variant
 
     name, model_dir, _, tok = family
     q = quantize_variant(model_dir, tmp_path, "gguf_q8_0", name=name)
@@ -157,8 +157,8 @@ def test_gguf_variants_are_scored_in_llama_cpp_like_the_hf_model(tokenizer, tmp_
 
     from llm_finetune.config import DataConfig, EvalConfig
     from llm_finetune.data.prepare import prepare
-    from llm_finetune.evaluate import evaluate
-    from llm_finetune.quantize import quantize_variant
+    from llm_finetune.evaluation.evaluate import evaluate
+    from llm_finetune.export.quantize import quantize_variant
     from tests.tiny_families import save_family
 
     model_dir = save_family("smollm2", tmp_path / "m", smollm_tokenizer=tokenizer)
@@ -182,8 +182,8 @@ def test_llama_cpp_threads_follow_the_container_cpu_limit(tokenizer, tmp_path, m
     default is half of os.cpu_count(): dozens of threads in a 2-CPU pod on a large node)."""
     import os
 
-    from llm_finetune.gguf_runtime import load_gguf
-    from llm_finetune.quantize import quantize_variant
+    from llm_finetune.export.gguf_runtime import load_gguf
+    from llm_finetune.export.quantize import quantize_variant
     from tests.tiny_families import save_family
 
     q = quantize_variant(save_family("smollm2", tmp_path / "m", smollm_tokenizer=tokenizer), tmp_path / "q", "gguf_q8_0", name="m")
@@ -204,7 +204,7 @@ def test_k_quants_are_llama_cpps_own_and_run_there_close_to_the_hf_model(variant
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
-    from llm_finetune.quantize import quantize_variant
+    from llm_finetune.export.quantize import quantize_variant
     from tests.tiny import save_tiny_llama
 
     model_dir = save_tiny_llama(tmp_path / "m", tokenizer, hidden_size=256, intermediate_size=512, num_attention_heads=4,
@@ -235,9 +235,9 @@ def test_gguf_scoring_stops_on_the_models_whole_stop_list(tokenizer, tmp_path):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_finetune import gguf_eval
-    from llm_finetune.generation import stop_token_ids
-    from llm_finetune.quantize import quantize_variant
+    from llm_finetune.evaluation import gguf_eval
+    from llm_finetune.evaluation.generation import stop_token_ids
+    from llm_finetune.export.quantize import quantize_variant
     from tests.tiny_families import save_family
 
     model_dir = save_family("llama3", tmp_path / "instruct", smollm_tokenizer=tokenizer)

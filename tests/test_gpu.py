@@ -66,8 +66,8 @@ def test_gpu_label_only_loss_matches_full_logits_in_bf16(tokenizer, tmp_path):
     import torch.nn.functional as F
     from transformers import LlamaForCausalLM, TrainingArguments
 
-    from llm_finetune.collate import TokenCollator
-    from llm_finetune.trainer import FineTuneTrainer
+    from llm_finetune.training.collate import TokenCollator
+    from llm_finetune.training.trainer import FineTuneTrainer
     from tests.test_packing import _examples
     from tests.tiny import tiny_llama_config
 
@@ -125,9 +125,9 @@ def test_gpu_packed_rows_equal_the_examples_alone_with_sliding_windows(tokenizer
 
 def test_gpu_flex_under_bf16_autocast_trains_like_sdpa(tokenizer):
     """fp32 weights under bf16 autocast (full fine-tuning's setting): flex forward + backward matches SDPA."""
-    from llm_finetune.attention import register
-    from llm_finetune.collate import TokenCollator, model_inputs
-    from llm_finetune.packing import pack_examples
+    from llm_finetune.training.attention import register
+    from llm_finetune.training.collate import TokenCollator, model_inputs
+    from llm_finetune.training.packing import pack_examples
     from tests.test_packing import _examples, _tiny_model
 
     register()

@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from llm_finetune.errors import HubError
-from llm_finetune.hub import card_metrics, model_card, push_folder
+from llm_finetune.export.hub import card_metrics, model_card, push_folder
 from tests.hub_standin import HubStandIn
 
 TOKEN = "hf_standinSECRETtoken1234567890"
@@ -115,7 +115,7 @@ def parse_table(card: str) -> tuple[list[str], dict[str, list[str]]]:
 def test_card_table_has_one_row_per_metric_with_intervals_in_their_own_columns():
     from huggingface_hub import ModelCard
 
-    from llm_finetune.evaluate import EvalMetrics
+    from llm_finetune.evaluation.evaluate import EvalMetrics
 
     def metrics(loss, ppl, scores):  # scores: name -> (value, low, high), a JSON task
         return EvalMetrics(rows=120, loss=loss, perplexity=ppl, exact_match=scores["exact_match"][0], exact_match_rows=120,
@@ -157,7 +157,7 @@ def test_card_table_has_one_row_per_metric_with_intervals_in_their_own_columns()
 def test_a_dpo_runs_card_shows_preference_accuracy_and_the_sft_task_side_by_side():
     """After SFT -> DPO the card's table holds the pairs' preference accuracy (with its interval) for base and
     tuned, and the SFT task's metric for base, SFT and SFT+DPO, each model a column."""
-    from llm_finetune.evaluate import EvalMetrics
+    from llm_finetune.evaluation.evaluate import EvalMetrics
 
     def pairs(acc, low, high):
         return EvalMetrics(rows=40, loss=0.62, perplexity=1.86, task_metric="preference_accuracy", task_kind="preference",

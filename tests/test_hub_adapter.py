@@ -17,8 +17,8 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.structured import StructuredDataset
 
 from llm_finetune.config import FineTuneConfig, HubConfig, ModelConfig
-from llm_finetune.evaluate import EvalMetrics
-from llm_finetune.hub import code_blocks, push_folder
+from llm_finetune.evaluation.evaluate import EvalMetrics
+from llm_finetune.export.hub import code_blocks, push_folder
 from tests.hub_standin import HubStandIn
 
 SECRET = "hf_adapterTEST_token_9f8e7d"

@@ -8,7 +8,7 @@ from flytekit.types.directory import FlyteDirectory
 from flytekit.types.structured import StructuredDataset
 
 from llm_finetune.config import FineTuneConfig, from_dict
-from llm_finetune.evaluate import EvalMetrics
+from llm_finetune.evaluation.evaluate import EvalMetrics
 from tests.hub_standin import HubStandIn
 from tests.test_hub import parse_table
 

@@ -136,7 +136,7 @@ KILL = textwrap.dedent('''
     import os
     if os.environ.get("TEST_KILL_AT_STEP"):
         import signal, time
-        import llm_finetune.trainer as _trainer
+        import llm_finetune.training.trainer as _trainer
 
         _step = _trainer.FineTuneTrainer.training_step
 

@@ -1,4 +1,4 @@
-"""The training loss computed only at labelled positions, in chunks (llm_finetune/label_loss.py),
+"""The training loss computed only at labelled positions, in chunks (llm_finetune/training/label_loss.py),
 through the production ``FineTuneTrainer.compute_loss``, equals the standard loss over full
 logits (``model(...).logits`` + ``F.cross_entropy``) in value and in every gradient."""
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import llm_finetune.label_loss as label_loss
-from llm_finetune.collate import TokenCollator, model_inputs
-from llm_finetune.packing import IGNORE_INDEX, pack_examples
+import llm_finetune.training.label_loss as label_loss
+from llm_finetune.training.collate import TokenCollator, model_inputs
+from llm_finetune.training.packing import IGNORE_INDEX, pack_examples
 from tests.test_packing import _examples
 from tests.tiny import tiny_llama_config
 
@@ -31,7 +31,7 @@ def _model(tokenizer, method):
 def _trainer(model, tmp_path):
     from transformers import TrainingArguments
 
-    from llm_finetune.trainer import FineTuneTrainer
+    from llm_finetune.training.trainer import FineTuneTrainer
 
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], remove_unused_columns=False,
                              label_names=["labels"])
@@ -88,7 +88,7 @@ def test_the_backward_of_a_128k_vocabulary_head_holds_one_weight_gradient(tmp_pa
 
     code = (
         "import resource, torch\n"
-        "from llm_finetune.label_loss import linear_cross_entropy_sum\n"
+        "from llm_finetune.training.label_loss import linear_cross_entropy_sum\n"
         "torch.manual_seed(0)\n"
         "V, H, N = 128256, 1024, 512\n"
         "w = torch.randn(V, H, requires_grad=True); h = torch.randn(N, H, requires_grad=True)\n"

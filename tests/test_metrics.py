@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from llm_finetune.metrics import bootstrap_interval, row_scores, score, task_kind
+from llm_finetune.evaluation.metrics import bootstrap_interval, row_scores, score, task_kind
 
 
 @pytest.mark.parametrize("p, n", [(0.9, 50), (0.6, 120), (0.97, 200)])
@@ -102,7 +102,7 @@ def test_evaluate_reports_every_metric_with_an_interval(tmp_path, tokenizer):
     import pandas as pd
 
     from llm_finetune.config import DataConfig, EvalConfig
-    from llm_finetune.evaluate import evaluate
+    from llm_finetune.evaluation.evaluate import evaluate
     from tests.tiny import save_tiny_llama
 
     model_dir = save_tiny_llama(tmp_path / "m", tokenizer)

@@ -69,7 +69,7 @@ def stored_model(tmp_path, tokenizer):
 def test_model_metadata_reads_config_tokenizer_and_headers_only(stored_model, tokenizer):
     from flytekit.types.directory import FlyteDirectory
 
-    from llm_finetune.gguf_convert import check_exportable
+    from llm_finetune.export.gguf_convert import check_exportable
     from llm_finetune.model import load_tokenizer
     from tasks.model_files import model_metadata
 

@@ -1,6 +1,6 @@
 """The Ollama Modelfile serves the prompt the model was trained on, default system turn included."""
 
-from llm_finetune.modelfile import chat_format, default_system_prompt, write_modelfile
+from llm_finetune.export.modelfile import chat_format, default_system_prompt, write_modelfile
 from tests.chat_tokenizers import build_chat_tokenizer
 
 

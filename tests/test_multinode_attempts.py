@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_finetune.checkpoint import COMPLETE_MARKER, checkpoint_problem
+from llm_finetune.training.checkpoint import COMPLETE_MARKER, checkpoint_problem
 from tests.test_multinode import _free_port
 from tests.test_retries import BIN, FAULT, ROOT, _error_kind, _serialized_args
 

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from llm_finetune.collate import TokenCollator, model_inputs
-from llm_finetune.packing import (
+from llm_finetune.training.collate import TokenCollator, model_inputs
+from llm_finetune.training.packing import (
     CPU_FLEX_LENGTH_MULTIPLE,
     IGNORE_INDEX,
     best_fit_decreasing,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm_finetune.preference_eval import answer_logps, bootstrap_interval, paired_difference
+from llm_finetune.evaluation.preference_eval import answer_logps, bootstrap_interval, paired_difference
 from tests.tiny import save_tiny_llama
 
 

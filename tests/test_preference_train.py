@@ -9,11 +9,11 @@ import json
 
 import pytest
 
-from llm_finetune.checkpoint import LocalCheckpointStore
+from llm_finetune.training.checkpoint import LocalCheckpointStore
 from llm_finetune.config import DPOTrainConfig, EvalConfig, PreferenceDataConfig, from_dict
 from llm_finetune.data.prepare import prepare
-from llm_finetune.training.harness import train as train_dpo
-from llm_finetune.preference_eval import evaluate_preference
+from llm_finetune.training.harness import train
+from llm_finetune.evaluation.preference_eval import evaluate_preference
 from tests.tiny import run_torchrun, save_tiny_llama
 
 DATA = PreferenceDataConfig(max_length=128)
@@ -66,7 +66,7 @@ def test_dpo_learns_the_preferences(weights, tiny_dir, pairs, reference_loads, t
 
     bar = THRESHOLDS[weights]
     cfg = _cfg(weights, learning_rate=5e-2) if weights == "lora" else _cfg(weights)
-    out = train_dpo(tiny_dir, pairs.train_tokens, DATA, cfg, tmp_path / "out")
+    out = train(tiny_dir, pairs.train_tokens, DATA, cfg, tmp_path / "out")
     s = out.summary
     assert s.steps == 16 and s.world_size == 1
     assert s.first_loss == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 0: -log sigmoid(0)
@@ -124,9 +124,9 @@ def test_dpo_resumes_from_the_checkpoint_store(tiny_dir, pairs, tmp_path):
     store = LocalCheckpointStore(tmp_path / "store")
     cfg = _cfg("lora", max_steps=8, save_steps=4, logging_steps=1)
     with pytest.raises(KeyboardInterrupt):
-        train_dpo(tiny_dir, pairs.train_tokens, DATA, cfg, tmp_path / "a", checkpoint_store=store, callbacks=(Preempt(),))
-    resumed = train_dpo(tiny_dir, pairs.train_tokens, DATA, cfg, tmp_path / "b", checkpoint_store=store)
-    whole = train_dpo(tiny_dir, pairs.train_tokens, DATA, cfg, tmp_path / "c")
+        train(tiny_dir, pairs.train_tokens, DATA, cfg, tmp_path / "a", checkpoint_store=store, callbacks=(Preempt(),))
+    resumed = train(tiny_dir, pairs.train_tokens, DATA, cfg, tmp_path / "b", checkpoint_store=store)
+    whole = train(tiny_dir, pairs.train_tokens, DATA, cfg, tmp_path / "c")
     assert resumed.summary.resumed_from_step == 4 and resumed.summary.steps == 8
     losses = lambda s: {h["step"]: h["loss"] for h in s.log_history if "loss" in h}  # noqa: E731
     after = {k: v for k, v in losses(resumed.summary).items() if k > 4}
@@ -139,7 +139,7 @@ def test_dpo_refuses_supervised_rows(tiny_dir, tokenizer, tmp_path):
 
     sft = prepare(DataConfig(), tokenizer)
     with pytest.raises(DataError, match="train.method trains on preference pairs"):
-        train_dpo(tiny_dir, sft.train, DataConfig(), _cfg("lora"), tmp_path)
+        train(tiny_dir, sft.train, DataConfig(), _cfg("lora"), tmp_path)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from llm_finetune.errors import ConfigError
 
 @pytest.fixture(scope="module")
 def gguf_dir(base_model_dir, tmp_path_factory):
-    from llm_finetune.quantize import quantize_variant
+    from llm_finetune.export.quantize import quantize_variant
 
     return quantize_variant(base_model_dir, tmp_path_factory.mktemp("gguf"), "gguf_q8_0", name="smollm2")
 
@@ -45,7 +45,7 @@ def test_gguf_q8_0_export_loads_in_transformers_and_matches_source(base_model_di
 @pytest.mark.slow
 def test_gguf_export_refuses_unsupported_architectures_by_name(tmp_path, tokenizer):
     """llama.cpp's converter, run on the config and tokenizer files alone (no weights), names the architecture."""
-    from llm_finetune.gguf_convert import GGUFExportError, check_exportable
+    from llm_finetune.export.gguf_convert import GGUFExportError, check_exportable
 
     tokenizer.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "my_research_lm", "architectures": ["MyResearchForCausalLM"]}))
@@ -61,7 +61,7 @@ def test_gguf_export_refuses_a_tokenizer_llama_cpp_does_not_know_before_training
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-    from llm_finetune.gguf_convert import GGUFExportError, check_exportable
+    from llm_finetune.export.gguf_convert import GGUFExportError, check_exportable
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -80,7 +80,7 @@ def test_gguf_export_refuses_a_tokenizer_llama_cpp_does_not_know_before_training
 def test_the_embedded_model_is_exportable_from_its_metadata_alone(base_model_dir, tmp_path):
     import shutil
 
-    from llm_finetune.gguf_convert import check_exportable
+    from llm_finetune.export.gguf_convert import check_exportable
 
     for f in base_model_dir.iterdir():
         if not f.name.endswith(".safetensors"):
@@ -96,9 +96,9 @@ def test_nf4_variant_loads_and_is_scored_on_the_same_rows(base_model_dir, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from llm_finetune.data.prepare import prepare
-    from llm_finetune.evaluate import evaluate
+    from llm_finetune.evaluation.evaluate import evaluate
     from llm_finetune.model import load_tokenizer
-    from llm_finetune.quantize import quantize_variant
+    from llm_finetune.export.quantize import quantize_variant
 
     data = DataConfig()
     frame = prepare(data, load_tokenizer(base_model_dir)).test
@@ -127,7 +127,7 @@ def test_variants_config_and_deprecated_bits():
 
 
 def test_long_answers_switch_the_task_metric_to_chrf(base_model_dir):
-    from llm_finetune.evaluate import evaluate
+    from llm_finetune.evaluation.evaluate import evaluate
 
     conv = [{"role": "user", "content": "Describe a cat."},
             {"role": "assistant", "content": "A small furry animal that purrs, sleeps a lot and chases mice at night."}]
@@ -143,7 +143,7 @@ def test_gguf_for_an_unsupported_base_fails_before_training(tmp_path):
     """check_outputs runs on the base model ahead of train_model, so no GPU hours are spent first."""
     from flytekit.types.directory import FlyteDirectory
 
-    from llm_finetune.gguf_convert import GGUFExportError
+    from llm_finetune.export.gguf_convert import GGUFExportError
     from tasks.quantize import check_outputs
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "my_research_lm", "architectures": ["MyResearchForCausalLM"]}))

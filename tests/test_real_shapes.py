@@ -70,7 +70,7 @@ def heldout_frame(tokenizer, rows: list[dict], tmp_path: Path) -> pd.DataFrame:
 
 
 def evaluate_reproduced(monkeypatch, base_model_dir, tokenizer, frame, cfg):
-    from llm_finetune import evaluate as ev
+    from llm_finetune.evaluation import evaluate as ev
 
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
     monkeypatch.setattr(ev, "load_model", lambda *a, **k: ReproducingLM(len(tokenizer), stop))

@@ -163,7 +163,7 @@ FAULT = textwrap.dedent('''
 
         FlyteDirectory.download = download
     if os.environ.get("TEST_FAULT_AT_STEP"):
-        import llm_finetune.trainer as _trainer
+        import llm_finetune.training.trainer as _trainer
 
         _step = _trainer.FineTuneTrainer.training_step
 

@@ -101,9 +101,9 @@ def test_generation_stops_at_every_token_of_the_models_stop_list(tmp_path):
     """
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from llm_finetune.evaluate import generate
-    from llm_finetune.generation import stop_token_ids
-    from llm_finetune.trainer import SampleGenerations
+    from llm_finetune.evaluation.evaluate import generate
+    from llm_finetune.evaluation.generation import stop_token_ids
+    from llm_finetune.training.trainer import SampleGenerations
 
     tok = build_chat_tokenizer("llama3", tmp_path / "tok")
     tok.eos_token = "<|eot_id|>"  # as the instruct tokenizers declare it

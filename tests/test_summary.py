@@ -7,7 +7,7 @@ import pandas as pd
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.structured import StructuredDataset
 
-from llm_finetune.evaluate import EvalMetrics
+from llm_finetune.evaluation.evaluate import EvalMetrics
 
 pytestmark = pytest.mark.slow  # every test here trains a model or starts a process (tests/tiers.py)
 

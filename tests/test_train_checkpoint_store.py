@@ -12,10 +12,10 @@ import threading
 import pytest
 from flytekit.core.checkpointer import SyncCheckpoint
 
-from llm_finetune.checkpoint import (
+from llm_finetune.training.checkpoint import (
     COMPLETE_MARKER, LocalCheckpointStore, latest_complete_checkpoint, node_part, relocate, write_node_marker,
 )
-from llm_finetune.checkpoint_upload import BackgroundUploader, CheckpointUploadError
+from llm_finetune.training.checkpoint_upload import BackgroundUploader, CheckpointUploadError
 from tasks.checkpoint import FlyteCheckpointStore
 
 
@@ -102,7 +102,7 @@ def test_a_partial_or_corrupt_newest_checkpoint_is_skipped_with_a_warning(damage
         (newest / "optimizer.pt").write_bytes(b"x" * 3)
     elif damage == "missing file":
         (newest / "trainer_state.json").unlink()
-    with caplog.at_level(logging.WARNING, logger="llm_finetune.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="llm_finetune.training.checkpoint"):
         assert latest_complete_checkpoint(root) == root / "checkpoint-4"
     expected = {"no manifest": "no completion manifest", "truncated": "optimizer.pt has 3 bytes",
                 "missing file": "trainer_state.json (listed by node 0) is missing",

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from llm_finetune.checkpoint import checkpoint_problem
+from llm_finetune.training.checkpoint import checkpoint_problem
 from tests.tiny import run_torchrun, save_tiny_llama
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from llm_finetune.errors import ConfigError
-from llm_finetune.fit import GiB, check_fits, count_parameters, training_bytes
+from llm_finetune.training.fit import GiB, check_fits, count_parameters, training_bytes
 
 
 def test_parameter_count_comes_from_the_safetensors_headers(base_model_dir):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from llm_finetune.checkpoint import COMPLETE_MARKER, LocalCheckpointStore
+from llm_finetune.training.checkpoint import COMPLETE_MARKER, LocalCheckpointStore
 from llm_finetune.config import DataConfig, TrainConfig
 from llm_finetune.data.prepare import prepare
 from llm_finetune.training.harness import train
@@ -172,7 +172,7 @@ def test_store_keeps_the_newest_checkpoints_and_a_corrupt_newest_one_is_skipped(
     optimizer = store.root / "checkpoint-8" / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:100])  # an upload cut short / a corrupt object
 
-    with caplog.at_level("WARNING", logger="llm_finetune.checkpoint"):
+    with caplog.at_level("WARNING", logger="llm_finetune.training.checkpoint"):
         resumed = train(tiny_dir, train_frame, DataConfig(), cfg, tmp_path / "attempt2", checkpoint_store=store).summary
     assert any("skipping checkpoint-8: optimizer.pt has 100 bytes" in r.message for r in caplog.records), caplog.text
     assert resumed.resumed_from_step == 6 and resumed.steps == clean.steps == 12

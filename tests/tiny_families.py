@@ -39,7 +39,7 @@ _BUILT: dict[str, Path] = {}  # vocabulary + template -> a saved tokenizer folde
 
 
 def llama_cpp_models() -> Path:
-    from llm_finetune.gguf_convert import converter_dir
+    from llm_finetune.export.gguf_convert import converter_dir
 
     return converter_dir() / "models"
 

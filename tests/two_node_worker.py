@@ -2,7 +2,7 @@
 
 ``transformers.Trainer.train`` is wrapped only to record, per rank, the environment the
 rendezvous produced and a digest of the weights before and after the step; the training
-itself is ``llm_finetune.train.train`` unchanged.
+itself is ``llm_finetune.training.harness.train`` unchanged.
 
     python -m torch.distributed.run ... tests/two_node_worker.py MODEL_DIR DATA.parquet OUT_DIR
 """

@@ -45,7 +45,7 @@ import numpy as np
 from llm_finetune.config import AUTO_MICRO_BATCH, TrainConfig, micro_batch
 from llm_finetune.errors import DataError
 from llm_finetune.methods import method_spec
-from llm_finetune.fit import GiB, training_bytes
+from llm_finetune.training.fit import GiB, training_bytes
 
 COVERAGE = 0.99
 ROUND_TO = 8

@@ -35,7 +35,7 @@ import pandas as pd
 import pandera.pandas as pa
 
 from llm_finetune.config import DataConfig
-from llm_finetune.data.formats import ROLES, Detected, detect_format
+from llm_finetune.data.formats import ROLES, Detected
 from llm_finetune.data.validation import ValidationReport
 from llm_finetune.encoding import IGNORE_INDEX, encode_many, prompt_and_reference
 from llm_finetune.errors import DataError

@@ -32,7 +32,7 @@ from llm_finetune.data.sources import load_raw
 from llm_finetune.data.validation import RULES, validate_rows
 from llm_finetune.encoding import IGNORE_INDEX, Encoded, encode_many, encode_row, encode_text
 from llm_finetune.errors import DataError
-from llm_finetune.packing import mask_first_label, pack_examples, packing_efficiency
+from llm_finetune.training.packing import mask_first_label, pack_examples, packing_efficiency
 
 CANONICAL_COLUMNS = ["messages", "text", "source_row", "n_tokens", "n_trained_tokens"]
 TOKEN_COLUMNS = ["input_ids", "labels", "seq_lens", "source_rows"]

@@ -32,7 +32,7 @@ from llm_finetune.data.preference import _is_missing, _last_span, _parse, prompt
 from llm_finetune.data.validation import ValidationReport
 from llm_finetune.encoding import encode_many, prompt_and_reference
 from llm_finetune.errors import DataError
-from llm_finetune.packing import mask_first_label
+from llm_finetune.training.packing import mask_first_label
 
 UNPAIRED_RULES = {
     "empty_prompt": "the prompt (user turns before the answer) is empty",

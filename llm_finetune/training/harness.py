@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,16 +34,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from llm_finetune.checkpoint import checkpoint_step, complete_checkpoints, relocate
-from llm_finetune.checkpoint_upload import BackgroundUploader
+from llm_finetune.training.checkpoint import checkpoint_step, complete_checkpoints, relocate
+from llm_finetune.training.checkpoint_upload import BackgroundUploader
 from llm_finetune.config import DataConfig, TrainConfig, micro_batch
 from llm_finetune.errors import ConfigError
-from llm_finetune.fit import GiB, check_fits, count_parameters, deepspeed_offload
+from llm_finetune.training.fit import GiB, check_fits, count_parameters, deepspeed_offload
 from llm_finetune.methods import load_recipe, method_spec
 from llm_finetune.model import load_tokenizer
-from llm_finetune.node_once import run_once_per_node
-from llm_finetune.resources import ResourceSampler
-from llm_finetune.trainer import CheckpointUploader, SampleGenerations
+from llm_finetune.training.node_once import run_once_per_node
+from llm_finetune.training.resources import ResourceSampler
+from llm_finetune.training.trainer import CheckpointUploader, SampleGenerations
 from llm_finetune.training.distributed import (
     FINAL_WAIT_S, init_distributed, local_rank, local_world_size, nnodes, node_rank, rank, shared_output_dir,
     wait_for_rank0, world_size,

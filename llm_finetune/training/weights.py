@@ -44,7 +44,7 @@ def load_model(model_dir: Path, cfg: TrainConfig, bf16: bool, attn_implementatio
     dtype = half if (half is not None and cfg.weights != "full") else torch.float32
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
     if attn_implementation == "flex_attention":  # q, k, v of one dtype under autocast (attention.py)
-        from llm_finetune.attention import register
+        from llm_finetune.training.attention import register
 
         register()
     if cfg.weights == "qlora":

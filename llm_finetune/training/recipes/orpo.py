@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 
 from llm_finetune.encoding import IGNORE_INDEX
-from llm_finetune.trainer import all_reduce_sum
+from llm_finetune.training.trainer import all_reduce_sum
 from llm_finetune.training.recipes.dpo import PreferencePairs, stop_at_nonfinite
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 
-from llm_finetune.collate import TokenCollator
+from llm_finetune.training.collate import TokenCollator
 from llm_finetune.encoding import encode_frame, prompt_and_reference
-from llm_finetune.trainer import FineTuneTrainer, all_reduce_sum
+from llm_finetune.training.trainer import FineTuneTrainer, all_reduce_sum
 from llm_finetune.training.harness import Recipe
 
 

@@ -16,15 +16,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from llm_finetune.collate import TokenCollator
+from llm_finetune.training.collate import TokenCollator
 from llm_finetune.config import DataConfig, EvalConfig
 from llm_finetune.data.preference import is_preference_frame
 from llm_finetune.encoding import IGNORE_INDEX, encode_frame, prompt_and_reference
-from llm_finetune.draft_answers import drafted_answers
+from llm_finetune.evaluation.draft_answers import drafted_answers
 from llm_finetune.data.lengths import model_context
-from llm_finetune.generation import generation_budget, stop_token_ids
-from llm_finetune.eval_models import eval_tokenizer, generate, load_model  # noqa: F401 - generate re-exported
-from llm_finetune.metrics import HEADLINE, EvalMetrics, score, task_kind  # noqa: F401 - EvalMetrics re-exported
+from llm_finetune.evaluation.generation import generation_budget, stop_token_ids
+from llm_finetune.evaluation.eval_models import eval_tokenizer, generate, load_model  # noqa: F401 - generate re-exported
+from llm_finetune.evaluation.metrics import HEADLINE, EvalMetrics, score, task_kind  # noqa: F401 - EvalMetrics re-exported
 
 
 @torch.no_grad()
@@ -61,7 +61,7 @@ def evaluate(
 ) -> tuple[EvalMetrics, pd.DataFrame]:
     """Metrics plus a per-row table (prompt, reference, prediction, correct) for decks."""
     if is_preference_frame(eval_frame):  # held-out chosen/rejected pairs: preference accuracy
-        from llm_finetune.preference_eval import evaluate_preference
+        from llm_finetune.evaluation.preference_eval import evaluate_preference
 
         return evaluate_preference(model_dir, eval_frame, data_cfg, cfg, gguf_file)
     frame = eval_frame if cfg.max_samples == 0 else eval_frame.head(cfg.max_samples)
@@ -74,8 +74,8 @@ def evaluate(
     budget = generation_budget(tokenizer, [r for _, r in pairs], cfg.max_new_tokens, _context(model_dir),
                                max((len(p) for p in prompt_ids), default=0))
     llm = None
-    if gguf_file and importlib.util.find_spec("llama_cpp"):  # GGUF runs in llama.cpp (llm_finetune/gguf_eval.py)
-        from llm_finetune import gguf_eval
+    if gguf_file and importlib.util.find_spec("llama_cpp"):  # GGUF runs in llama.cpp (llm_finetune/evaluation/gguf_eval.py)
+        from llm_finetune.evaluation import gguf_eval
 
         llm = gguf_eval.load(model_dir, gguf_file, n_ctx=max([len(e["input_ids"]) for e in examples] + [64]) + budget.max_new_tokens + 16)
         loss, tops = gguf_eval.scoring_pass(llm, examples)

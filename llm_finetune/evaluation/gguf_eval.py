@@ -2,7 +2,7 @@
 
 transformers can load a GGUF only by de-quantizing every weight to float32 (32 GB for an 8B
 model), and then measures the rounding, not llama.cpp's kernels. Here the file runs in
-llama.cpp (``llm_finetune.gguf_runtime``); the token ids come from the same HF tokenizer the
+llama.cpp (``llm_finetune.export.gguf_runtime``); the token ids come from the same HF tokenizer the
 other models are scored with (the tests check llama.cpp tokenizes identically), so the loss
 counts the same answer tokens and the generations answer the same prompts.
 """
@@ -44,7 +44,7 @@ def stop_ids(llm, tokenizer, generation_config=None) -> set[int]:
     """The tokens ``generate`` stops at: the model's whole stop list, as HF generation uses it
     (``generation.stop_token_ids``: generation_config's ids, EOS, the chat template's end of turn,
     e.g. Llama 3's ``<|eot_id|>`` beside ``<|end_of_text|>``), and the GGUF's own EOS and EOT."""
-    from llm_finetune.generation import stop_token_ids
+    from llm_finetune.evaluation.generation import stop_token_ids
 
     ids = set(stop_token_ids(tokenizer, generation_config)) | {llm.token_eos()}
     for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
@@ -82,6 +82,6 @@ def generate_with_cuts(llm, tokenizer, prompts: list[str], max_new_tokens: int) 
 
 
 def load(model_dir: str | Path, gguf_file: str, n_ctx: int):
-    from llm_finetune.gguf_runtime import load_gguf
+    from llm_finetune.export.gguf_runtime import load_gguf
 
     return load_gguf(Path(model_dir) / gguf_file, n_ctx=n_ctx)

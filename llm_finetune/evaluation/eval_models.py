@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from llm_finetune.generation import greedy_with_cuts
+from llm_finetune.evaluation.generation import greedy_with_cuts
 from llm_finetune.model import load_tokenizer
 
 
@@ -18,7 +18,7 @@ def load_model(model_dir: str | Path, gguf_file: str = ""):
     """Float model for evaluation; bitsandbytes directories and GGUF files load as saved."""
     from transformers import AutoModelForCausalLM
 
-    from llm_finetune.quantize import load_quantized
+    from llm_finetune.export.quantize import load_quantized
 
     config = Path(model_dir) / "config.json"
     if gguf_file or (config.is_file() and "quantization_config" in json.loads(config.read_text())):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from llm_finetune.collate import unwrap
+from llm_finetune.training.collate import unwrap
 from llm_finetune.encoding import IGNORE_INDEX
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MiB in fp32 (341 rows of a 49k vocabulary)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from llm_finetune.packing import IGNORE_INDEX, document_ids, position_ids
+from llm_finetune.training.packing import IGNORE_INDEX, document_ids, position_ids
 
 # Attention implementations that isolate packed examples: transformers 5 builds the
 # block-diagonal causal mask itself from ``position_ids`` when no attention mask and no

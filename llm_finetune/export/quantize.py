@@ -4,7 +4,7 @@ bitsandbytes >= 0.45 runs its kernels on CPU too, so the default pipeline quanti
 laptop; on a GPU the same code uses the CUDA kernels. The bnb variants are saved with
 ``save_pretrained`` (their config carries ``quantization_config``), so a plain
 ``AutoModelForCausalLM.from_pretrained(dir)`` loads them. GGUF variants are one file for
-llama.cpp and Ollama, written by llama.cpp's own converter (``llm_finetune.gguf_convert``); Q4_K_M
+llama.cpp and Ollama, written by llama.cpp's own converter (``llm_finetune.export.gguf_convert``); Q4_K_M
 and Q5_K_M, the files Ollama and llama.cpp users pull, come from llama.cpp's quantizer
 (``llama_model_quantize`` in llama-cpp-python) run on the converter's f16 file: its k-quant mixes
 (which tensors get more bits) are llama.cpp's, not a re-implementation.
@@ -78,11 +78,11 @@ def quantize_variant(model_dir: str | Path, out_dir: str | Path, variant: str, n
         quantize(model_dir, out, BNB_VARIANTS[variant])
         return Quantized(variant, out, "", weights_mb(out))
     if variant in GGUF_VARIANTS:
-        from llm_finetune.gguf_convert import export_gguf
+        from llm_finetune.export.gguf_convert import export_gguf
 
         gguf_type = GGUF_VARIANTS[variant]
         file = f"{name or 'model'}-{gguf_type}.gguf"
-        from llm_finetune.modelfile import write_modelfile
+        from llm_finetune.export.modelfile import write_modelfile
 
         if gguf_type in LLAMA_CPP_TYPES:  # the converter's f16, then llama.cpp's quantizer; the f16 is removed
             f16 = out / f"{name or 'model'}-f16.tmp.gguf"

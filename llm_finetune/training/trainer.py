@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from llm_finetune.checkpoint import node_part, write_node_marker
-from llm_finetune.collate import model_inputs
+from llm_finetune.training.checkpoint import node_part, write_node_marker
+from llm_finetune.training.collate import model_inputs
 from llm_finetune.encoding import IGNORE_INDEX
-from llm_finetune.label_loss import label_only_loss
-from llm_finetune.generation import generation_budget, greedy
+from llm_finetune.training.label_loss import label_only_loss
+from llm_finetune.evaluation.generation import generation_budget, greedy
 
 
 def all_reduce_sum(value: float) -> float:

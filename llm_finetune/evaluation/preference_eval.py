@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from llm_finetune.config import DataConfig, EvalConfig
-from llm_finetune.generation import generation_budget
+from llm_finetune.evaluation.generation import generation_budget
 from llm_finetune.data.preference import pair_examples, pair_sample_prompts as sample_prompts
 
 BOOTSTRAP_SAMPLES = 2000
@@ -72,8 +72,8 @@ def answer_logps(model, examples: list[dict], pad_id: int, batch_size: int) -> t
 
 def evaluate_preference(model_dir: str | Path, eval_frame: pd.DataFrame, data_cfg: DataConfig, cfg: EvalConfig, gguf_file: str = ""):
     """(EvalMetrics, table) for held-out preference pairs; the table has one row per pair."""
-    from llm_finetune.eval_models import eval_tokenizer, generate, load_model
-    from llm_finetune.metrics import EvalMetrics
+    from llm_finetune.evaluation.eval_models import eval_tokenizer, generate, load_model
+    from llm_finetune.evaluation.metrics import EvalMetrics
 
     frame = eval_frame if cfg.max_samples == 0 else eval_frame.head(cfg.max_samples)
     tokenizer = eval_tokenizer(model_dir, gguf_file)

@@ -66,7 +66,7 @@ class BackgroundUploader:
         if files is None:
             shutil.copytree(ckpt_dir, snap, copy_function=link_or_copy)
         else:
-            from llm_finetune.checkpoint import COMPLETE_MARKER
+            from llm_finetune.training.checkpoint import COMPLETE_MARKER
 
             for rel in [*files, *(p.name for p in Path(ckpt_dir).glob(f"{COMPLETE_MARKER}.node*"))]:
                 (snap / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""Export: quantized variants, GGUF through llama.cpp, the Ollama Modelfile, publishing to the hub."""
