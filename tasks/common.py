@@ -16,6 +16,7 @@ from flytekit.core.context_manager import FlyteContextManager
 from flytekit.exceptions.user import FlyteRecoverableException
 
 from llm_finetune.errors import is_transient
+from llm_finetune.evaluation.report import table_html  # noqa: F401 - the tasks import it from here
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED_DIR = REPO_ROOT / "deepspeed_configs"
@@ -172,10 +173,6 @@ def publish_deck(task: str, sections: dict[str, str]) -> None:
         encoding="utf-8",
     )
     print(f"[{task}] deck: file://{out}", flush=True)
-
-
-def table_html(frame, max_rows: int = 50) -> str:
-    return frame.head(max_rows).to_html(index=False, escape=True, border=0)
 
 
 def length_histogram(lengths: pd.Series, max_length: int, truncation: bool) -> str:

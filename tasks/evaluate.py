@@ -14,7 +14,8 @@ from llm_finetune.config import DataConfig, EvalConfig, TrainConfig
 from llm_finetune.cpus import use_container_cpus
 from llm_finetune.evaluation.evaluate import EvalMetrics
 from llm_finetune.evaluation.evaluate import evaluate as score_model
-from tasks.common import CACHE_EVAL, publish_deck, table_html, recoverable
+from llm_finetune.evaluation.report import metric_cell, metrics_html, table_html, task_metrics_table, variants_table  # noqa: F401 - re-exported
+from tasks.common import CACHE_EVAL, publish_deck, recoverable
 from tasks.quantize import QuantizedModel
 
 
@@ -43,42 +44,6 @@ def eval_resources(train: TrainConfig) -> Resources:
     if train.gpus_per_node > 0:
         return Resources(cpu="4", mem="32Gi", gpu=1)
     return Resources(cpu="2", mem="8Gi")
-
-
-def metric_cell(m: EvalMetrics, name: str) -> str:
-    """``97.0% [93.0, 99.0]``: the score and its bootstrap 95% interval."""
-    if name not in m.scores:
-        return ""
-    return f"{m.scores[name]:.1%} [{m.scores_low[name]:.1%}, {m.scores_high[name]:.1%}]"
-
-
-def task_metrics_table(models: list[tuple[str, EvalMetrics]]) -> pd.DataFrame:
-    """One row per model (base, tuned, each quantized variant), one column per task metric with its interval."""
-    names = list(dict.fromkeys(k for _, m in models for k in m.scores))
-    return pd.DataFrame(
-        [{"model": label, "test rows": m.exact_match_rows, **{n: metric_cell(m, n) for n in names},
-          "loss": f"{m.loss:.4f}", "perplexity": f"{m.perplexity:.3f}"} for label, m in models],
-        columns=["model", "test rows", *names, "loss", "perplexity"],
-    )
-
-
-def metrics_html(label: str, m: EvalMetrics) -> str:
-    if m.task_metric == "preference_accuracy":  # held-out preference pairs (llm_finetune/evaluation/preference_eval.py)
-        metric = (f"preference accuracy {m.preference_accuracy:.1%} (95% interval {m.preference_ci_low:.1%} to "
-                  f"{m.preference_ci_high:.1%}; chosen answer more likely than rejected), greedy answer equals chosen "
-                  f"{m.exact_match:.1%}")
-        return f"<p>{html.escape(label)}: {m.rows} held-out pairs, loss {m.loss:.4f}, perplexity {m.perplexity:.3f}, {metric}.</p>"
-    headline = (
-        f"{m.task_metric} {metric_cell(m, m.task_metric)} on {m.exact_match_rows} test rows "
-        f"(answers: {m.task_kind}, median {m.median_reference_words:.0f} words; 95% bootstrap interval in brackets)"
-        if m.task_metric in m.scores
-        else "no reference completions (raw text): loss and perplexity only"
-    )
-    others = ", ".join(f"{k} {metric_cell(m, k)}" for k in m.scores if k != m.task_metric)
-    return (
-        f"<p>{html.escape(label)}: {m.rows} test rows, loss {m.loss:.4f}, perplexity {m.perplexity:.3f}, "
-        f"{html.escape(headline)}{'; ' + html.escape(others) if others else ''}.</p>"
-    )
 
 
 @task(container_image=cpu_image, cache=CACHE_EVAL, retries=1, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True)
@@ -112,18 +77,6 @@ def _delta_row(q: QuantizedModel, m: EvalMetrics, tuned: EvalMetrics, agreement:
         exact_match_delta=m.exact_match - tuned.exact_match,
         agreement=agreement,
     )
-
-
-def variants_table(rows: list[VariantMetrics], tuned: EvalMetrics, tuned_mb: float) -> pd.DataFrame:
-    out = [{"model": "tuned (unquantized)", "size MB": tuned_mb, "loss": f"{tuned.loss:.4f}", "Δ loss": "",
-            "perplexity": f"{tuned.perplexity:.3f}", "Δ ppl": "", "exact match": f"{tuned.exact_match:.1%}", "Δ EM": "",
-            "same answer as tuned": ""}]
-    for r in rows:
-        out.append({"model": r.variant, "size MB": r.size_mb, "loss": f"{r.metrics.loss:.4f}", "Δ loss": f"{r.loss_delta:+.4f}",
-                    "perplexity": f"{r.metrics.perplexity:.3f}", "Δ ppl": f"{r.perplexity_delta:+.3f}",
-                    "exact match": f"{r.metrics.exact_match:.1%}", "Δ EM": f"{r.exact_match_delta:+.1%}",
-                    "same answer as tuned": f"{r.agreement:.1%}"})
-    return pd.DataFrame(out)
 
 
 @task(container_image=cpu_image, cache=CACHE_EVAL, retries=1, requests=Resources(cpu="2", mem="8Gi"), enable_deck=True)

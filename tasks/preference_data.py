@@ -72,24 +72,3 @@ def unpaired_decks(prepared, data: DataConfig) -> dict[str, str]:
         "Data profile": profile,
         "Sample rows": table_html(sample[["source_row", "prompt", "completion", "label"]], max_rows=10),
     }
-
-
-def preference_summary(base, tuned, base_table: pd.DataFrame, tuned_table: pd.DataFrame) -> tuple[list[str], list[float]]:
-    """Summary lines for preference accuracy, and [gain, low, high] of tuned minus base on the same pairs."""
-    from llm_finetune.evaluation.preference_eval import paired_difference
-
-    if tuned.task_metric != "preference_accuracy" or len(base_table) != len(tuned_table):
-        return [], []
-    gain, low, high = paired_difference(tuned_table["correct"].astype(float), base_table["correct"].astype(float))
-
-    def acc(m) -> str:
-        return f"{m.preference_accuracy:.1%} [{m.preference_ci_low:.1%}, {m.preference_ci_high:.1%}]"
-
-    verdict = "above base by more than the interval" if low > 0 else "not clearly above base (the interval includes 0)"
-    lines = [
-        f"  preference accuracy ({tuned.rows} held-out pairs, bootstrap 95% intervals)",
-        f"    base {acc(base)}   tuned {acc(tuned)}",
-        f"    gain {gain:+.1%} [{low:+.1%}, {high:+.1%}]: tuned is {verdict}",
-        f"    mean log-prob margin chosen - rejected: base {base.mean_logp_margin:+.2f}   tuned {tuned.mean_logp_margin:+.2f}",
-    ]
-    return lines, [gain, low, high]

@@ -2,7 +2,6 @@
 
 import html
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -13,11 +12,14 @@ from flytekit.types.directory import FlyteDirectory
 from images.specs import cpu_image
 from llm_finetune.evaluation.evaluate import EvalMetrics
 from llm_finetune.tracking import TrackedRun, open_command, tracking_html
-from tasks.common import is_local, local_deck_dir, publish_deck, run_dir, table_html, write_run_file
+from llm_finetune.evaluation.report import (
+    clean_json, cut_warnings, evaluation_section, metric_cell, metrics_html, preference_summary, selection_line,
+    sft_task_section, side_by_side, table_html, task_metrics_table, variants_table,
+)
+from tasks.common import is_local, local_deck_dir, publish_deck, run_dir, write_run_file
 from tasks.assess import SFT_TASK_MODELS
 from tasks.data import DataReport
-from tasks.evaluate import EvalReport, VariantMetrics, metric_cell, metrics_html, task_metrics_table, variants_table
-from tasks.preference_data import preference_summary
+from tasks.evaluate import EvalReport, VariantMetrics
 from tasks.quantize import QuantizedModel
 
 
@@ -38,83 +40,6 @@ class FineTuneResult:
     preference_gain: list[float] = field(default_factory=list)
     # SFT -> DPO: the supervised task's test split for "base", "SFT" and "SFT+DPO"; empty without a DPO stage
     sft_task_metrics: dict[str, EvalMetrics] = field(default_factory=dict)
-
-
-def side_by_side(base: pd.DataFrame, tuned: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({
-        "prompt": tuned["prompt"], "reference": tuned["reference"],
-        "base": base["prediction"].values if len(base) == len(tuned) else "",
-        "tuned": tuned["prediction"], "base correct": base["correct"].values if len(base) == len(tuned) else "",
-        "tuned correct": tuned["correct"],
-    })
-
-
-def evaluation_section(models: list[tuple[str, EvalMetrics]]) -> dict:
-    """summary.json's ``evaluation``: the generation budget, the longest reference and the cut predictions.
-
-    ``cut_predictions`` is the tuned model's (the one the run is about); every model's count is beside it.
-    """
-    by_name = dict(models)
-    t = by_name["tuned"]
-    return {
-        "max_new_tokens": t.max_new_tokens,
-        "longest_reference_tokens": t.longest_reference_tokens,
-        "cut_predictions": t.cut_predictions,
-        "cut_predictions_by_model": {name: m.cut_predictions for name, m in models},
-    }
-
-
-def cut_warnings(models: list[tuple[str, EvalMetrics]]) -> list[str]:
-    """One warning per model whose greedy answers hit the generation budget without a stop token."""
-    out = []
-    for name, m in models:
-        if not m.cut_predictions:
-            continue
-        head = (f"{m.cut_predictions} of {m.exact_match_rows} {name} predictions reached the generation budget of "
-                f"{m.max_new_tokens} new tokens without a stop token (longest reference {m.longest_reference_tokens} tokens)")
-        if m.max_new_tokens < m.longest_reference_tokens:
-            out.append(f"{head}: the budget is shorter than the answers; set evaluate.max_new_tokens: auto, or higher")
-        else:
-            out.append(f"{head}: the model did not end these answers; they are scored as generated, cut at the budget")
-    return out
-
-
-def sft_task_section(reports: list[tuple[str, EvalMetrics]]) -> tuple[list[str], list[str], str]:
-    """After SFT -> DPO: printed lines, warnings and deck HTML for the supervised task's scores of base, SFT and SFT+DPO.
-
-    Warns when SFT+DPO's task score falls below the SFT model's 95% interval: the preference stage
-    cost the task the user trained for.
-    """
-    if not reports:
-        return [], [], ""
-    models = dict(reports)
-    sft, final = models["SFT"], models["SFT+DPO"]
-    metric = sft.task_metric
-    names = [metric] if metric in sft.scores else []
-    lines = ["  SFT task after DPO (test split of data.source; 95% intervals):"]
-    for name in names:
-        lines.append(f"    {name:<14} " + "   ".join(f"{label} {metric_cell(m, name)}" for label, m in reports))
-    lines.append(f"    {'loss':<14} " + "   ".join(f"{label} {m.loss:.4f}" for label, m in reports))
-    warnings = []
-    if names and final.scores[metric] < sft.scores_low[metric]:
-        warnings.append(f"the DPO stage lowered the SFT task's {metric} from {sft.scores[metric]:.1%} (SFT) to "
-                        f"{final.scores[metric]:.1%} (SFT+DPO), below the SFT model's 95% interval "
-                        f"[{sft.scores_low[metric]:.1%}, {sft.scores_high[metric]:.1%}]: lower preference.train.learning_rate "
-                        f"or max_steps, or raise preference.train.dpo.beta")
-    deck = ("<p>The task the first stage trained for, on its own test split, before and after the DPO stage "
-            "(the preference accuracy above is on the held-out pairs).</p>" + table_html(task_metrics_table(reports), max_rows=5))
-    return lines, warnings, deck
-
-
-def selection_line(train_steps: int, best_step: int, best_eval_loss: float, report: Optional[DataReport]) -> str:
-    """Which checkpoint was returned and on what it was chosen (validation rows, never test rows)."""
-    if train_steps <= 0:
-        return ""
-    rows = f" on {report.validation_rows} validation rows" if report is not None else ""
-    if best_step >= 0:
-        return (f"checkpoint: step {best_step} of {train_steps}, best validation loss "
-                f"{best_eval_loss:.4f}{rows} (test rows are used for scores only)")
-    return f"checkpoint: the last step ({train_steps}); no validation-based selection (train.eval_steps or save_steps is 0)"
 
 
 @task(container_image=cpu_image, enable_deck=True)
@@ -235,19 +160,10 @@ def summarize(
                         **{q.variant: str(q.model.path) for q in quantized}},
             "hub_urls": hub_urls,
         }
-        write_run_file("summary.json", json.dumps(_clean(summary), indent=2, allow_nan=False))
+        write_run_file("summary.json", json.dumps(clean_json(summary), indent=2, allow_nan=False))
         lines.append(f"  decks:       {local_deck_dir()}/*.html")
         lines.append(f"  run folder:  {run_dir()}  (summary.json, model_card.md, decks/; runs/latest points here)")
     print("[summary] fine-tune results\n" + "\n".join(lines), flush=True)
     return result
 
 
-def _clean(obj):
-    """Strict JSON: NaN / inf become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
