@@ -2,7 +2,7 @@
 
 ``llm_finetune/data/lengths.py: activation_bytes_per_token`` decides how long a row and how large a
 micro-batch fit beside the training states. This measures what the pipeline's own step uses: the
-embedded SmolLM2 loaded as training loads it (``_load_model``, LoRA, fp32 on CPU), the
+embedded SmolLM2 loaded as training loads it (``training.weights.load_model``, LoRA, fp32 on CPU), the
 labelled-positions loss with every position labelled (the worst case), one forward and backward,
 in a fresh process per point (peak RSS growth after a short warm-up step), with and without
 gradient checkpointing. CPU only: on a GPU the allocator and attention kernels differ.

@@ -3,7 +3,7 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/packed_ddp_worker.py spec.json
 
 Production pieces only: get_data's packed token rows (``prepare``), the train task's
-dataset/collator (``build_dataset``), its model loader (``_load_model``: LoRA via PEFT),
+dataset/collator (the SFT recipe's ``examples`` and ``collator``), its model loader (``training.weights.load_model``: LoRA via PEFT),
 the model wrapped in ``DistributedDataParallel`` as the Trainer wraps it on 2 processes,
 ``model_inputs`` and ``FineTuneTrainer.compute_loss`` on the wrapped model. The reference
 is each example alone through the unwrapped model with a plain forward and
@@ -25,7 +25,7 @@ from llm_finetune.training.collate import model_inputs
 from llm_finetune.config import DataConfig, TrainConfig
 from llm_finetune.data.prepare import prepare
 from llm_finetune.model import load_tokenizer
-from llm_finetune.training.recipes.sft import build_dataset
+from llm_finetune.training.recipes.sft import RECIPE
 from llm_finetune.training.weights import load_model
 from llm_finetune.training.trainer import FineTuneTrainer
 
@@ -42,7 +42,8 @@ def main(spec_path: str) -> None:
     tok = load_tokenizer(spec["model_dir"])
     data_cfg = DataConfig(max_length=160, packing=True, eval_fraction=0.1)
     prepared = prepare(data_cfg, tok)
-    examples, collator = build_dataset(tok, prepared.train_tokens, data_cfg)
+    examples = RECIPE.examples(tok, prepared.train_tokens, data_cfg)
+    collator = RECIPE.collator(tok, examples, data_cfg)
     assert collator.packed
     rows = examples[rank * 2 : rank * 2 + 2]  # each rank its own 2 packed rows
     assert all(len(r["seq_lens"]) >= 2 for r in rows), [r["seq_lens"] for r in rows]

@@ -22,7 +22,8 @@ def test_bad_config_value_fails_fast_naming_the_key(tmp_path):
     p = run("run", "workflows/fine_tune.py", "fine_tune", "--config", str(cfg))
     out = p.stdout + p.stderr
     assert p.returncode != 0
-    assert "train.method: qlora quantizes the base model to 4-bit" in out
+    assert "train.method: qlora is deprecated: write train.method: sft and train.weights: qlora" in out  # the old spelling
+    assert "train.weights: qlora quantizes the base model to 4-bit" in out
     assert "quantize.bits: 3 is not one of 0, 4, 8" in out
     assert "de-quantizing GGUF" not in out  # the base model was never prepared
 

@@ -115,7 +115,7 @@ def test_a_config_error_is_not_retried(tmp_path):
     _execute(validate_config, {"config": bad}, tmp_path / "attempt0")
     kind, message = _error_kind(tmp_path / "attempt0")
     assert kind == "NON_RECOVERABLE"
-    assert "train.method: 'lorra' is not one of lora, qlora, full" in message
+    assert "train.method: 'lorra' is not one of sft, dpo, kto, orpo" in message
 
 
 @pytest.mark.slow

@@ -141,7 +141,7 @@ def test_gradient_accumulation_normalises_by_trained_tokens(tiny_dir, tokenizer,
     whole accumulated batch (HF's ``num_items_in_batch``); averaging per micro-batch would
     weight the two examples' tokens differently, since their trained-token counts differ.
     """
-    from llm_finetune.training.recipes.sft import build_dataset
+    from llm_finetune.training.recipes.sft import RECIPE
 
     data = DataConfig(train_on_prompt=True)  # prompts differ in length, so trained tokens differ
     frame = splits[0].head(2)  # exactly the two examples of the one optimizer step
@@ -152,7 +152,7 @@ def test_gradient_accumulation_normalises_by_trained_tokens(tiny_dir, tokenizer,
                           gradient_accumulation_steps=ga, warmup_ratio=0.0)
         train(tiny_dir, frame, data, cfg, tmp_path / f"bs{bs}", callbacks=[cap])
         grads[bs] = cap.grad
-    examples, _ = build_dataset(tokenizer, frame, data)
+    examples = RECIPE.examples(tokenizer, frame, data)
     counts = [sum(x != -100 for x in e["labels"]) for e in examples]
     assert len(counts) == 2 and counts[0] != counts[1]  # a per-micro-batch mean would weight them differently
     assert torch.allclose(grads[2], grads[1], rtol=1e-3, atol=1e-6)

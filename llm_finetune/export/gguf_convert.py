@@ -29,7 +29,7 @@ from llm_finetune.errors import ConfigError
 
 ENV = "LLAMA_CPP_DIR"
 IMAGE_DIR = Path("/opt/llama.cpp")  # where images/specs.py puts it
-CHECKOUT_DIR = Path(__file__).resolve().parents[1] / ".cache" / "llama.cpp"  # where `make setup` puts it
+CHECKOUT_DIR = Path(__file__).resolve().parents[2] / ".cache" / "llama.cpp"  # where `make setup` puts it
 OUT_TYPES = ("f32", "f16", "bf16", "q8_0")  # what the converter writes itself; k-quants come from llama.cpp's quantizer
 
 

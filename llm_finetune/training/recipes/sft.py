@@ -16,7 +16,7 @@ from llm_finetune.training.harness import Recipe
 
 
 class SFT(Recipe):
-    """Examples and collator: ``build_dataset`` is the one place rows become training examples."""
+    """``examples`` and ``collator`` are the one place rows become SFT training examples and batches."""
 
     def examples(self, tokenizer, frame, data_cfg):
         return encode_frame(tokenizer, frame, data_cfg)
@@ -52,9 +52,3 @@ class SFT(Recipe):
 
 
 RECIPE = SFT()
-
-
-def build_dataset(tokenizer, frame, data_cfg):
-    """``(examples, collator)`` as SFT training builds them (packed rows keep their examples apart)."""
-    examples = RECIPE.examples(tokenizer, frame, data_cfg)
-    return examples, RECIPE.collator(tokenizer, examples, data_cfg)
