@@ -1,6 +1,7 @@
 """configs/kto_smoke.yaml and configs/orpo_smoke.yaml through the whole workflow, as `pyflyte run` runs them
 (2 gloo processes, the embedded model, real TRL trainers behind the one harness)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def test_kto_smoke_answers_like_the_desirable_answers(isolated_flyte, capfd):
     assert tuned.loss < base.loss
     assert (Path(result.adapter.download()) / "adapter_config.json").is_file()
     printed = capfd.readouterr().out
-    assert "exact_match  base" in printed and "checkpoint: step 20 of 20" in printed
+    assert "exact_match  base" in printed and re.search(r"checkpoint: step (10|20) of 20, best validation loss", printed)
     train_deck = (isolated_flyte / "decks" / "train.html").read_text()
     assert "KTO metrics" in train_deck and "rewards/margins" in train_deck and "kto (lora, loss kto, beta 0.1)" in train_deck
     data_deck = (isolated_flyte / "decks" / "get_data.html").read_text()
