@@ -123,3 +123,31 @@ def test_orpo_raises_the_chosen_answers_over_the_rejected_without_a_reference(ti
         margin_gain.append((c[1] - r[1]) - (c[0] - r[0]))
     assert sum(chosen_gain) / len(chosen_gain) > 1.5
     assert sum(margin_gain) / len(margin_gain) > 0.1 and not math.isnan(sum(margin_gain))
+
+
+def test_a_non_finite_preference_loss_stops_training_with_step_rank_and_fix():
+    """The guard the DPO, KTO and ORPO trainers share (harness.StopAtNonFiniteLoss), on a stand-in parent trainer."""
+    from types import SimpleNamespace
+
+    from llm_finetune.training.harness import StopAtNonFiniteLoss
+
+    class Parent:
+        loss = torch.tensor(float("nan"))
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return (self.loss, {}) if return_outputs else self.loss
+
+    class KTOConfig:  # named like TRL's: the message names the method from it
+        process_index = 1
+
+    class Guarded(StopAtNonFiniteLoss, Parent):
+        nonfinite_hint = "Lower train.learning_rate"
+        args, state = KTOConfig(), SimpleNamespace(global_step=6)
+
+    training, evaluating = SimpleNamespace(training=True), SimpleNamespace(training=False)
+    with pytest.raises(FloatingPointError, match=r"KTO loss is nan at step 7 \(rank 1\); stopped at the first non-finite "
+                                                 r"loss\. Lower train\.learning_rate"):
+        Guarded().compute_loss(training, {}, return_outputs=True)
+    assert torch.isnan(Guarded().compute_loss(evaluating, {}))  # evaluation is reported, not stopped
+    Guarded.loss = torch.tensor(0.5)
+    assert Guarded().compute_loss(training, {}) == 0.5

@@ -29,7 +29,7 @@ import pandera.pandas as pa
 from llm_finetune.config import DataConfig
 from llm_finetune.data.formats import Detected
 from llm_finetune.data.preference import _is_missing, _last_span, _parse, prompt_text
-from llm_finetune.data.validation import ValidationReport
+from llm_finetune.data.validation import ValidationReport, apply_schema
 from llm_finetune.encoding import encode_many, prompt_and_reference
 from llm_finetune.errors import DataError
 from llm_finetune.training.packing import mask_first_label
@@ -152,24 +152,7 @@ def schema(max_length: int | None) -> pa.DataFrameSchema:
 
 def validate_rows(frame: pd.DataFrame, max_length: int | None) -> tuple[pd.DataFrame, ValidationReport]:
     """Rows passing every rule, and a report (counts per rule, one failure case per broken rule and row)."""
-    try:
-        schema(max_length).validate(frame, lazy=True)
-        return frame, ValidationReport(len(frame), len(frame))
-    except pa.errors.SchemaErrors as err:
-        cases = err.failure_cases
-    cases = cases[cases["index"].notna()].copy()
-    cases["index"] = cases["index"].astype(int)
-    cases["rule"] = cases["check"].astype(str)
-    kept = frame.drop(index=sorted(set(cases["index"])))
-    first = cases.sort_values("index", kind="stable").drop_duplicates("index")  # a row counts once, under its first rule
-    dropped = {str(k): int(v) for k, v in first["rule"].value_counts().items()}
-    table = pd.DataFrame({
-        "source_row": frame.loc[cases["index"], "source_row"].to_numpy(),
-        "rule": cases["rule"].to_numpy(),
-        "column": cases["rule"].map(RULE_COLUMNS).fillna(cases["column"].astype(str)).to_numpy(),
-        "value": cases["failure_case"].astype(str).str.slice(0, 120).to_numpy(),
-    }).sort_values(["source_row", "rule"], kind="stable")
-    return kept, ValidationReport(len(frame), len(kept), dropped, table.reset_index(drop=True))
+    return apply_schema(frame, schema(max_length), RULE_COLUMNS)
 
 
 def describe_case(case, cfg: DataConfig, max_length: int) -> str:

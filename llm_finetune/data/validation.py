@@ -73,3 +73,30 @@ def validate_rows(frame: pd.DataFrame, max_length: int | None, is_text: bool) ->
     ).sort_values(["source_row", "rule"], kind="stable")
     report = ValidationReport(len(frame), len(kept), {str(k): int(v) for k, v in dropped.items()}, table.reset_index(drop=True))
     return kept, report
+
+
+def apply_schema(frame: pd.DataFrame, checks: pa.DataFrameSchema,
+                 rule_columns: dict[str, str]) -> tuple[pd.DataFrame, ValidationReport]:
+    """Rows passing every named check of ``checks``, and a report: counts per rule (a row broken in two ways
+    counts once, under its first rule) and one failure case per broken rule and row, naming the user's
+    columns each rule is about (``rule_columns``). Shared by preference pairs and unpaired rows."""
+    try:
+        checks.validate(frame, lazy=True)
+        return frame, ValidationReport(len(frame), len(frame))
+    except pa.errors.SchemaErrors as err:
+        cases = err.failure_cases
+    cases = cases[cases["index"].notna()].copy()
+    cases["index"] = cases["index"].astype(int)
+    cases["rule"] = cases["check"].astype(str)
+    kept = frame.drop(index=sorted(set(cases["index"])))
+    first = cases.sort_values("index", kind="stable").drop_duplicates("index")
+    dropped = {str(k): int(v) for k, v in first["rule"].value_counts().items()}
+    table = pd.DataFrame(
+        {
+            "source_row": frame.loc[cases["index"], "source_row"].to_numpy(),
+            "rule": cases["rule"].to_numpy(),
+            "column": cases["rule"].map(rule_columns).fillna(cases["column"].astype(str)).to_numpy(),
+            "value": cases["failure_case"].astype(str).str.slice(0, 120).to_numpy(),
+        }
+    ).sort_values(["source_row", "rule"], kind="stable")
+    return kept, ValidationReport(len(frame), len(kept), dropped, table.reset_index(drop=True))

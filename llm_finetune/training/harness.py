@@ -123,6 +123,24 @@ class Recipe:
         return int(tokens[-1]) if tokens else 0
 
 
+class StopAtNonFiniteLoss:
+    """Mixin for a TRL trainer: stop at the first non-finite training loss with the step, the rank and
+    ``nonfinite_hint`` (what to change). Our SFT trainer (trainer.py) has the same guard built in."""
+
+    nonfinite_hint = ""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = out[0] if return_outputs else out
+        if model.training and not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"{self.args.__class__.__name__.removesuffix('Config')} loss is {loss.item()} at step "
+                f"{self.state.global_step + 1} (rank {self.args.process_index}); stopped at the first non-finite loss. "
+                f"{self.nonfinite_hint}"
+            )
+        return out
+
+
 def trainer_arguments(cfg: TrainConfig, checkpoints_dir: Path, has_eval: bool, keep_best: bool, bf16: bool,
                       deepspeed_config) -> dict:
     """The arguments every trainer takes, from the run config (a recipe adds its own keys)."""

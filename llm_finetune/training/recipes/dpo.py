@@ -10,19 +10,8 @@ the policy). Pairs arrive tokenized by get_data with the same templates as SFT
 
 from __future__ import annotations
 
-import torch
-
 from llm_finetune.data.preference import PAIR_COLUMNS, pair_examples, pair_sample_prompts
-from llm_finetune.training.harness import Recipe
-
-
-def stop_at_nonfinite(trainer, loss, hint: str) -> None:
-    """Stop at the first non-finite training loss with the step, the rank and what to change."""
-    if trainer.model.training and not torch.isfinite(loss.detach()).all():
-        raise FloatingPointError(
-            f"{trainer.args.__class__.__name__.removesuffix('Config')} loss is {loss.item()} at step "
-            f"{trainer.state.global_step + 1} (rank {trainer.args.process_index}); stopped at the first non-finite loss. {hint}"
-        )
+from llm_finetune.training.harness import Recipe, StopAtNonFiniteLoss
 
 
 class PreferencePairs(Recipe):
@@ -55,17 +44,13 @@ class DPO(PreferencePairs):
     def trainer(self, *, model, args, train_dataset, eval_dataset, collator, tokenizer, peft_config, callbacks):
         from trl import DPOTrainer
 
-        class PairsDPOTrainer(DPOTrainer):
+        class PairsDPOTrainer(StopAtNonFiniteLoss, DPOTrainer):
+            nonfinite_hint = "Lower train.learning_rate or raise train.dpo.beta, or check the pairs for empty answers"
+
             def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
                 if set(PAIR_COLUMNS) <= set(dataset.column_names):
                     return dataset  # tokenized with our chat/named templates (data/preference.py)
                 return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-                stop_at_nonfinite(self, out[0] if return_outputs else out, "Lower train.learning_rate or raise "
-                                  "train.dpo.beta, or check the pairs for empty answers")
-                return out
 
         return PairsDPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)

@@ -11,8 +11,7 @@ from __future__ import annotations
 from llm_finetune.config import micro_batch
 from llm_finetune.data.unpaired import UNPAIRED_COLUMNS, unpaired_examples, unpaired_sample_prompts
 from llm_finetune.errors import ConfigError
-from llm_finetune.training.harness import Recipe
-from llm_finetune.training.recipes.dpo import stop_at_nonfinite
+from llm_finetune.training.harness import Recipe, StopAtNonFiniteLoss
 
 
 class KTO(Recipe):
@@ -46,7 +45,9 @@ class KTO(Recipe):
     def trainer(self, *, model, args, train_dataset, eval_dataset, collator, tokenizer, peft_config, callbacks):
         from trl import KTOTrainer
 
-        class RowsKTOTrainer(KTOTrainer):
+        class RowsKTOTrainer(StopAtNonFiniteLoss, KTOTrainer):
+            nonfinite_hint = "Lower train.learning_rate or raise train.kto.beta, or check the rows for empty answers"
+
             def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
                 if not set(UNPAIRED_COLUMNS) <= set(dataset.column_names):
                     return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
@@ -58,12 +59,6 @@ class KTO(Recipe):
                     return rows
 
                 return dataset.map(mismatched, batched=True, batch_size=args.per_device_train_batch_size)
-
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-                stop_at_nonfinite(self, out[0] if return_outputs else out, "Lower train.learning_rate or raise "
-                                  "train.kto.beta, or check the rows for empty answers")
-                return out
 
         return RowsKTOTrainer(model=model, ref_model=None, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                               processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)

@@ -13,7 +13,8 @@ import warnings
 
 from llm_finetune.encoding import IGNORE_INDEX
 from llm_finetune.training.trainer import all_reduce_sum
-from llm_finetune.training.recipes.dpo import PreferencePairs, stop_at_nonfinite
+from llm_finetune.training.harness import StopAtNonFiniteLoss
+from llm_finetune.training.recipes.dpo import PreferencePairs
 
 
 def orpo_row(feature: dict) -> dict:
@@ -43,7 +44,8 @@ class ORPO(PreferencePairs):
             warnings.simplefilter("ignore")
             from trl.experimental.orpo import ORPOTrainer
 
-        class PairsORPOTrainer(ORPOTrainer):
+        class PairsORPOTrainer(StopAtNonFiniteLoss, ORPOTrainer):
+            nonfinite_hint = "Lower train.learning_rate or train.orpo.beta, or check the pairs for empty answers"
             trained_tokens_local = 0
 
             def tokenize_row(self, feature, model=None):
@@ -51,8 +53,6 @@ class ORPO(PreferencePairs):
 
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
                 out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-                stop_at_nonfinite(self, out[0] if return_outputs else out, "Lower train.learning_rate or train.orpo.beta, "
-                                  "or check the pairs for empty answers")
                 if model.training:
                     self.trained_tokens_local += int((inputs["chosen_labels"] != IGNORE_INDEX).sum()
                                                      + (inputs["rejected_labels"] != IGNORE_INDEX).sum())
