@@ -23,6 +23,8 @@ from typing import Optional
 
 from llm_finetune.errors import ConfigError
 from llm_finetune.methods import DATA_FORMATS as METHOD_DATA, DEPRECATED_METHODS, METHODS, WEIGHTS
+from llm_finetune import sweep as sweeps
+from llm_finetune.sweep import SweepConfig
 
 EMBEDDED_MODEL = "embedded://SmolLM2-135M-Instruct"
 EMBEDDED_DATASET = "embedded://iso_dates"
@@ -407,6 +409,7 @@ class FineTuneConfig:
     hub: HubConfig = field(default_factory=HubConfig)
     preference: PreferenceStage = field(default_factory=PreferenceStage)  # SFT then DPO in one execution
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # several trainings, the best by validation loss goes on
 
     @classmethod
     def from_json(cls, text: str) -> "FineTuneConfig":
@@ -433,6 +436,8 @@ def from_dict(cls: type, data: typing.Any, where: str = "") -> typing.Any:
 def _build(cls: type, data: typing.Any, where: str, problems: list[str]) -> typing.Any:
     if data is None:
         return cls()
+    if cls is SweepConfig and isinstance(data, dict):
+        data = sweeps.normalize(data)  # ``train.learning_rate: [...]`` keys move under ``parameters``
     if not isinstance(data, dict):
         problems.append(f"{where or 'config'}: expected a mapping of keys, got {type(data).__name__}")
         return cls()
@@ -729,7 +734,8 @@ def validate(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> FineT
     """
     p = (data_problems(config.data) + model_problems(config.model) + train_problems(config.train, deepspeed_dir)
          + evaluate_problems(config.evaluate) + quantize_problems(config.quantize) + hub_problems(config.hub)
-         + preference_problems(config, deepspeed_dir) + _choice("tracking.backend", config.tracking.backend, TRACKING_BACKENDS))
+         + preference_problems(config, deepspeed_dir) + _choice("tracking.backend", config.tracking.backend, TRACKING_BACKENDS)
+        + sweep_problems(config, deepspeed_dir))
     if p:
         raise ConfigError(p)
     return config
@@ -772,3 +778,84 @@ def preference_problems(config: FineTuneConfig, deepspeed_dir: Path | None = Non
         except ConfigError as e:
             p += [f"preference.{problem}" for problem in e.problems]
     return p
+
+
+# train keys a sweep may not vary, and why (the rest of the train section's scalar keys may be swept)
+SWEEP_REFUSED = {
+    "method": "changes the data the run trains on; run one config per method",
+    "weights": "changes the memory and the outputs (adapter or full model); run one config per choice",
+    "per_device_batch_size": "is fitted to memory by get_data (data/lengths.py), which would overwrite the swept value; "
+                             "sweep train.learning_rate or train.max_steps instead",
+    "gradient_accumulation_steps": "is fitted with the micro-batch by get_data (data/lengths.py), which would overwrite "
+                                   "the swept value",
+    "eval_max_samples": "changes the validation rows the trials are compared on",
+    "deepspeed": "changes how training is sharded, not what it learns",
+    "nnodes": "is hardware, not a hyperparameter",
+    "nproc_per_node": "is hardware, not a hyperparameter",
+    "gpus_per_node": "is hardware, not a hyperparameter",
+    "dpo": "changes what the validation loss measures, so the trials' losses could not be compared",
+    "kto": "changes what the validation loss measures, so the trials' losses could not be compared",
+    "orpo": "changes what the validation loss measures, so the trials' losses could not be compared",
+}
+
+
+def _train_leaves(cls=None, prefix: str = "train") -> dict[str, typing.Any]:
+    """Every scalar key under ``train`` (``train.lora.r``, ...) with its type."""
+    cls = cls or TrainConfig
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        path = f"{prefix}.{name}"
+        out.update(_train_leaves(tp, path) if dataclasses.is_dataclass(tp) else {path: tp})
+    return out
+
+
+def sweep_problems(config: FineTuneConfig, deepspeed_dir: Path | None = None) -> list[str]:
+    """``sweep``: its axes and trial count (sweep.py), the keys it varies, and every trial's train section."""
+    s = config.sweep
+    p = sweeps.problems(s)
+    if not s.enabled or p:
+        return p
+    leaves = _train_leaves()
+    for key in s.parameters:
+        parts = key.split(".")
+        refused = next((SWEEP_REFUSED[x] for x in parts[1:2] if x in SWEEP_REFUSED), None)
+        if key not in leaves:
+            close = difflib.get_close_matches(key, leaves, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            where = "" if parts[0] == "train" else " (a sweep varies keys of the train section, written train.<key>)"
+            p.append(f"sweep.{key}: unknown key{where}.{hint}")
+        elif refused or parts[1] in OPERATIONAL_TRAIN_KEYS:
+            why = refused or "does not change the trained weights (an operational key: resources, logging, retries)"
+            p.append(f"sweep.{key}: cannot be swept: it {why}")
+        elif typing.get_origin(leaves[key]) in (list, dict):
+            p.append(f"sweep.{key}: a list or mapping key cannot be swept; sweep scalar keys (numbers, strings, booleans)")
+        elif leaves[key] is int and next(iter(_as_dict(s.parameters[key])), "") in ("uniform", "log_uniform"):
+            p.append(f"sweep.{key}: an integer key; sample it with int_uniform: [low, high] or list its values")
+    if p:
+        return p
+    trials = sweeps.expand(s)
+    for i, settings in enumerate(trials):
+        typed, wrong = {}, []
+        for key, value in settings.items():
+            typed[key] = _coerce(leaves[key], value, f"sweep.{key}", wrong)
+        if wrong:
+            p += sorted(set(wrong) - set(p))
+            continue
+        train = sweeps.apply(config.train, typed)
+        where = f"sweep trial {i} ({sweeps.label(settings)})"
+        p += [f"{where}: {problem}" for problem in train_problems(train, deepspeed_dir)]
+        if train.eval_steps <= 0 or (0 < train.max_steps < train.eval_steps):
+            p.append(f"{where}: trains {train.max_steps} steps with train.eval_steps {train.eval_steps}, so it never "
+                     "computes a validation loss and cannot be compared; set train.eval_steps between 1 and train.max_steps")
+    return p
+
+
+def _as_dict(text: str) -> dict:
+    value = json.loads(text)
+    return value if isinstance(value, dict) else {}
+
+
+def sweep_trials(sweep: SweepConfig) -> list[dict]:
+    """The trials' settings with each value of its key's type (call after ``validate``)."""
+    leaves = _train_leaves()
+    return [{k: _coerce(leaves[k], v, k, []) for k, v in t.items()} for t in sweeps.expand(sweep)]

@@ -253,7 +253,7 @@ class _Wandb:
 
         self.wandb, self.uri, self.api_key, self.run = wandb, uri, api_key, None
 
-    def _init(self, project: str, run_id: str | None, run_name: str | None, tags: list[str] | None):
+    def _init(self, project: str, run_id: str | None, run_name: str | None, tags: list[str] | None, group: str | None = None):
         fields = {"silent": True, "x_disable_stats": True}  # the resource profiler's memory is logged instead
         if self.api_key:
             fields["api_key"] = self.api_key
@@ -266,11 +266,13 @@ class _Wandb:
         wandb_dir.mkdir(parents=True, exist_ok=True)
         self.run = self.wandb.init(
             project=project, id=run_id, name=run_name, tags=tags, resume="allow", dir=str(wandb_dir),
-            settings=settings, reinit="create_new",
+            settings=settings, reinit="create_new", group=group,
         )
 
     def create(self, project: str, run_name: str, tags: dict[str, str]) -> tuple[str, str]:
-        self._init(project, None, run_name, [f"{k}:{v}"[:64] for k, v in tags.items()])  # W&B caps tags at 64 chars
+        # W&B caps tags at 64 chars; a sweep trial's run is grouped under the execution's run (its group)
+        self._init(project, None, run_name, [f"{k}:{v}"[:64] for k, v in tags.items() if k != PARENT_TAG],
+                   group=tags.get(PARENT_TAG))
         self.run.config.update({"tags": tags}, allow_val_change=True)
         url = None if wandb_offline() else self.run.url  # offline runs have no URL until `wandb sync`
         return self.run.id, url or str(Path(self.run.dir).parent)
@@ -334,6 +336,44 @@ def start_run(cfg: TrackingConfig, run_name: str, params: dict[str, str], tags: 
               f"({type(e).__name__}: {redact_uri(str(e))[:300]}); this execution is not tracked")
         return TrackedRun(backend=cfg.backend, project=project, uri=uri)
     return ref
+
+
+# the tag naming the execution's run on a sweep trial's run: MLflow nests a run under the run this tag names
+# in its UI; W&B runs are grouped by it
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def start_child_run(parent: TrackedRun, run_name: str, params: dict[str, str], tags: dict[str, str],
+                    api_key: str = "") -> TrackedRun:
+    """A run nested under ``parent`` (a sweep trial's, under the execution's), in the same project; an
+    untracked ``TrackedRun`` (with a warning) when the parent is untracked or the tracker fails."""
+    if parent.backend == "none" or not parent.run_id:
+        return TrackedRun()
+    child = TrackedRun(backend=parent.backend, project=parent.project, uri=parent.uri)
+    try:
+        backend = _backend(child, api_key)
+        child.run_id, child.url = backend.create(parent.project, run_name, {**tags, PARENT_TAG: parent.run_id})
+        backend.params(params)
+        backend.suspend()
+    except Exception as e:  # noqa: BLE001 - tracking never fails a run
+        _warn(f"could not start the {parent.backend} run {run_name!r} ({type(e).__name__}: {redact_uri(str(e))[:300]}); "
+              "it is not tracked")
+        return TrackedRun()
+    return child
+
+
+def finish_child_run(run: TrackedRun, summary: dict[str, float], history: list[dict], replay: bool,
+                     api_key: str = "") -> None:
+    """End a sweep trial's run with its summary; ``replay``: its training streamed elsewhere (it came from
+    the cache), so its curves are logged here first."""
+    tracker = resume_run(run, api_key)
+    if tracker is None:
+        return
+    if replay:
+        log_history(tracker, history)
+        tracker.set_tags({"train.source": "cached result"})
+    tracker.log_summary(summary)
+    tracker.close("finished")
 
 
 def resume_run(run: TrackedRun, api_key: str = "") -> "Tracker | None":

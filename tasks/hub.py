@@ -25,6 +25,7 @@ from llm_finetune.tracking import redacted  # credentials inside URIs (tracking.
 from tasks.assess import SFT_TASK_MODELS
 from tasks.common import MODEL_DISK, NOT_PUBLISHING, recoverable
 from tasks.evaluate import EvalReport, VariantMetrics
+from tasks.sweep import SweepReport, card_section, chosen_config
 from tasks.quantize import QuantizedModel
 
 HF_SECRET = Secret(group="huggingface", key="token")
@@ -99,6 +100,7 @@ def push_to_hub(
     variants: list[VariantMetrics],
     sft_model: Optional[FlyteDirectory] = None,  # SFT -> DPO: the first stage's model, which the DPO adapter was trained on
     task_scores: Optional[list[EvalReport]] = None,  # SFT -> DPO: the SFT task for base, SFT, SFT+DPO (tasks/assess.py)
+    sweep: Optional[SweepReport] = None,  # the sweep that chose the trained model (tasks/sweep.py); None without one
 ) -> list[str]:
     """URLs of the pushed repos (merged model first); empty when ``hub.repo_id`` is empty (skipped).
 
@@ -115,8 +117,10 @@ def push_to_hub(
     token = hub_token()
     by_variant = {v.variant: v for v in variants}
     m = config.model
-    common = dict(base_model=m.base_model, dataset=config.data.source, config=redacted(config.to_dict()), license=h.license,
-                  base_revision=m.revision, dataset_revision=config.data.revision)
+    # after a sweep, the card's training config holds the winning trial's settings, and a section lists every trial
+    common = dict(base_model=m.base_model, dataset=config.data.source, config=redacted(chosen_config(config, sweep).to_dict()),
+                  license=h.license, base_revision=m.revision, dataset_revision=config.data.revision,
+                  sweep=card_section(sweep))
     options = dict(token=token, private=h.private, endpoint=h.endpoint or None, max_retries=h.max_retries)
     urls = []
 

@@ -21,6 +21,7 @@ from tasks.assess import SFT_TASK_MODELS
 from tasks.data import DataReport
 from tasks.evaluate import EvalReport, VariantMetrics
 from tasks.quantize import QuantizedModel
+from tasks.sweep import SweepReport, summary_lines, summary_section, trials_html
 
 
 @dataclass
@@ -40,6 +41,8 @@ class FineTuneResult:
     preference_gain: list[float] = field(default_factory=list)
     # SFT -> DPO: the supervised task's test split for "base", "SFT" and "SFT+DPO"; empty without a DPO stage
     sft_task_metrics: dict[str, EvalMetrics] = field(default_factory=dict)
+    # the hyperparameter sweep that chose the tuned model (every trial's settings and validation loss); None without one
+    sweep: Optional[SweepReport] = None
 
 
 @task(container_image=cpu_image, enable_deck=True)
@@ -58,6 +61,7 @@ def summarize(
     best_eval_loss: float = 0.0,
     tracking: Optional[TrackedRun] = None,  # the execution's MLflow / W&B run, linked from the deck
     task_scores: Optional[list[EvalReport]] = None,  # SFT -> DPO: the SFT task for base, SFT, SFT+DPO (assess.py)
+    sweep: Optional[SweepReport] = None,  # the sweep that chose the trained model (tasks/sweep.py)
 ) -> FineTuneResult:
     """Compare base, tuned and quantized models side by side, and say where every output is.
 
@@ -105,10 +109,13 @@ def summarize(
         sections["Preference accuracy"] = "<pre>" + html.escape("\n".join(preference_lines)) + "</pre>"
     if sft_deck:
         sections["SFT task after DPO"] = sft_deck
+    if sweep is not None and sweep.trials:
+        sections["Sweep"] = trials_html(sweep)
     if tracking is not None and tracking.backend != "none":
         sections["Tracking"] = tracking_html(tracking)
     publish_deck("summary", sections)
     lines = [f"  WARNING: {w}" for w in warnings]
+    lines += summary_lines(sweep)
     lines += preference_lines
     lines += sft_lines
     if selection:
@@ -145,6 +152,7 @@ def summarize(
         hub_urls=hub_urls,
         preference_gain=preference_gain,
         sft_task_metrics=dict(sft_task),
+        sweep=sweep,
     )
     if is_local():
         summary = {
@@ -159,6 +167,7 @@ def summarize(
             "outputs": {"tuned_model": str(tuned_model.path), "adapter": str(adapter.path) if adapter else "",
                         **{q.variant: str(q.model.path) for q in quantized}},
             "hub_urls": hub_urls,
+            "sweep": summary_section(sweep),
         }
         write_run_file("summary.json", json.dumps(clean_json(summary), indent=2, allow_nan=False))
         lines.append(f"  decks:       {local_deck_dir()}/*.html")

@@ -41,6 +41,7 @@ from tasks.common import WANDB_SECRET, is_local, wandb_api_key, write_run_file
 from flytekit.types.file import FlyteFile
 
 from tasks.result import FineTuneResult
+from tasks.sweep import card_section, chosen_config
 
 def execution_name() -> str:
     """The Flyte execution id; local runs (whose id is always "local") get a timestamped one."""
@@ -115,7 +116,8 @@ def _stage_summary(tracker, run: TrackedRun, metrics: FlyteFile, tracked_run_id:
         tracker.set_tags({f"{folder}.source": f"cached result of run {tracked_run_id or '(untracked)'}"})
         tracker.log_artifact(path, folder)
         what = f"the {stage.upper()} stage" if stage else "training"
-        print(f"[tracking] {what} came from the cache: {n} logged steps replayed into run {run.run_id}", flush=True)
+        print(f"[tracking] {what} streamed to another run (a cached result, or a sweep trial's run): {n} logged steps "
+              f"replayed into run {run.run_id}", flush=True)
     return summary
 
 
@@ -126,7 +128,8 @@ def run_model_card(config: FineTuneConfig, result: FineTuneResult) -> str:
 
     h = config.hub
     return model_card(h.repo_id or "(not published)", base_model=config.model.base_model, dataset=config.data.source,
-                      config=redacted(config.to_dict()), license=h.license, variant="merged model",
+                      config=redacted(chosen_config(config, result.sweep).to_dict()), license=h.license,
+                      variant="merged model", sweep=card_section(result.sweep),
                       metrics={"base": card_metrics(result.base_metrics, result.benchmarks.get("base")),
                                "tuned": card_metrics(result.tuned_metrics, result.benchmarks.get("tuned")),
                                **{v.variant: card_metrics(v.metrics) for v in result.quantized_metrics},

@@ -20,6 +20,7 @@ killed by a signal and a rendezvous failure are retried as well (tasks/elastic.p
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 from typing import Optional
 
 import pandas as pd
@@ -30,15 +31,21 @@ from flytekit.types.structured import StructuredDataset
 from flytekitplugins.kfpytorch.task import PytorchElasticFunctionTask
 
 from images.specs import cpu_image, gpu_image
-from llm_finetune.config import DataConfig, TrainConfig, TrainOps, deepspeed_config_path, is_interruptible, join_train
+from llm_finetune import sweep as sweeps
+from llm_finetune.config import (
+    DataConfig, TrainConfig, TrainOps, deepspeed_config_path, is_interruptible, join_train, sweep_trials,
+)
 from llm_finetune.data.lengths import BatchPlan
 from llm_finetune.errors import ConfigError
 from llm_finetune.methods import method_spec
-from llm_finetune.tracking import TrackedRun, tracking_html
+from llm_finetune.sweep import SweepConfig
+from llm_finetune.tracking import TrackedRun, config_params, start_child_run, tracking_html
 from llm_finetune.training.harness import train as run_training
 from tasks.checkpoint import FlyteCheckpointStore
 from tasks.elastic import configure_elastic, recoverable_elastic
-from tasks.common import DEEPSPEED_DIR, WANDB_SECRET, is_local, publish_deck, recoverable, table_html
+from tasks.common import DEEPSPEED_DIR, WANDB_SECRET, is_local, publish_deck, recoverable, table_html, wandb_api_key
+from tasks.tracking import execution_name
+from tasks.sweep import TrainedModel, choose_trial, lanes
 from tasks.model_files import directory_bytes
 from tasks.node_inputs import node_local_directory, node_local_frame
 from tasks.train_parts import (  # noqa: F401 - re-exported: tests and bench import them from here
@@ -126,7 +133,7 @@ def _configured_copy(cfg: TrainConfig) -> PytorchElasticFunctionTask:
     return local
 
 
-@dynamic(container_image=cpu_image, cache=CACHE_TRAIN_IGNORING_OPS)
+@dynamic(container_image=cpu_image, cache=CACHE_TRAIN_IGNORING_OPS, secret_requests=[WANDB_SECRET])
 def train_model(
     base_model: FlyteDirectory,
     train_data: StructuredDataset,
@@ -136,11 +143,38 @@ def train_model(
     train_ops: TrainOps,
     tracking: Optional[TrackedRun] = None,  # the execution's MLflow / W&B run; not in the cache key
     batch: Optional[BatchPlan] = None,  # get_data's fitted micro-batch / accumulation / checkpointing
-) -> TrainResult:
-    """Launch the Elastic training task at the scale and on the hardware the config asks for."""
+    sweep: Optional[SweepConfig] = None,  # several trials, the best by validation loss returned (tasks/sweep.py)
+) -> TrainedModel:
+    """Launch the Elastic training task at the scale and on the hardware the config asks for: once, or
+    once per sweep trial (each its own cached node) followed by ``choose_trial``."""
     # the rows' length decided the micro-batch (an unset input can arrive as a promise while compiling: no truth test)
     plan = batch if isinstance(batch, BatchPlan) else BatchPlan()
     train, train_ops = plan.apply(train, train_ops)
+    run = tracking if isinstance(tracking, TrackedRun) else None
+    if not (isinstance(sweep, SweepConfig) and sweep.enabled):
+        result = _launch(base_model, train_data, eval_data, data, train, train_ops, tracking)
+        return (*(getattr(result, f) for f in TrainResult._fields), None)
+    trials = sweep_trials(sweep)
+    print(f"[sweep] {len(trials)} trials, at most {sweep.concurrency} at once:", flush=True)
+    results, runs = [], []
+    for i, settings in enumerate(trials):
+        print(f"[sweep]   trial {i}: {sweeps.label(settings)}", flush=True)
+        trial_train = sweeps.apply(train, settings)
+        child = start_child_run(run, f"{execution_name()}-trial{i}", config_params({"train": asdict(trial_train)}),
+                                {"sweep.trial": str(i), **{k: str(v) for k, v in settings.items()}},
+                                wandb_api_key()) if run is not None else TrackedRun()
+        runs.append(child)
+        results.append(_launch(base_model, train_data, eval_data, data, trial_train, train_ops, child, name=f"trial-{i}"))
+    for earlier, later in lanes(len(results), sweep.concurrency):  # at most sweep.concurrency trials at once
+        results[earlier].model >> results[later].model
+    columns = {f: [getattr(r, f) for r in results] for f in TrainResult._fields}
+    return choose_trial(settings=[sweeps.encoded(t) for t in trials], **columns, trial_runs=runs,
+                        concurrency=sweep.concurrency, parameters=sweep.parameters)
+
+
+def _launch(base_model, train_data, eval_data, data: DataConfig, train: TrainConfig, train_ops: TrainOps, tracking,
+            name: str = ""):
+    """One ``train_elastic`` node configured for ``train`` (inside ``train_model``): its outputs' promise."""
     full = join_train(train, train_ops)
     # configure_elastic, not with_overrides(task_config=...): see tasks/elastic.py
     task_fn = _configured_copy(full) if is_local() else configure_elastic(train_elastic, elastic_config(full))
@@ -159,6 +193,7 @@ def train_model(
         # Propeller runs the last attempt on-demand (interruptible-failure-threshold, deploy/flyte-binary-values.yaml).
         interruptible=is_interruptible(full),
         container_image=training_image(full).image_name(),  # the override takes an image URI
+        **({"name": name} if name else {}),
     )
 
 

@@ -37,6 +37,7 @@ from llm_finetune.config import (
     validate,
 )
 from llm_finetune.errors import ConfigError
+from llm_finetune.sweep import SweepConfig
 from llm_finetune.package_data import missing_package_files
 from llm_finetune.revisions import data_revision, model_revision
 from llm_finetune.tracking import tracking_problems
@@ -63,6 +64,7 @@ Sections = typing.NamedTuple(
         ("preference_train_ops", TrainOps),
         # hub.repo_id is set: the workflow runs push_to_hub; otherwise an echo node answers [] without a pod
         ("publish", bool),
+        ("sweep", SweepConfig),  # several trainings of the first stage, the best by validation loss goes on
     ],
 )
 
@@ -93,7 +95,7 @@ def sections(config: FineTuneConfig) -> Sections:
     if not publish:
         print(NOT_PUBLISHING, flush=True)
     return Sections(config, config.data, config.model, train, ops, config.evaluate, config.quantize, config.hub,
-                    stage.enabled, stage_data, stage_train, stage_ops, publish)
+                    stage.enabled, stage_data, stage_train, stage_ops, publish, config.sweep)
 
 
 def check_package_files() -> None:

@@ -45,6 +45,7 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
         train_ops=s.train_ops,
         tracking=run,
         batch=splits.batch,  # the micro-batch fitted so that the rows fit (data/lengths.py)
+        sweep=s.sweep,  # sweep: one training node per trial; the best by validation loss goes on (tasks/sweep.py)
     )
     checked >> trained.model  # orders the train node after the checks (any of its outputs names the node)
     # SFT then DPO (config section `preference`); hands the first stage's outputs through when disabled
@@ -71,6 +72,7 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
             variants=a.variants,
             sft_model=final.sft_model,  # SFT -> DPO: the DPO adapter's base, published beside it
             task_scores=task_scores,
+            sweep=trained.sweep,
         ))
         .else_()
         .then(no_hub_urls(urls=[]))
@@ -90,6 +92,7 @@ def fine_tune(config: FineTuneConfig = FineTuneConfig()) -> FineTuneResult:
         best_eval_loss=trained.best_eval_loss,
         tracking=run,
         task_scores=task_scores,
+        sweep=trained.sweep,
     )
     finish_tracking(run=run, config=s.config, train_metrics=trained.metrics, tracked_run_id=trained.tracked_run_id,
                     result=result, dpo_metrics=final.metrics, dpo_tracked_run_id=final.tracked_run_id)  # last: final metrics, summary, model card; ends the run

@@ -162,6 +162,7 @@ def model_card(
     dataset_revision: str = "",
     example_prompt: str = "Rewrite 5 March 2021 in ISO 8601.",
     files: str = "",
+    sweep: str = "",
 ) -> str:
     """README.md (``huggingface_hub.ModelCard``) with hub metadata and the run's evidence.
 
@@ -203,6 +204,7 @@ def model_card(
         "with the flyte-llm-finetune pipeline.\n\n"
         f"## Evaluation (held-out split)\n\n{table}\n\n"
         + (f"## Quantization\n\n{quantization}\n\n" if quantization else "")
+        + (f"## Hyperparameter sweep\n\n{sweep}\n\n" if sweep else "")
         + f"## Use\n\n{load}\n\n" + (f"{files}\n\n" if files else "")
         + f"## Intended use and limits\n\n{INTENDED_USE}\n\n"
         f"## Licence\n\n{license}; the base model's licence and the dataset's terms also apply.\n\n"
