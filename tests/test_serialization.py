@@ -231,8 +231,8 @@ def test_data_refresh_waits_on_a_file_sensor_then_launches_fine_tune(package):
 # --- the dynamic, compiled for a config -----------------------------------------------
 
 
-def _compile_train_model(package, tmp_path, train: TrainConfig) -> dict:
-    """Run ``train_model``'s serialized container command on inputs for ``train``; decode futures.pb."""
+def _compile_train_model(package, tmp_path, train: TrainConfig, sweep=None, raw: bool = False) -> dict:
+    """Run ``train_model``'s serialized container command on inputs for ``train`` (and ``sweep``); decode futures.pb."""
     from flytekit.core.context_manager import FlyteContextManager
     from flytekit.core.type_engine import TypeEngine
     from flytekit.types.directory import FlyteDirectory
@@ -247,6 +247,7 @@ def _compile_train_model(package, tmp_path, train: TrainConfig) -> dict:
         "eval_data": StructuredDataset(uri="s3://bucket/heldout"),
         "data": DataConfig(),
         **dict(zip(("train", "train_ops"), split_train(train))),
+        **({"sweep": sweep} if sweep is not None else {}),
     }
     lm = TypeEngine.dict_to_literal_map(FlyteContextManager.current_context(), inputs, train_model.python_interface.inputs)
     (tmp_path / "inputs.pb").write_bytes(lm.to_flyte_idl().SerializeToString())
@@ -262,7 +263,7 @@ def _compile_train_model(package, tmp_path, train: TrainConfig) -> dict:
     spec = dynamic_job_pb2.DynamicJobSpec()
     assert (tmp_path / "out" / "futures.pb").is_file(), sorted(str(f) for f in (tmp_path / "out").rglob("*")) + [p.stderr[-3000:]]
     spec.ParseFromString((tmp_path / "out" / "futures.pb").read_bytes())
-    return json_format.MessageToDict(spec)
+    return spec if raw else json_format.MessageToDict(spec)
 
 
 MULTI_NODE = TrainConfig(
@@ -334,6 +335,50 @@ def test_every_method_compiles_to_the_one_training_task(package, tmp_path, metho
 
     loaded = load_object_from_module(args[args.index("--resolver") + 1]).load_task(args[args.index("--") + 1 :])
     assert loaded.name == "tasks.train.train_elastic"
+
+
+@pytest.mark.slow  # the module's package fixture runs `pyflyte package`
+def test_a_sweep_compiles_to_one_training_node_per_trial_in_lanes_and_a_chooser(package, tmp_path):
+    """What propeller runs for a sweep: a train_elastic node per trial with the trial's train section and the
+    config's resources, at most sweep.concurrency unblocked at once, and choose_trial fed by every trial."""
+    from flytekit.core.context_manager import FlyteContextManager
+    from flytekit.core.type_engine import TypeEngine
+    from flytekit.models.literals import Literal
+
+    from llm_finetune.config import from_dict, sweep_trials
+
+    cfg = from_dict(FineTuneConfig, {"train": {"cpu": "3", "memory": "9Gi"}, "sweep": {
+        "train.learning_rate": [1e-4, 3e-4, 1e-3], "train.lora.r": [8, 16], "concurrency": 2}})
+    spec = _compile_train_model(package, tmp_path, cfg.train, sweep=cfg.sweep, raw=True)
+    trials = sweep_trials(cfg.sweep)
+    by_id = {n.id: n for n in spec.nodes}
+    train_nodes = [n for n in spec.nodes if n.task_node.reference_id.name == "tasks.train.train_elastic"]
+    (chooser,) = [n for n in spec.nodes if n.task_node.reference_id.name == "tasks.sweep.choose_trial"]
+    assert [n.metadata.name for n in train_nodes] == [f"trial-{i}" for i in range(len(trials))]
+    ctx = FlyteContextManager.current_context()
+    for node, settings in zip(train_nodes, trials):
+        binding = next(b for b in node.inputs if b.var == "train").binding
+        train = TypeEngine.to_python_value(ctx, Literal.from_flyte_idl(_literal(binding)), TrainConfig)
+        assert (train.learning_rate, train.lora.r) == (settings["train.learning_rate"], settings["train.lora.r"])
+        res = json_format.MessageToDict(node.task_node.overrides)["resources"]
+        assert _requests(res) == {"CPU": "3", "MEMORY": "9Gi"}
+    # lanes: trial i waits for trial i - 2; the first two start at once
+    position = {n.id: i for i, n in enumerate(train_nodes)}
+    for i, node in enumerate(train_nodes):
+        waits = sorted(position[u] for u in node.upstream_node_ids if u in position)
+        assert waits == ([i - 2] if i >= 2 else [])
+    # choose_trial reads every trial's outputs; the dynamic's outputs are the chooser's
+    fed_by = {b.promise.node_id for i in chooser.inputs for b in i.binding.collection.bindings if b.HasField("promise")}
+    assert fed_by == {n.id for n in train_nodes}
+    assert {o.binding.promise.node_id for o in spec.outputs} == {chooser.id}
+    assert by_id[chooser.id].task_node.reference_id.name == "tasks.sweep.choose_trial"
+
+
+def _literal(binding):
+    """A binding holding a plain value, as a Literal protobuf."""
+    from flyteidl.core import literals_pb2
+
+    return literals_pb2.Literal(scalar=binding.scalar)
 
 
 @pytest.mark.slow
