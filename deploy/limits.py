@@ -415,6 +415,7 @@ def config_pods(config, values: dict, model_bytes: dict | None = None) -> tuple[
     config's overrides), and notes on what could not be sized. ``model_bytes``: base model -> bytes
     (default KNOWN_MODEL_BYTES)."""
     from llm_finetune.config import is_interruptible
+    from llm_finetune import sweep as sweeps
     from llm_finetune.config import quantize_variants
     from llm_finetune.disk import EVAL_COPIES, EVAL_QUANTIZED_COPIES, disk_gib, quantize_copies
     from tasks.evaluate import eval_resources
@@ -438,13 +439,16 @@ def config_pods(config, values: dict, model_bytes: dict | None = None) -> tuple[
                      "assess size from the model at run time")
     tuned_bytes = None if base_bytes is None else tuned_factor(config.train) * base_bytes
 
-    def training(name: str, train, prefix: str, model: int | None):
+    def training(name: str, train, prefix: str, model: int | None, sweep=None):
         disk = training_disk(train, model)
         req = _res(resources(train, disk))
         keys = {"cpu": f"{prefix}.cpu", "memory": f"{prefix}.memory", GPU: f"{prefix}.gpus_per_node",
                 "ephemeral-storage": f"the model's size x copies for {prefix}.weights (llm_finetune/disk.py)",
                 "accelerator": f"{prefix}.accelerator", "interruptible": f"{prefix}.interruptible"}
         note = f"x {train.nnodes} pods (PyTorchJob workers)" if train.nnodes > 1 else ""
+        if sweep is not None and sweep.enabled:  # a sweep's trials share this shape (hardware keys are not swept)
+            at_once = min(sweep.concurrency, len(sweeps.expand(sweep)))
+            note = f"{note}{'; ' if note else ''}x {at_once} trials at once (sweep.concurrency)"
         spot = is_interruptible(train)
         pods.append(build_pod(name, req, values, accelerator=train.accelerator, interruptible=spot, keys=keys, note=note))
         if spot:  # interruptible-failure-threshold: the last attempt(s) run on-demand
@@ -454,7 +458,9 @@ def config_pods(config, values: dict, model_bytes: dict | None = None) -> tuple[
     for name in ("validate_config", "start_tracking", "prepare_base_model", "check_outputs", "get_data", "train_model"):
         fixed(name)
     t = config.train
-    training("train_elastic", t, "train", base_bytes)
+    training("train_elastic", t, "train", base_bytes, config.sweep)
+    if config.sweep.enabled:
+        fixed("choose_trial")
     if config.preference.enabled:
         fixed("preference_stage")
         pods.append(build_pod("get_data (preference)", {k: v for k, v in static["get_data"].items() if not k.startswith("_")}, values))
