@@ -241,6 +241,7 @@ class Trial:
     runtime_s: float
     tracked_run_id: str = ""
     chosen: bool = False
+    note: str = ""  # why it has no validation loss, e.g. "diverged at step 3: training loss is nan ..."
 
 
 def score(best_eval_loss: float, best_step: int, log_history: list[dict]) -> float:
@@ -268,8 +269,9 @@ def table(trials: list[Trial]) -> list[str]:
     lines = [f"    {'trial':<6} {'settings':<{width}}  {'val loss':>9}  {'step':>5}  {'time':>7}"]
     for t in rows:
         mark = "*" if t.chosen else " "
-        lines.append(f"  {mark} {t.index:<6} {label(decoded(t)):<{width}}  {t.validation_loss:>9.4f}  "
-                     f"{t.best_step if t.best_step >= 0 else t.steps:>5}  {t.runtime_s:>6.0f}s")
+        loss = f"{t.validation_loss:>9.4f}" if math.isfinite(t.validation_loss) else f"{'diverged' if t.note else 'none':>9}"
+        lines.append(f"  {mark} {t.index:<6} {label(decoded(t)):<{width}}  {loss}  "
+                     f"{t.best_step if t.best_step >= 0 else t.steps:>5}  {t.runtime_s:>6.0f}s" + (f"  {t.note}" if t.note else ""))
     return lines
 
 

@@ -73,6 +73,21 @@ def signal_failure_message(error: BaseException) -> str | None:
             f"by {name}, {cause}{also}")
 
 
+def divergence_message(error: BaseException) -> str | None:
+    """For a ``ChildFailedError`` whose first failed rank stopped at a non-finite loss (the trainers'
+    ``FloatingPointError``), that rank's message; None for anything else."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if not isinstance(error, ChildFailedError):
+        return None
+    _, first = error.get_first_failure()
+    message = first.message  # the rank's error file: {"message": "FloatingPointError: ...", "extraInfo": {...}}
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    message = str(message)
+    return message if message.startswith("FloatingPointError") else None
+
+
 def is_launcher_fault(error: BaseException) -> bool:
     """Whether ``error``, raised by torch elastic's launcher itself (not by a rank), is transient:
     the rendezvous timing out or closing (a late node still pulling its image, a peer pod gone), the
@@ -110,6 +125,13 @@ class RecoverableElasticTask(PytorchElasticFunctionTask):
         except FlyteUserRuntimeException as e:
             message = signal_failure_message(e.value)
             if message is None:
+                # a sweep trial that diverged is a result (its trial loses), not a failed sweep
+                diverged = divergence_message(e.value)
+                handler = getattr(self, "on_divergence", None)
+                if diverged is not None and handler is not None:
+                    result = handler(kwargs, diverged)
+                    if result is not None:
+                        return result
                 raise
             raise FlyteRecoverableException(f"{message}\n{e.value}", timestamp=e.timestamp) from e.value
         except Exception as e:

@@ -81,10 +81,12 @@ def choose_trial(
     Each trial's tracked run (a child of the execution's run) gets its final validation loss and whether it
     was chosen, and is ended; a trial served from the cache has its curves replayed into its run first.
     """
-    histories = [json.loads(Path(m.download()).read_text()).get("log_history", []) for m in metrics]
+    summaries = [json.loads(Path(m.download()).read_text()) for m in metrics]
+    histories = [s.get("log_history", []) for s in summaries]
     trials = [
         Trial(index=i, settings=settings[i], validation_loss=sweeps.score(best_eval_loss[i], best_step[i], histories[i]),
-              best_step=best_step[i], steps=steps[i], runtime_s=runtime_s[i], tracked_run_id=trial_runs[i].run_id)
+              best_step=best_step[i], steps=steps[i], runtime_s=runtime_s[i], tracked_run_id=trial_runs[i].run_id,
+              note=summaries[i].get("diverged", ""))  # tasks/train.py diverged_trial
         for i in range(len(settings))
     ]
     win = sweeps.choose(trials)
@@ -114,7 +116,7 @@ def trials_frame(report: SweepReport) -> pd.DataFrame:
                      **{k.removeprefix("train."): v for k, v in sweeps.decoded(t).items()},
                      "validation loss": round(t.validation_loss, 5) if math.isfinite(t.validation_loss) else None,
                      "returned step": t.best_step if t.best_step >= 0 else t.steps, "steps": t.steps,
-                     "wall time (s)": round(t.runtime_s, 1)})
+                     "wall time (s)": round(t.runtime_s, 1), "note": t.note})
     return pd.DataFrame(rows).sort_values("validation loss", na_position="last", kind="stable")
 
 

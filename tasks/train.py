@@ -27,6 +27,7 @@ import pandas as pd
 from flytekit import dynamic, task
 from flytekit.extras.accelerators import GPUAccelerator
 from flytekit.types.directory import FlyteDirectory
+from flytekit.types.file import FlyteFile
 from flytekit.types.structured import StructuredDataset
 from flytekitplugins.kfpytorch.task import PytorchElasticFunctionTask
 
@@ -73,6 +74,7 @@ def train_elastic(
     train: TrainConfig,
     train_ops: TrainOps,
     tracking: Optional[TrackedRun] = None,  # not in the cache key
+    sweep_trial: bool = False,  # a sweep trial: a non-finite loss ends it as diverged instead of failing the sweep
 ) -> TrainResult:
     """Runs on every worker process, for every method (the harness picks the recipe from ``train.method``);
     global rank 0's return value is the task's output.
@@ -121,6 +123,33 @@ def train_elastic(
 train_elastic = recoverable_elastic(train_elastic)
 
 
+def diverged_trial(kwargs: dict, message: str) -> TrainResult | None:
+    """A sweep trial whose training loss turned non-finite (every rank stopped; tasks/elastic.py): a result whose
+    validation loss is NaN, so the trial is listed as diverged and never chosen. None (fail as usual) otherwise."""
+    if not kwargs.get("sweep_trial"):
+        return None
+    import json
+    import math
+    import re
+    import tempfile
+    from pathlib import Path
+
+    step = re.search(r"at step (\d+)", message)
+    steps = int(step.group(1)) if step else 0
+    train = kwargs["train"]
+    print(f"[train] sweep trial diverged, listed as such and not chosen: {message}", flush=True)
+    summary = Path(tempfile.mkdtemp(prefix="diverged-")) / "train_summary.json"
+    summary.write_text(json.dumps({"diverged": message.splitlines()[0], "steps": steps, "log_history": []}))
+    nan = math.nan
+    return TrainResult(model=kwargs["base_model"], adapter=None, steps=steps, first_loss=nan, final_loss=nan,
+                       trained_tokens=0, tokens_per_s=0.0, runtime_s=0.0, world_size=train.nnodes * train.nproc_per_node,
+                       best_step=-1, best_eval_loss=nan, resumed_from_step=0, metrics=FlyteFile(str(summary)),
+                       tracked_run_id="")
+
+
+train_elastic.on_divergence = diverged_trial
+
+
 def _configured_copy(cfg: TrainConfig) -> PytorchElasticFunctionTask:
     """A copy of ``train_elastic`` with the config's Elastic settings, for local runs."""
     if cfg.nnodes > 1:
@@ -164,7 +193,8 @@ def train_model(
                                 {"sweep.trial": str(i), **{k: str(v) for k, v in settings.items()}},
                                 wandb_api_key()) if run is not None else TrackedRun()
         runs.append(child)
-        results.append(_launch(base_model, train_data, eval_data, data, trial_train, train_ops, child, name=f"trial-{i}"))
+        results.append(_launch(base_model, train_data, eval_data, data, trial_train, train_ops, child, name=f"trial-{i}",
+                               sweep_trial=True))
     for earlier, later in lanes(len(results), sweep.concurrency):  # at most sweep.concurrency trials at once
         results[earlier].model >> results[later].model
     columns = {f: [getattr(r, f) for r in results] for f in TrainResult._fields}
@@ -173,7 +203,7 @@ def train_model(
 
 
 def _launch(base_model, train_data, eval_data, data: DataConfig, train: TrainConfig, train_ops: TrainOps, tracking,
-            name: str = ""):
+            name: str = "", sweep_trial: bool = False):
     """One ``train_elastic`` node configured for ``train`` (inside ``train_model``): its outputs' promise."""
     full = join_train(train, train_ops)
     # configure_elastic, not with_overrides(task_config=...): see tasks/elastic.py
@@ -181,6 +211,7 @@ def _launch(base_model, train_data, eval_data, data: DataConfig, train: TrainCon
     result = task_fn(
         base_model=base_model, train_data=train_data, eval_data=eval_data, data=data, train=train, train_ops=train_ops,
         tracking=tracking,  # a promise on a cluster: passed on as it is
+        sweep_trial=sweep_trial,
     )
     # the disk from the base model's size, listed in the store (no download); locally the overrides are ignored
     res = resources(full, None if is_local() else training_disk(full, directory_bytes(base_model)))

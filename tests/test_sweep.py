@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -188,3 +189,48 @@ def test_choose_trial_hands_on_the_winner_and_writes_the_sweep_deck(tmp_path, mo
     assert [t["validation_loss"] for t in section["trials"]] == [0.7, 0.35, 0.5]
     deck = (tmp_path / "decks" / "sweep.html").read_text()
     assert "Chosen: trial 1 (learning_rate=0.0003)" in deck and "Validation curves" in deck
+
+
+@pytest.mark.slow
+def test_a_trial_whose_loss_turns_nan_is_listed_as_diverged_while_a_plain_run_still_fails(tmp_path, tokenizer):
+    """train_elastic's real container command (2 gloo ranks) on a model whose loss is NaN from the first step."""
+    import torch
+    from flyteidl.core import literals_pb2
+    from flytekit.models.literals import LiteralMap
+    from flytekit.types.directory import FlyteDirectory
+    from flytekit.types.structured import StructuredDataset
+    from transformers import AutoModelForCausalLM
+
+    from llm_finetune.config import DataConfig, split_train
+    from llm_finetune.data.prepare import prepare
+    from tasks.train import train_elastic
+    from tests.test_retries import _error_kind, _execute
+    from tests.tiny import save_tiny_llama
+
+    poisoned = save_tiny_llama(tmp_path / "poisoned", tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(poisoned)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(math.inf)
+    model.save_pretrained(poisoned)
+    prepared = prepare(DataConfig(), tokenizer)
+    train, ops = split_train(TrainConfig(weights="full", max_steps=6, save_steps=0, eval_steps=3, per_device_batch_size=2,
+                                         nproc_per_node=2, sample_prompts=0))
+    inputs = {"base_model": FlyteDirectory(str(poisoned)), "train_data": StructuredDataset(dataframe=prepared.train_tokens),
+              "eval_data": StructuredDataset(dataframe=prepared.validation.head(4)), "data": DataConfig(), "train": train,
+              "train_ops": ops}
+
+    rc, log = _execute(train_elastic, {**inputs, "sweep_trial": True}, tmp_path / "trial", timeout=300)
+    assert rc == 0 and not (tmp_path / "trial" / "out" / "error.pb").exists(), log[-4000:]
+    msg = literals_pb2.LiteralMap()
+    msg.ParseFromString((tmp_path / "trial" / "out" / "outputs.pb").read_bytes())
+    out = LiteralMap.from_flyte_idl(msg).literals
+    assert math.isnan(out["best_eval_loss"].scalar.primitive.float_value) and out["steps"].scalar.primitive.integer == 1
+    summary = json.loads(Path(out["metrics"].scalar.blob.uri.removeprefix("file://")).read_text())
+    assert summary["diverged"].startswith("FloatingPointError: training loss is nan at step 1")
+    trial = Trial(index=0, settings={"train.learning_rate": "0.001"}, best_step=-1, steps=1, runtime_s=0.0,
+                  validation_loss=sweeps.score(math.nan, -1, summary["log_history"]), note=summary["diverged"])
+    assert "diverged" in "\n".join(sweeps.table([trial]))
+
+    _execute(train_elastic, inputs, tmp_path / "plain", timeout=300)  # not a trial: the run fails as before
+    kind, message = _error_kind(tmp_path / "plain")
+    assert kind == "NON_RECOVERABLE" and "training loss is nan at step 1" in message
