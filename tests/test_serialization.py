@@ -179,8 +179,9 @@ def test_hf_secret_requests(package):
         "tasks.validate.validate_config": [hf_token_env],  # resolves hub revisions of gated repos
     }
     wandb = {"group": "wandb", "key": "api_key"}  # tracking.backend: wandb (validated first, used by these)
+    # train_model starts one child run per sweep trial; choose_trial closes them with their final losses
     for name in ("tasks.validate.validate_config", "tasks.tracking.start_tracking", "tasks.train.train_elastic",
-                 "tasks.tracking.finish_tracking"):
+                 "tasks.train.train_model", "tasks.sweep.choose_trial", "tasks.tracking.finish_tracking"):
         want[name] = [*want.get(name, []), wandb]
     for name in EXPECTED:
         secrets = _task(package, name).get("securityContext", {}).get("secrets", [])
