@@ -167,6 +167,22 @@ class ORPOSettings:
         return [] if self.beta > 0 else [f"{key}.beta: must be > 0 (the paper uses 0.1 to 0.25), got {self.beta}"]
 
 
+SHARDING = ("none", "fsdp2")
+
+
+@dataclass
+class FSDPSettings:
+    """FSDP2 (torch's ``fully_shard``, through the HF Trainer and accelerate) when ``train.sharding`` is ``fsdp2``.
+
+    Parameters, gradients and optimizer states are sharded over all processes (as ZeRO-3);
+    ``train.gradient_checkpointing`` becomes FSDP's own activation checkpointing for full weights
+    (LoRA keeps transformers' own: training/fsdp.py says why).
+    """
+
+    cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer states in CPU memory (GPU runs only)
+    reshard_after_forward: bool = True  # free gathered layers after forward, gather again for backward (less memory)
+
+
 @dataclass
 class TrainConfig:
     """How to train, and on what hardware (the resources are declarative, see tasks/train.py)."""
@@ -197,6 +213,8 @@ class TrainConfig:
     profile_interval_s: float = 2.0  # resource sampling period (CPU/RAM, GPU via NVML)
     lora: LoraSettings = field(default_factory=LoraSettings)
     deepspeed: str = "none"  # a file name in deepspeed_configs/ (with or without .json), or none
+    sharding: str = "none"  # none | fsdp2 (FSDP2 over all processes; the other way to shard besides train.deepspeed)
+    fsdp: FSDPSettings = field(default_factory=FSDPSettings)  # used when sharding is fsdp2
     nnodes: int = 1
     nproc_per_node: int = 2
     gpus_per_node: int = 0  # 0 = CPU training
@@ -676,6 +694,27 @@ def train_problems(t: TrainConfig, deepspeed_dir: Path | None = None) -> list[st
         if deepspeed_dir is not None and not ds.is_file():
             names = sorted(f.stem for f in deepspeed_dir.glob("*.json"))
             p.append(f"train.deepspeed: no file {ds.name} in deepspeed_configs/; choose one of: none, {', '.join(names)}")
+    p += sharding_problems(t, ds is not None)
+    return p
+
+
+def sharding_problems(t: TrainConfig, deepspeed: bool) -> list[str]:
+    """``train.sharding`` and ``train.fsdp``: FSDP2, and the mixes it refuses (docs/training.md, FSDP2)."""
+    p = _choice("train.sharding", t.sharding, SHARDING)
+    if t.sharding != "fsdp2":
+        return p
+    if deepspeed:
+        p.append(f"train.sharding: fsdp2 and train.deepspeed: {t.deepspeed} both shard the model, and only one can; "
+                 "set train.deepspeed: none to shard with FSDP2, or train.sharding: none to keep DeepSpeed")
+    if t.weights == "qlora":
+        p.append("train.sharding: fsdp2 with train.weights: qlora is not supported here (4-bit bitsandbytes weights under "
+                 "fully_shard were never verified); use train.weights: lora with fsdp2, or qlora with train.sharding: none")
+    if t.nnodes * t.nproc_per_node == 1:
+        p.append("train.sharding: fsdp2 shards the model over processes, but train.nnodes x train.nproc_per_node is 1: "
+                 "there is nothing to shard over; set train.nproc_per_node >= 2 (one per GPU) or train.sharding: none")
+    if t.fsdp.cpu_offload and t.gpus_per_node == 0:
+        p.append("train.fsdp.cpu_offload: offloads from GPU memory to CPU memory, and this run trains on the CPU "
+                 "(train.gpus_per_node: 0); set train.fsdp.cpu_offload: false")
     return p
 
 
@@ -790,6 +829,8 @@ SWEEP_REFUSED = {
                                    "the swept value",
     "eval_max_samples": "changes the validation rows the trials are compared on",
     "deepspeed": "changes how training is sharded, not what it learns",
+    "sharding": "changes how training is sharded, not what it learns",
+    "fsdp": "changes how training is sharded, not what it learns",
     "nnodes": "is hardware, not a hyperparameter",
     "nproc_per_node": "is hardware, not a hyperparameter",
     "gpus_per_node": "is hardware, not a hyperparameter",

@@ -122,6 +122,8 @@ def length_chooser(model_dir: Path, n_params: int, train: TrainConfig):
     ds = deepspeed_config_path(train.deepspeed, DEEPSPEED_DIR)
     zero = json.loads(ds.read_text()).get("zero_optimization", {}).get("stage", 0) if ds and ds.is_file() else 0
     offload = deepspeed_offload(ds) if ds and ds.is_file() else False
+    if train.sharding == "fsdp2":  # shards weights, gradients and optimizer states like ZeRO-3
+        zero, offload = 3, train.fsdp.cpu_offload
 
     def choose(lengths, requested):
         return choose_max_length(lengths, requested, model_config, n_params, train, int(zero), offload)

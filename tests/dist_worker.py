@@ -50,6 +50,24 @@ class ReportOptimizer(TrainerCallback):
             print(f"[optimizer] {' > '.join(chain)}", flush=True)
 
 
+class ReportSharding(TrainerCallback):
+    """Rank 0 prints, after the first step, how many modules fully_shard wrapped (FSDP2: 0 under DDP, which
+    accelerate falls back to on CPU without a word), how many layers FSDP's activation checkpointing wrapped,
+    and whether the model runs transformers' own gradient checkpointing."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1 and int(os.environ["RANK"]) == 0:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+            from torch.distributed.fsdp import FSDPModule
+
+            from llm_finetune.training.collate import unwrap
+
+            modules = list(model.modules())
+            print(f"[sharding] fsdp_modules={sum(isinstance(m, FSDPModule) for m in modules)} "
+                  f"fsdp_checkpointed={sum(isinstance(m, CheckpointWrapper) for m in modules)} "
+                  f"hf_checkpointing={bool(getattr(unwrap(model), 'is_gradient_checkpointing', False))}", flush=True)
+
+
 class SlowStore(LocalCheckpointStore):
     def __init__(self, root: str, delay_s: float):
         super().__init__(root)
@@ -69,7 +87,7 @@ def main(spec_path: str) -> None:
     cfg = from_dict(TrainConfig, spec["train"])
     prepared = prepare(DataConfig(), load_tokenizer(spec["model_dir"]))
     fault = [Fault(**spec["fault"])] if spec.get("fault") else []
-    fault.append(ReportOptimizer())
+    fault += [ReportOptimizer(), ReportSharding()]
     ds = deepspeed_config_path(spec.get("deepspeed") or "none", ROOT / "deepspeed_configs")
     store = SlowStore(**spec["store"]) if spec.get("store") else None
     out = train(spec["model_dir"], prepared.train, DataConfig(), cfg, spec["out_dir"], deepspeed_config=ds,

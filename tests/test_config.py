@@ -196,3 +196,41 @@ def test_k_quant_variants_need_llama_cpp_and_say_how_to_get_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", real)
     if real("llama_cpp") is not None:
         validate(cfg)  # accepted where llama-cpp-python is installed
+
+
+@pytest.mark.parametrize(
+    "train, needle",
+    [
+        ({"sharding": "fsdp"}, "train.sharding: 'fsdp' is not one of none, fsdp2 (did you mean 'fsdp2'?)"),
+        ({"sharding": "fsdp2", "deepspeed": "zero3"},
+         "train.sharding: fsdp2 and train.deepspeed: zero3 both shard the model, and only one can; set train.deepspeed: none"),
+        ({"sharding": "fsdp2", "weights": "qlora", "gpus_per_node": 2},
+         "train.sharding: fsdp2 with train.weights: qlora is not supported here"),
+        ({"sharding": "fsdp2", "nproc_per_node": 1},
+         "train.sharding: fsdp2 shards the model over processes, but train.nnodes x train.nproc_per_node is 1"),
+        ({"sharding": "fsdp2", "fsdp": {"cpu_offload": True}},
+         "train.fsdp.cpu_offload: offloads from GPU memory to CPU memory, and this run trains on the CPU"),
+        ({"fsdp": {"cpu_ofload": True}}, "train.fsdp.cpu_ofload: unknown key. Did you mean 'cpu_offload'?"),
+    ],
+)
+def test_fsdp2_refusals_name_the_key_and_the_fix(train, needle):
+    with pytest.raises(ConfigError) as e:
+        validate(from_dict(FineTuneConfig, {"train": train}), DS)
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("train", [
+    {"sharding": "fsdp2", "weights": "full"},  # configs/smoke.yaml's CPU run with FSDP2
+    {"sharding": "fsdp2", "weights": "lora", "method": "sft", "gradient_checkpointing": True},
+    {"sharding": "fsdp2", "nnodes": 2, "nproc_per_node": 1},
+    {"sharding": "fsdp2", "weights": "full", "gpus_per_node": 8, "nproc_per_node": 8, "fsdp": {"cpu_offload": True,
+                                                                                              "reshard_after_forward": False}},
+])
+def test_fsdp2_configs_that_run_validate(train):
+    cfg = validate(from_dict(FineTuneConfig, {"train": train}), DS)
+    assert cfg.train.sharding == "fsdp2" and cfg.train.deepspeed == "none"
+
+
+@pytest.mark.parametrize("method, data", [("dpo", "preference"), ("kto", "unpaired"), ("orpo", "preference")])
+def test_fsdp2_takes_the_preference_methods(method, data):
+    validate(from_dict(FineTuneConfig, {"train": {"method": method, "sharding": "fsdp2"}, "data": {"format": data}}), DS)

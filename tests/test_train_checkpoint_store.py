@@ -140,6 +140,25 @@ def test_checkpoints_of_two_nodes_complete_one_checkpoint(tmp_path):
     assert (restored / "checkpoint-6" / "trainer_state.json").read_text() == '{"tokens_per_s": 100}'
 
 
+def test_fsdp2_distcp_shards_are_per_rank_files(tmp_path):
+    """FSDP2's sharded checkpoint (torch.distributed.checkpoint): node 1 of 2 (ranks 2, 3) contributes its ranks'
+    ``__<rank>_0.distcp`` files and RNG states; ``.metadata`` (rank 0's, copied to every node) comes from node 0."""
+    d = tmp_path / "checkpoint-4"
+    for sub in ("pytorch_model_fsdp_0", "optimizer_0"):
+        (d / sub).mkdir(parents=True)
+        (d / sub / ".metadata").write_bytes(b"m")
+        for r in range(4):
+            (d / sub / f"__{r}_0.distcp").write_bytes(b"s" * (r + 1))
+    for r in range(4):
+        (d / f"rng_state_{r}.pth").write_bytes(b"r")
+    (d / "scheduler.pt").write_bytes(b"x")
+    assert node_part(d, 1, range(2, 4)) == [
+        "optimizer_0/__2_0.distcp", "optimizer_0/__3_0.distcp", "pytorch_model_fsdp_0/__2_0.distcp",
+        "pytorch_model_fsdp_0/__3_0.distcp", "rng_state_2.pth", "rng_state_3.pth",
+    ]
+    assert len(node_part(d, 0, range(0, 2))) == 2 * 5 + 4 + 1  # node 0: everything, .metadata included
+
+
 @pytest.mark.parametrize("kind", ["local", "flyte"])
 def test_prune_keeps_the_newest_complete_checkpoints_and_the_best(kind, tmp_path):
     if kind == "local":

@@ -26,3 +26,38 @@ def test_zero_stages_shard_what_they_promise():
     assert training_bytes(1_000, "full", True, 3, 4, True) == 500  # offload: only sharded gradients stay
     with pytest.raises(ConfigError, match="train.weights: lora of a .* use train.weights: qlora"):
         check_fits(70_000_000_000, "lora", True, 0, 1, False, 80 * GiB, "GPU A100")
+
+
+def test_fsdp2_is_counted_as_zero3_and_shards_lora_s_frozen_base():
+    from llm_finetune.config import TrainConfig
+    from llm_finetune.training.harness import sharding_stage
+
+    assert sharding_stage(TrainConfig(sharding="fsdp2"), None) == 3 and sharding_stage(TrainConfig(), None) == 0
+    assert training_bytes(1_000, "lora", True, 3, 4, False) == 500  # the frozen bf16 base, a quarter per process
+    assert training_bytes(1_000, "lora", True, 0, 4, False) == 2_000
+    with pytest.raises(ConfigError, match="train.sharding: fsdp2"):  # named among the ways out
+        check_fits(7_000_000_000, "full", True, 0, 1, False, 80 * GiB, "GPU H100")
+
+
+def test_fsdp2_trainer_arguments_and_activation_checkpointing():
+    """FSDP2 via the Trainer: sharded checkpoints; gradient checkpointing is FSDP's for full weights and stays
+    transformers' own for LoRA (FSDP's wrapper hid the adapter weights from PEFT)."""
+    from transformers import TrainingArguments
+
+    from llm_finetune.config import TrainConfig
+    from llm_finetune.training.harness import trainer_arguments
+
+    def args(**train):
+        return trainer_arguments(TrainConfig(**train), "/tmp/x", False, False, False, None)
+
+    assert "fsdp" not in args(gradient_checkpointing=True) and args(gradient_checkpointing=True)["gradient_checkpointing"]
+    full = args(sharding="fsdp2", weights="full", gradient_checkpointing=True)
+    assert full["fsdp"] is True and not full["gradient_checkpointing"]
+    assert full["fsdp_config"] == {"version": 2, "state_dict_type": "SHARDED_STATE_DICT", "reshard_after_forward": True,
+                                   "cpu_offload": False, "activation_checkpointing": True,
+                                   "auto_wrap_policy": "TRANSFORMER_BASED_WRAP"}
+    lora = args(sharding="fsdp2", weights="lora", gradient_checkpointing=True)
+    assert lora["gradient_checkpointing"] and not lora["fsdp_config"]["activation_checkpointing"]
+    plugin = TrainingArguments(**full).fsdp_plugin_args  # what accelerate's FSDP plugin is built from
+    assert plugin["fsdp_version"] == 2 and plugin["activation_checkpointing"] is True
+    assert plugin["state_dict_type"] == "SHARDED_STATE_DICT" and plugin["reshard_after_forward"] is True

@@ -11,7 +11,7 @@ Layout (the store and every node's local ``checkpoints/`` alike)::
     checkpoint-<step>/CHECKPOINT_COMPLETE.node<k>  node k's manifest, uploaded after its files
 
 Every node saves a full checkpoint on its own disk (multi-node runs save on each node;
-DeepSpeed writes each rank's ZeRO shards), and each node's local rank 0 uploads its
+DeepSpeed writes each rank's ZeRO shards, FSDP2 each rank's ``__<rank>_0.distcp``), and each node's local rank 0 uploads its
 directory into the same ``checkpoint-<step>`` of the store, files first and its manifest
 last. A checkpoint is complete when the manifests of all ``nnodes`` nodes are there and
 every file they list has the size they record: an upload cut short (preemption, a dead
@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"  # prefix of the per-node manifests: CHECKPOINT_COMPLETE.node<k>
 _STEP = re.compile(r"^checkpoint-(\d+)$")
 _MARKER = re.compile(r"^" + COMPLETE_MARKER + r"\.node(\d+)$")
-# per-rank files: DeepSpeed ZeRO shards ([bf16_]zero_pp_rank_<r>_mp_rank_..) and the Trainer's rng_state_<r>.pth
-_RANK_FILE = re.compile(r"(?:^|/)[^/]*zero_pp_rank_(\d+)_[^/]*$|(?:^|/)rng_state_(\d+)\.pth$")
+# per-rank files: DeepSpeed ZeRO shards ([bf16_]zero_pp_rank_<r>_mp_rank_..), the Trainer's rng_state_<r>.pth and
+# FSDP2's torch.distributed.checkpoint shards (pytorch_model_fsdp_0/__<r>_0.distcp, optimizer_0/__<r>_0.distcp)
+_RANK_FILE = re.compile(r"(?:^|/)[^/]*zero_pp_rank_(\d+)_[^/]*$|(?:^|/)rng_state_(\d+)\.pth$|(?:^|/)__(\d+)_\d+\.distcp$")
 
 
 class CheckpointStore(Protocol):
@@ -74,7 +75,7 @@ def node_part(ckpt_dir: Path, node: int, ranks: range | list[int]) -> list[str]:
 
     Every node writes the shared files too (trainer state, scheduler, weights), but not
     byte-identically (the trainer state logs each node's own throughput), so only node 0's
-    copy is stored; other nodes add their ranks' ZeRO shards and RNG states.
+    copy is stored; other nodes add their ranks' ZeRO or FSDP2 shards and RNG states.
     """
     files = [rel for rel in local_files(ckpt_dir) if not is_marker(Path(rel).name)]
     if node == 0:
@@ -82,7 +83,7 @@ def node_part(ckpt_dir: Path, node: int, ranks: range | list[int]) -> list[str]:
     own = []
     for rel in files:
         m = _RANK_FILE.search(rel)
-        if m and int(m.group(1) or m.group(2)) in ranks:
+        if m and int(next(g for g in m.groups() if g is not None)) in ranks:
             own.append(rel)
     return own
 

@@ -27,11 +27,14 @@ def count_parameters(model_dir: Path) -> int:
 
 
 def training_bytes(n_params: int, weights: str, bf16: bool, zero_stage: int, world_size: int, offload: bool) -> float:
-    """Bytes per process for weights + gradients + optimizer states (ZeRO shards them over ranks)."""
+    """Bytes per process for weights + gradients + optimizer states (ZeRO shards them over ranks).
+
+    ``zero_stage`` 3 is also FSDP2 (``train.sharding: fsdp2``), which shards all three over every process.
+    """
     if weights == "qlora":
         return n_params * 0.55  # nf4 weights with double-quantised scales; adapters are tiny
-    if weights == "lora":
-        return n_params * (2 if bf16 else 4)  # frozen base; adapter states are negligible
+    if weights == "lora":  # frozen base (sharded like every weight under stage 3); adapter states are negligible
+        return n_params * (2 if bf16 else 4) / (max(world_size, 1) if zero_stage >= 3 else 1)
     weights, grads, optim = (2.0 if bf16 else 4.0), (2.0 if bf16 else 4.0), 12.0 if bf16 else 8.0  # Adam m, v (+fp32 master)
     n = max(world_size, 1)
     if zero_stage >= 1:
@@ -49,7 +52,8 @@ def check_fits(n_params: int, weights: str, bf16: bool, zero_stage: int, world_s
     if need <= available_bytes:
         return
     hint = {
-        "full": "use train.weights: lora or qlora, train.deepspeed: zero3 (or zero3_offload), or more GPUs",
+        "full": "use train.weights: lora or qlora, train.deepspeed: zero3 (or zero3_offload) or train.sharding: fsdp2, "
+                "or more GPUs",
         "lora": "use train.weights: qlora (4-bit base) or a GPU with more memory",
         "qlora": "use a GPU with more memory",
     }[weights]

@@ -2,8 +2,8 @@
 
 Runs under torchrun / Flyte's Elastic plugin (RANK, WORLD_SIZE, MASTER_ADDR set) or as a
 single process. A Hugging Face or TRL trainer does the loop: DDP (gloo on CPU, NCCL on GPU),
-DeepSpeed ZeRO through a JSON config, gradient accumulation. What every method shares lives
-here, once:
+DeepSpeed ZeRO through a JSON config or FSDP2 (``train.sharding``, fsdp.py), gradient accumulation.
+What every method shares lives here, once:
 
 - the hardware and memory checks, before any weight is loaded (the frozen reference copy a
   full-weight preference run holds is counted);
@@ -38,6 +38,7 @@ from llm_finetune.training.checkpoint import checkpoint_step, complete_checkpoin
 from llm_finetune.training.checkpoint_upload import BackgroundUploader
 from llm_finetune.config import DataConfig, TrainConfig, micro_batch
 from llm_finetune.errors import ConfigError
+from llm_finetune.training import fsdp
 from llm_finetune.training.fit import GiB, check_fits, count_parameters, deepspeed_offload
 from llm_finetune.methods import load_recipe, method_spec
 from llm_finetune.model import load_tokenizer
@@ -145,7 +146,7 @@ def trainer_arguments(cfg: TrainConfig, checkpoints_dir: Path, has_eval: bool, k
                       deepspeed_config) -> dict:
     """The arguments every trainer takes, from the run config (a recipe adds its own keys)."""
     on_cpu = not torch.cuda.is_available()
-    return dict(
+    args = dict(
         output_dir=str(checkpoints_dir),
         max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         num_train_epochs=cfg.num_epochs,
@@ -184,6 +185,7 @@ def trainer_arguments(cfg: TrainConfig, checkpoints_dir: Path, has_eval: bool, k
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
     )
+    return {**args, **fsdp.fsdp_arguments(cfg)}  # train.sharding: fsdp2 (full weights: FSDP's activation checkpointing)
 
 
 def restore(store, checkpoints_dir: Path) -> Path | None:
@@ -239,14 +241,20 @@ def zero_stage(deepspeed_config: str | Path | None) -> int:
     return int(json.loads(Path(deepspeed_config).read_text()).get("zero_optimization", {}).get("stage", 0))
 
 
+def sharding_stage(cfg: TrainConfig, deepspeed_config) -> int:
+    """The ZeRO stage the run's sharding amounts to: FSDP2 shards weights, gradients and optimizer states as ZeRO-3."""
+    return 3 if fsdp.enabled(cfg) else zero_stage(deepspeed_config)
+
+
 def check_memory(model_dir: Path, cfg: TrainConfig, half: bool, deepspeed_config) -> None:
     """Refuse a run whose weights, gradients and optimizer states alone exceed the device (fit.py), with the
     frozen reference copy a full-weight run of a method that compares against its starting model holds
-    (sharded under ZeRO-3; LoRA runs use the adapter-disabled base and hold none)."""
+    (sharded under ZeRO-3 and FSDP2; LoRA runs use the adapter-disabled base and hold none)."""
+    stage = sharding_stage(cfg, deepspeed_config)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(local_rank())
         available, device = props.total_memory, f"GPU {props.name}"
-        offload = deepspeed_offload(deepspeed_config)
+        offload = cfg.fsdp.cpu_offload if fsdp.enabled(cfg) else deepspeed_offload(deepspeed_config)
     else:
         import psutil
 
@@ -256,9 +264,9 @@ def check_memory(model_dir: Path, cfg: TrainConfig, half: bool, deepspeed_config
     n_params = count_parameters(model_dir)
     reference = 0.0
     if method_spec(cfg.method).reference_copy and cfg.weights == "full":
-        reference = n_params * (2 if half else 4) / (max(world_size(), 1) if zero_stage(deepspeed_config) == 3 else 1)
+        reference = n_params * (2 if half else 4) / (max(world_size(), 1) if stage == 3 else 1)
     try:
-        check_fits(n_params, cfg.weights, half, zero_stage(deepspeed_config), world_size(), offload, available - reference,
+        check_fits(n_params, cfg.weights, half, stage, world_size(), offload, available - reference,
                    device + (f" after the {reference / GiB:.1f} GiB reference copy" if reference else ""))
     except ConfigError as e:
         if not reference:
@@ -315,12 +323,13 @@ def train(
         uploads = BackgroundUploader(checkpoint_store, output_dir / "upload-staging", cfg.keep_checkpoints,
                                      prune=node_rank() == 0, nnodes=nnodes())
     node_ranks = range(rank() - local_rank(), rank() - local_rank() + local_world_size())
-    uploader = CheckpointUploader(uploads, checkpoints_dir, node_rank(), nnodes(), node_ranks)
+    uploader = CheckpointUploader(uploads, checkpoints_dir, node_rank(), nnodes(), node_ranks,
+                                  share_dcp_metadata=fsdp.enabled(cfg) and nnodes() > 1)
     samples = SampleGenerations(
         tokenizer,
         recipe.sample_prompts(tokenizer, eval_frame, data_cfg, cfg.sample_prompts) if has_eval else [],
         cfg.sample_max_new_tokens,
-        zero3=zero_stage(deepspeed_config) == 3,
+        zero3=sharding_stage(cfg, deepspeed_config) == 3,  # sharded weights (ZeRO-3, FSDP2): every rank generates
     )
     stopping = []
     if keep_best and cfg.early_stopping_patience > 0:
@@ -328,10 +337,12 @@ def train(
 
         # validation loss only (never the test split): stop after N evaluations without a better one
         stopping.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    trainer = recipe.trainer(
-        model=model, args=args, train_dataset=examples, eval_dataset=eval_examples, collator=collator, tokenizer=tokenizer,
-        peft_config=peft_config, callbacks=[uploader, samples, *stopping, *callbacks],
-    )
+    with fsdp.trainer_on_cpu(cfg, on_cpu=not torch.cuda.is_available()):  # accelerate keeps FSDP2 on CPU too
+        trainer = recipe.trainer(
+            model=model, args=args, train_dataset=examples, eval_dataset=eval_examples, collator=collator,
+            tokenizer=tokenizer, peft_config=peft_config, callbacks=[uploader, samples, *stopping, *callbacks],
+        )
+    fsdp.prepare_trainer(trainer)
     resume = restore(checkpoint_store, checkpoints_dir)
     if resume is not None and rank() == 0:
         print(f"[train] resuming from {resume.name} (checkpoint store)", flush=True)
@@ -385,8 +396,8 @@ def save_outputs(trainer, tokenizer, output_dir: Path, full: bool, base_model_di
                  summary: TrainSummary, uploads) -> TrainOutputs | None:
     """Save the model (LoRA: the adapter, then merged into the base) and the summary.
 
-    Every rank calls this (DeepSpeed ZeRO-3 gathers the weights in ``save_model``); rank 0
-    writes, and gets the outputs. ``save_model`` is the last collective: while rank 0 merges
+    Every rank calls this (DeepSpeed ZeRO-3 gathers the weights in ``save_model``, FSDP2 in
+    ``fsdp.save_full_model``); rank 0 writes, and gets the outputs. ``save_model`` is the last collective: while rank 0 merges
     (minutes for a large base) the others wait in ``wait_for_rank0``, on the store with its own
     long timeout, not in a barrier bounded by ``train.collective_timeout_s`` (which would time
     out, or have the NCCL watchdog abort the group, during a long merge). The checkpoint
@@ -394,7 +405,10 @@ def save_outputs(trainer, tokenizer, output_dir: Path, full: bool, base_model_di
     """
     model_out = output_dir / "model"
     adapter_out = None if full else output_dir / "adapter"
-    trainer.save_model(str(adapter_out or model_out))  # all ranks: DeepSpeed ZeRO-3 gathers here
+    if getattr(trainer, "is_fsdp_enabled", False):  # all ranks: FSDP2 gathers whole weights (checkpoints: shards)
+        fsdp.save_full_model(trainer, str(adapter_out or model_out))
+    else:
+        trainer.save_model(str(adapter_out or model_out))  # all ranks: DeepSpeed ZeRO-3 gathers here
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(adapter_out or model_out)
         if adapter_out is not None:

@@ -12,7 +12,7 @@ most one chunk of logits exists at any time. Same matmul count as the standard p
 The model is still called as a whole (through DDP and the other wrappers, so their hooks
 run): a forward pre-hook on the output embedding takes the final hidden states and hands
 the head an empty slice. ``label_only_loss`` returns None where this cannot be done
-exactly (ZeRO-3 partitioned head, a head with LoRA or a bias, logit soft-capping or
+exactly (ZeRO-3 partitioned or FSDP2 sharded head, a head with LoRA or a bias, logit soft-capping or
 scaling after the head) or not measured yet (a torch.compile'd model, where adding and
 removing the hook every step would make dynamo recompile); the caller then uses the
 standard loss.
@@ -91,9 +91,11 @@ def _head_weight(model):
     if config is None or any(getattr(config, k, None) not in (None, 1, 1.0) for k in _POST_HEAD_CONFIG):
         return None, None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if type(head) is not torch.nn.Linear or head.bias is not None:  # LoRA on the head, or a bias
+    if type(head) is not torch.nn.Linear or head.bias is not None:  # LoRA on the head, a bias, or fully_shard's subclass
         return None, None
     if hasattr(head.weight, "ds_id"):  # ZeRO-3: the weight is only gathered inside the head's forward
+        return None, None
+    if type(head.weight).__name__ == "DTensor":  # FSDP2: a shard outside the forward of the head's group
         return None, None
     return head, head.weight
 

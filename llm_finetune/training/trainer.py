@@ -5,7 +5,7 @@
   logs trained tokens per second next to the loss. Its loss projects onto the vocabulary
   only the positions that carry a label, in chunks (label_loss.py), where that is exact.
 - ``CheckpointUploader`` marks each checkpoint complete once every rank has finished writing
-  it (DeepSpeed shards are per rank) and hands it to a background upload (checkpoint_upload.py)
+  it (DeepSpeed and FSDP2 shards are per rank) and hands it to a background upload (checkpoint_upload.py)
   on each node's local rank 0: no rank waits for the store inside a collective.
 - ``SampleGenerations`` records greedy completions of a fixed set of held-out prompts at
   every evaluation, so a user can watch behaviour change across training.
@@ -97,16 +97,24 @@ class CheckpointUploader(TrainerCallback):
 
     The barrier only waits for the ranks' own writes (seconds); the upload runs on
     ``uploader``'s thread while training goes on. ``uploader`` None: manifests only.
+    ``share_dcp_metadata`` (FSDP2 on several nodes): rank 0's torch.distributed.checkpoint
+    ``.metadata`` files are copied to every node's checkpoint first (fsdp.share_metadata).
     """
 
-    def __init__(self, uploader, checkpoints_dir: Path, node: int = 0, nnodes: int = 1, ranks: range = range(1)):
+    def __init__(self, uploader, checkpoints_dir: Path, node: int = 0, nnodes: int = 1, ranks: range = range(1),
+                 share_dcp_metadata: bool = False):
         self.uploader, self.checkpoints_dir = uploader, Path(checkpoints_dir)
         self.node, self.nnodes, self.ranks = node, nnodes, ranks  # ranks: this node's global ranks
+        self.share_dcp_metadata = share_dcp_metadata
 
     def on_save(self, args, state, control, **kwargs):
         barrier()  # every rank has written its optimizer/RNG shard
+        ckpt = self.checkpoints_dir / f"checkpoint-{state.global_step}"
+        if self.share_dcp_metadata:
+            from llm_finetune.training.fsdp import share_metadata
+
+            share_metadata(ckpt, args.local_process_index)
         if args.local_process_index == 0:
-            ckpt = self.checkpoints_dir / f"checkpoint-{state.global_step}"
             part = node_part(ckpt, self.node, self.ranks)
             write_node_marker(ckpt, self.node, self.nnodes, part)
             if self.uploader is not None:
@@ -116,7 +124,7 @@ class CheckpointUploader(TrainerCallback):
 class SampleGenerations(TrainerCallback):
     """Greedy generations for fixed prompts at every evaluation; kept in ``self.rows`` on rank 0.
 
-    Under ZeRO-3 the weights are sharded, so every rank generates together
+    Under ZeRO-3 and FSDP2 (``zero3``: the weights are sharded) every rank generates together
     (``synced_gpus``); otherwise rank 0 alone generates on its full copy.
     """
 
