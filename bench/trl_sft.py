@@ -43,7 +43,9 @@ def main() -> None:
         output_dir=os.path.dirname(out_path) + "/trl-out", max_steps=int(steps), per_device_train_batch_size=int(batch),
         learning_rate=1e-3, lr_scheduler_type="linear", logging_steps=5, save_strategy="no",
         report_to=[], use_cpu=True, ddp_backend="gloo", dataloader_num_workers=0, disable_tqdm=True, seed=0,
-        ddp_find_unused_parameters=False,  # as the pipeline's trainer: no extra graph walk per step under DDP
+        # as the pipeline's trainer: no extra graph walk per step under DDP (BENCH_TRL_FIND_UNUSED=1: the
+        # Trainer's default for this model, True, to measure what it costs; bench/NOTES.md)
+        ddp_find_unused_parameters=os.environ.get("BENCH_TRL_FIND_UNUSED") == "1",
         packing=True, packing_strategy="bfd", padding_free=True, completion_only_loss=True, max_length=int(max_length),
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
