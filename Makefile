@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIP_ARGS ?=
 VERSION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 
-.PHONY: setup test test-fast test-gpu run smoke dpo-smoke package register register-dry-run images-check check-cluster bench bench-pipeline bench-gpu bench-gpu-8b gpu-bundle clean-cache
+.PHONY: setup test test-e2e test-fast test-gpu run smoke dpo-smoke package register register-dry-run images-check check-cluster bench bench-pipeline bench-gpu bench-gpu-8b gpu-bundle clean-cache
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,14 @@ setup:
 	# llama.cpp's HF -> GGUF converter (gguf_* variants), from the pinned llama-cpp-python source release
 	PIP=$(BIN)/pip sh images/fetch_llama_cpp.sh .cache/llama.cpp
 
+# everything but the three preference-method smoke runs (marker e2e, ~20 min on 2 cores): their code paths are
+# trained and checked in the suite (test_preference_methods, test_preference_train, and SFT -> DPO through the
+# whole workflow in test_tracking); make test-e2e runs the shipped dpo/kto/orpo_smoke configs end to end
 test:
-	$(BIN)/python -m pytest -v
+	$(BIN)/python -m pytest -v -m "not e2e"
+
+test-e2e:
+	$(BIN)/python -m pytest -v -m e2e
 
 # the inner loop: every test that neither trains nor starts a process (tests/tiers.py), ~1.5 min on 2 cores
 test-fast:

@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # make test-e2e (make test leaves these out: CI time)
 def test_dpo_smoke_raises_preference_accuracy_beyond_the_interval(isolated_flyte, capfd):
     from workflows.fine_tune import fine_tune
 

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # make test-e2e (make test leaves these out: CI time)
 def test_kto_smoke_answers_like_the_desirable_answers(isolated_flyte, capfd):
     """KTO on thumbs-up/down rows; the test split is the desirable held-out answers, scored like SFT.
     Measured here: exact match 14.3% [4.8, 26.2] -> 40.5% [26.2, 57.1] on 42 rows."""
@@ -34,6 +35,7 @@ def test_kto_smoke_answers_like_the_desirable_answers(isolated_flyte, capfd):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # make test-e2e (make test leaves these out: CI time)
 def test_orpo_smoke_raises_preference_accuracy_beyond_the_interval(isolated_flyte, capfd):
     """ORPO on the preference pairs, no reference model. Measured here: preference accuracy 79.0% -> 99.0%,
     gain +20.0% [+12.0, +28.0] on 100 held-out pairs; greedy answer equals chosen 9% -> 56%."""
