@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,16 @@ import pytest
 pytestmark = pytest.mark.slow  # every test here trains a model or starts a process (tests/tiers.py)
 
 ROOT = Path(__file__).resolve().parents[1]
+DEVICE_FILES_BACK = 8  # the device tool brings back at most 8 files from $OUT (its README, Limits)
+
+
+def unpacked(out: Path, into: Path) -> Path:
+    """What the device call brings back: at most 8 files, the logs and JSON packed in gpu-check.tgz."""
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert len(files) <= DEVICE_FILES_BACK, sorted(str(f.relative_to(out)) for f in files)
+    with tarfile.open(out / "gpu-check.tgz") as tar:
+        tar.extractall(into, filter="data")
+    return into
 
 
 @pytest.mark.slow
@@ -26,6 +37,8 @@ def test_the_dry_run_returns_every_row_of_the_benchmark_and_collects_the_gpu_tes
     run = subprocess.run(["bash", str(ROOT / "bench" / "gpu" / "check.sh")], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert (out / "steps.txt").read_text() and "torch" in (out / "device.txt").read_text()  # also outside the archive
+    out = unpacked(out, tmp_path / "back")
     expected = [("lora", "ours"), ("lora", "trl_best"), ("lora", "hf_padded"), ("full", "ours"), ("full", "trl_best")]
     for method, system in expected:  # one JSON per finished row
         r = json.loads((out / f"train_speed-cpu-tiny-{method}-{system}.json").read_text())
@@ -47,7 +60,7 @@ def test_steps_past_the_budget_are_skipped_not_cut_off(tmp_path):
     env = {**os.environ, "GPU_CHECK_DRY": "1", "OUT": str(out), "PYTHON": sys.executable, "GPU_CHECK_BUDGET_S": "20"}
     run = subprocess.run(["bash", str(ROOT / "bench" / "gpu" / "check.sh")], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
-    steps = (out / "steps.txt").read_text().splitlines()
+    steps = (unpacked(out, tmp_path / "back") / "steps.txt").read_text().splitlines()
     assert all("skipped" in line and "of 20s" in line for line in steps), steps
     assert run.returncode == 0  # nothing ran, nothing failed
 

@@ -7,39 +7,53 @@
 #       GPU_CHECK_DRY=1 OUT=/tmp/gpu-dry bash bench/gpu/check.sh
 # Every step has its own time limit and writes its results as it finishes (the benchmark: after every row),
 # so a lease that ends early still returns what was measured. Plain python (no make: the device may lack it).
+# The device tool brings back at most 8 files from $OUT, so the logs and JSON files (about 20) are written to
+# a work folder and packed into $OUT/gpu-check.tgz after every step; $OUT also gets steps.txt and device.txt.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-/tmp/gpu-out}"; mkdir -p "$OUT"
+RAW="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-XXXXXX")"; trap 'rm -rf "$RAW"' EXIT
 PY="${PYTHON:-python3}"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 status=0
+pack() {  # everything so far into one archive, replaced whole (a lease cut mid-pack keeps the previous one)
+  cp "$RAW/steps.txt" "$RAW/device.txt" "$OUT/" 2>/dev/null
+  tar -czf "$OUT/.gpu-check.tgz" -C "$RAW" . && mv -f "$OUT/.gpu-check.tgz" "$OUT/gpu-check.tgz"
+}
 BUDGET="${GPU_CHECK_BUDGET_S:-480}"  # the whole call, so a 540 s device call always returns
-step() {  # name, seconds, command...: runs under min(seconds, what is left of BUDGET), logs to $OUT/<name>.log
+step() {  # name, seconds, command...: runs under min(seconds, what is left of BUDGET), logs to <work folder>/<name>.log
   local name=$1 limit=$2; shift 2
   local left=$((BUDGET - SECONDS))
   if [ "$left" -lt 30 ]; then
-    echo "$name skipped: ${left}s left of ${BUDGET}s" | tee -a "$OUT/steps.txt"; return
+    echo "$name skipped: ${left}s left of ${BUDGET}s" | tee -a "$RAW/steps.txt"; pack; return
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; local rc=$?
-  echo "$name rc=$rc $((SECONDS - t0))s (limit ${limit}s)" | tee -a "$OUT/steps.txt"
-  tail -12 "$OUT/$name.log"
+  timeout "$limit" "$@" >"$RAW/$name.log" 2>&1; local rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s (limit ${limit}s)" | tee -a "$RAW/steps.txt"
+  tail -12 "$RAW/$name.log"
   [ "$rc" -eq 0 ] || status=1
+  pack
 }
 
 if [ -n "${GPU_CHECK_DRY:-}" ]; then
-  echo "dry run on CPU: $(nproc) cores" | tee "$OUT/device.txt"
+  echo "dry run on CPU: $(nproc) cores" | tee "$RAW/device.txt"
   DEVICE=cpu; MODEL=tiny; ROW_TIMEOUT=60
   PY="${PYTHON:-.venv/bin/python}"
 else
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-  "$PY" -m pip install -q --no-index --no-deps .gpu/wheels/*.whl 2>&1 | tail -3
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RAW/device.txt"
+  # as the device tool's README says: into a folder of our own, ahead of the image's packages (its venv may be
+  # read-only; the image's torch, transformers and accelerate stay as they are)
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu/wheels/*.whl >"$RAW/install.log" 2>&1 || { tail -5 "$RAW/install.log"; pack; exit 1; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   export LLM_FINETUNE_TEST_TOKENIZER="$PWD/.gpu/tokenizer"
   DEVICE=cuda; MODEL=1b; ROW_TIMEOUT=75
-  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA GPU')" || exit 1
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA GPU')" || { pack; exit 1; }
 fi
-"$PY" -c "import torch, transformers, peft, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__)" | tee -a "$OUT/device.txt"
+"$PY" -c "import torch, transformers, peft, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__)" 2>&1 \
+  | tail -1 | tee -a "$RAW/device.txt"
+pack
 
 # Steps in value order, each under its own limit and all within BUDGET (later ones shrink or are skipped):
 # 1. flex probe (20 s): flex attention forward + backward on this device, or why not
@@ -61,14 +75,15 @@ else
 fi
 # 3. 1B-class LoRA: ours (the train task's step), TRL's best, the padded Trainer; a JSON after every row
 step bench-lora 230 "$PY" -m bench.train_speed --device "$DEVICE" --model "$MODEL" --methods lora \
-  --row-timeout "$ROW_TIMEOUT" --out "$OUT"
+  --row-timeout "$ROW_TIMEOUT" --out "$RAW"
 # 4. 8B-shape LoRA with activation checkpointing: peak memory against an 80 GB card
 if [ "$DEVICE" = cuda ]; then
   step bench-8b 90 "$PY" -m bench.train_speed --device cuda --model 8b --methods lora --systems ours \
-    --gradient-checkpointing --row-timeout 85 --out "$OUT"
+    --gradient-checkpointing --row-timeout 85 --out "$RAW"
 fi
 # 5. full fine-tuning (MFU), if time is left
 step bench-full 160 "$PY" -m bench.train_speed --device "$DEVICE" --model "$MODEL" --methods full --systems ours,trl_best \
-  --row-timeout "$ROW_TIMEOUT" --out "$OUT"
-ls -la "$OUT"
+  --row-timeout "$ROW_TIMEOUT" --out "$RAW"
+pack
+ls -la "$RAW" "$OUT"
 exit $status
