@@ -14,7 +14,10 @@ row (``--out`` DIR, else bench/results/), so a lease that ends mid-run keeps wha
 Both rows use the HF Trainer on the same examples. Ours packs examples into
 ``max_length`` rows with a block-diagonal causal mask (no cross-example attention or
 loss), uses flex attention on GPU (skips masked blocks) and the labelled-positions loss, as
-the train task does (no torch.compile: the pipeline does not compile). Every row uses fused
+the train task does (no torch.compile: the pipeline does not compile), with the train task's
+weights: LoRA's frozen base in bf16, full fine-tuning's fp32 master weights under bf16 autocast
+(``weights_dtype``, llm_finetune/training/weights.py). The peers train bf16 weights, as a bf16
+checkpoint loads with dtype "auto"; each row records its ``weights_dtype``. Every row uses fused
 AdamW on GPU, so the optimizer is not what differs. Each (method, path) runs in its own process so peak memory is its own.
 
 Figures per row: trained tokens/s (labels that carry loss), real tokens/s (non-padding),
@@ -119,10 +122,20 @@ def run_one(a: argparse.Namespace) -> dict:
     if a.model in GPU_MODELS:  # built from a config (no weights to download), synthetic rows
         model_name, shape = GPU_MODELS[a.model]
         examples = synthetic_examples(a.rows, a.max_length, shape["vocab_size"])
-        impl = "flex_attention" if (ours and cuda) else "sdpa"
+        if ours:  # the train task's own choices: its attention kernel and its weights' dtype (fp32 masters for full)
+            from llm_finetune.config import TrainConfig
+            from llm_finetune.training.attention import register
+            from llm_finetune.training.precision import attention_implementation
+            from llm_finetune.training.weights import weights_dtype
+
+            impl = attention_implementation(packed=True)  # flex on Ampere and newer, SDPA on CPU
+            dtype = weights_dtype(TrainConfig(weights=a.method, precision="bf16" if cuda else "fp32"), bf16=cuda)
+            if impl == "flex_attention":
+                register()  # q, k, v of one dtype under autocast, as load_model does
+        else:  # the peers: bf16 weights on the GPU, as a bf16 checkpoint loads with dtype "auto"
+            impl, dtype = "sdpa", torch.bfloat16 if cuda else torch.float32
         with torch.device(a.device):  # initialised on the GPU: seconds, not minutes of CPU init for 8B
-            model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), attn_implementation=impl,
-                                                     dtype=torch.bfloat16 if cuda else torch.float32)
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), attn_implementation=impl, dtype=dtype)
     else:
         examples, model_dir = cpu_examples(a.rows, a.max_length)
         impl = "sdpa"
@@ -265,7 +278,8 @@ def run_one(a: argparse.Namespace) -> dict:
     peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in device), None)
     return {
         "method": a.method, "path": a.path, "model": model_name, "params": n_params, "lora_params": n_lora,
-        "attention": impl, "rows_per_step": batch, "max_length": a.max_length, "steps": a.steps,
+        "attention": impl, "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "rows_per_step": batch, "max_length": a.max_length, "steps": a.steps,
         "step_s": dt / a.steps, "trained_tok_s": trained / dt, "real_tok_s": real / dt,
         "padding_share": 1 - slots[0] / max(1, slots[1]), "peak_mem_gib": peak,
         "model_tflop_s": flops / 1e12, "mfu": flops / peak_flops if peak_flops else None,

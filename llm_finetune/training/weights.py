@@ -30,6 +30,14 @@ def lora_config(cfg: TrainConfig):
     )
 
 
+def weights_dtype(cfg: TrainConfig, bf16: bool) -> torch.dtype:
+    """The dtype the weights are loaded in: LoRA's and QLoRA's frozen base in the half precision training
+    uses, full fine-tuning's fp32 master weights (autocast computes in half precision). The GPU benchmark's
+    "ours" rows load with this too (bench/train_speed.py), so they measure what ships."""
+    half = torch.bfloat16 if bf16 else torch.float16 if use_fp16(cfg) else None
+    return half if (half is not None and cfg.weights != "full") else torch.float32
+
+
 def load_model(model_dir: Path, cfg: TrainConfig, bf16: bool, attn_implementation: str = "sdpa", wrap: bool = True):
     """The model to train, and the LoRA config when the trainer wraps it itself.
 
@@ -40,9 +48,7 @@ def load_model(model_dir: Path, cfg: TrainConfig, bf16: bool, attn_implementatio
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    half = torch.bfloat16 if bf16 else torch.float16 if use_fp16(cfg) else None
-    dtype = half if (half is not None and cfg.weights != "full") else torch.float32
-    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
+    kwargs = {"dtype": weights_dtype(cfg, bf16), "attn_implementation": attn_implementation}
     if attn_implementation == "flex_attention":  # q, k, v of one dtype under autocast (attention.py)
         from llm_finetune.training.attention import register
 
