@@ -122,18 +122,22 @@ def run_one(a: argparse.Namespace) -> dict:
     if a.model in GPU_MODELS:  # built from a config (no weights to download), synthetic rows
         model_name, shape = GPU_MODELS[a.model]
         examples = synthetic_examples(a.rows, a.max_length, shape["vocab_size"])
-        if ours:  # the train task's own choices: its attention kernel and its weights' dtype (fp32 masters for full)
+        from llm_finetune.training.precision import attention_implementation
+
+        # packed rows (ours, and TRL's padding-free rows) get flex attention on Ampere and newer, which skips the
+        # blocks their masks rule out (transformers builds the mask from the restarted position ids); SDPA on CPU
+        # and for the padded baseline. Offline, flex is TRL's best kernel too: flash-attn is not installed there.
+        impl = attention_implementation(packed=True) if (ours or trl) else "sdpa"
+        if ours:  # the train task's own weights: LoRA's frozen base in bf16, fp32 masters for full fine-tuning
             from llm_finetune.config import TrainConfig
             from llm_finetune.training.attention import register
-            from llm_finetune.training.precision import attention_implementation
             from llm_finetune.training.weights import weights_dtype
 
-            impl = attention_implementation(packed=True)  # flex on Ampere and newer, SDPA on CPU
             dtype = weights_dtype(TrainConfig(weights=a.method, precision="bf16" if cuda else "fp32"), bf16=cuda)
             if impl == "flex_attention":
                 register()  # q, k, v of one dtype under autocast, as load_model does
         else:  # the peers: bf16 weights on the GPU, as a bf16 checkpoint loads with dtype "auto"
-            impl, dtype = "sdpa", torch.bfloat16 if cuda else torch.float32
+            dtype = torch.bfloat16 if cuda else torch.float32
         with torch.device(a.device):  # initialised on the GPU: seconds, not minutes of CPU init for 8B
             model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), attn_implementation=impl, dtype=dtype)
     else:
