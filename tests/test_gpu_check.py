@@ -89,8 +89,6 @@ def test_a_failing_row_is_recorded_and_the_results_are_still_written(tmp_path):
 
 def test_collect_keeps_failed_and_cut_rows_and_reads_the_gpu_line(tmp_path):
     """On a GPU the device line is nvidia-smi's CSV; a failed row and a run cut by its time limit stay visible."""
-    import tarfile
-
     from bench.gpu.collect import collect, markdown
 
     raw = tmp_path / "raw"
