@@ -1,1 +1,5 @@
 """Thin typed Flyte wrappers around llm_finetune: resources, cache, retries, secrets, decks."""
+
+from tasks import schema_cache
+
+schema_cache.install()  # before any @task below is declared: see tasks/schema_cache.py

@@ -37,12 +37,14 @@ def _image(name: str) -> str:
 CPU, GPU = _image(cpu_image.image_name()), _image(gpu_image.image_name())
 
 
-@pytest.fixture(scope="module")
-def package(tmp_path_factory) -> dict:
-    """{(name, kind): decoded dict} of everything ``pyflyte package`` writes for workflows/."""
-    out = tmp_path_factory.mktemp("pkg")
+def _package(out: Path, python_prefix: str = "") -> dict:
+    """{(name, kind): decoded message} of everything ``pyflyte package`` writes for workflows/.
+
+    ``python_prefix`` runs before pyflyte's own ``main`` in the same interpreter."""
     p = subprocess.run(
-        [BIN / "pyflyte", "--pkgs", "workflows", "package", "--output", out / "pkg.tgz", "--force"],
+        [sys.executable, "-c", python_prefix + "import sys\nfrom flytekit.clis.sdk_in_container.pyflyte import main\n"
+         "sys.argv[0] = 'pyflyte'\nsys.exit(main())",
+         "--pkgs", "workflows", "package", "--output", out / "pkg.tgz", "--force"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
     )
     assert p.returncode == 0, p.stdout + p.stderr
@@ -55,6 +57,42 @@ def package(tmp_path_factory) -> dict:
                 msg.ParseFromString(tar.extractfile(member).read())
                 decoded[(m.group(1), m.group(2))] = msg
     return decoded
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> dict:
+    """What ``pyflyte package`` (as ``pyflyte register`` would send them) writes for workflows/."""
+    return _package(tmp_path_factory.mktemp("pkg"))
+
+
+def _ordered(value):
+    """flytekit lists a node's upstream node ids from a set: their order changes from one process to the next."""
+    if isinstance(value, dict):
+        return {k: sorted(v) if k == "upstreamNodeIds" else _ordered(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ordered(v) for v in value]
+    return value
+
+
+@pytest.mark.slow  # a second `pyflyte package`
+def test_the_schema_cache_changes_nothing_that_is_registered(package, tmp_path):
+    """tasks/schema_cache.py builds each dataclass's JSON schema once per process; flytekit without it is the
+    reference: every task, workflow and launch plan must be the same message."""
+    from mashumaro.jsonschema.builder import build_json_schema
+
+    from llm_finetune.config import FineTuneConfig
+    from tasks import schema_cache
+
+    reference = _package(tmp_path, "import tasks.schema_cache\ntasks.schema_cache.uninstall()\n")
+    assert reference.keys() == package.keys() and len(package) > 20
+    for key, message in package.items():
+        assert _ordered(json_format.MessageToDict(message)) == _ordered(json_format.MessageToDict(reference[key])), key
+    # in this process too (the tests import the tasks): one schema object per type, equal to mashumaro's
+    first = schema_cache._cached_build_json_schema(FineTuneConfig)
+    assert schema_cache._cached_build_json_schema(FineTuneConfig) is first
+    assert first.to_dict() == build_json_schema(FineTuneConfig).to_dict()
+    import mashumaro.jsonschema
+    assert mashumaro.jsonschema.build_json_schema is schema_cache._cached_build_json_schema
 
 
 def _task(package, name: str) -> dict:
