@@ -45,6 +45,7 @@ from tasks.common import (
     DEEPSPEED_DIR, HF_TOKEN_ENV_SECRET, NOT_PUBLISHING, REPO_ROOT, WANDB_SECRET, is_local, recoverable, start_local_run,
     wandb_api_key,
 )
+from tasks.local_cache import forget_missing_outputs, report_forgotten
 
 Sections = typing.NamedTuple(
     "Sections",
@@ -134,5 +135,6 @@ def validate_config(config: FineTuneConfig) -> Sections:
     check_tracking(config)
     if is_local():
         start_local_run()  # a new runs/<execution id>/ for this execution's decks, summary and model card
+        report_forgotten(forget_missing_outputs())  # cached paths under a wiped /tmp: recompute, not crash
     with recoverable():
         return sections(config)
