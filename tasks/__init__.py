@@ -2,4 +2,4 @@
 
 from tasks import schema_cache
 
-schema_cache.install()  # before any @task below is declared: see tasks/schema_cache.py
+schema_cache.install()  # before any module of this package declares a @task: see tasks/schema_cache.py
