@@ -21,12 +21,9 @@ from flyteidl.core import literals_pb2
 from flytekit.core.local_cache import LocalTaskCache
 
 
-def _is_local(uri: str) -> bool:
-    return uri.startswith("/") or uri.startswith("file://")
-
-
-def _local_path(uri: str) -> str:
-    return uri.removeprefix("file://")
+def _local_path(uri: str) -> str | None:
+    """The file system path of a local output; None for a blob store URI (s3://, gs://...), never checked."""
+    return uri.removeprefix("file://") if uri.startswith(("/", "file://")) else None
 
 
 def _paths_in_msgpack(value) -> Iterator[str]:
@@ -73,8 +70,8 @@ def missing_outputs(cached: bytes) -> list[str]:
     """The local paths named by one cached output map (flytekit stores its serialized LiteralMap) that are gone."""
     outputs = literals_pb2.LiteralMap()
     outputs.ParseFromString(cached)
-    paths = (p for lit in outputs.literals.values() for p in _paths_in_literal(lit))
-    return sorted({_local_path(p) for p in paths if p and _is_local(p) and not os.path.exists(_local_path(p))})
+    local = {_local_path(uri) for lit in outputs.literals.values() for uri in _paths_in_literal(lit)} - {None}
+    return sorted(path for path in local if not os.path.exists(path))
 
 
 def forget_missing_outputs() -> dict[str, list[str]]:

@@ -11,7 +11,8 @@ worker of the Elastic training task.
 A schema is a pure function of the type, so the cache returns the same ``JSONSchema`` object for the same
 type; flytekit turns it into a fresh dict (``.to_dict()``) each time, so nothing built from it is shared.
 Only flytekit's one-argument call is cached; any other call goes straight to mashumaro. The registered
-protobufs are byte for byte those flytekit builds without the cache (tests/test_serialization.py).
+protobufs are those flytekit builds without the cache (tests/test_serialization.py compares them, up to the
+order of each node's upstream node ids, which flytekit takes from a set and which changes between any two runs).
 """
 
 from __future__ import annotations

@@ -40,11 +40,13 @@ CPU, GPU = _image(cpu_image.image_name()), _image(gpu_image.image_name())
 def _package(out: Path, python_prefix: str = "") -> dict:
     """{(name, kind): decoded message} of everything ``pyflyte package`` writes for workflows/.
 
-    ``python_prefix`` runs before pyflyte's own ``main`` in the same interpreter."""
+    With ``python_prefix``, pyflyte's own ``main`` runs after that code in one interpreter; without, the
+    ``pyflyte`` command itself runs, as users run it."""
+    pyflyte = [str(BIN / "pyflyte")] if not python_prefix else [
+        sys.executable, "-c", python_prefix + "import sys\nfrom flytekit.clis.sdk_in_container.pyflyte import main\n"
+        "sys.argv[0] = 'pyflyte'\nsys.exit(main())"]
     p = subprocess.run(
-        [sys.executable, "-c", python_prefix + "import sys\nfrom flytekit.clis.sdk_in_container.pyflyte import main\n"
-         "sys.argv[0] = 'pyflyte'\nsys.exit(main())",
-         "--pkgs", "workflows", "package", "--output", out / "pkg.tgz", "--force"],
+        [*pyflyte, "--pkgs", "workflows", "package", "--output", out / "pkg.tgz", "--force"],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
     )
     assert p.returncode == 0, p.stdout + p.stderr
