@@ -15,6 +15,9 @@ their softmax and gradient (3 x vocab x 4 bytes), and on CPU, where SDPA materia
 attention probabilities, 1.5 x heads x length values per layer. Measured on this 2-core
 CPU for the embedded SmolLM2-135M with LoRA in fp32 (peak RSS over the loaded model): 2.56
 MB/token at 2 x 512 tokens and 3.62 MB/token at 1 x 1024; the formula gives 2.85 and 3.68.
+With activation checkpointing each layer keeps only its input and one layer is recomputed at a
+time; on CPU a quarter of each layer's activations is counted as well, for what glibc's heap still
+holds after the recomputations freed them (``CPU_RECOMPUTE_RETAINED``).
 The estimate is printed and shown in the get_data deck with the length it led to.
 
 Preference methods: the optimizer states are those of ``train.weights`` (LoRA holds a frozen
@@ -50,6 +53,16 @@ from llm_finetune.training.fit import GiB, training_bytes
 COVERAGE = 0.99
 ROUND_TO = 8
 OVERHEAD_BYTES = 1 * GiB  # framework, CUDA context / Python heap, allocator slack
+# Checkpointed training on CPU: glibc serves the recomputed layers' tensors from its heap and cannot
+# reuse the holes for the next layer's, so the RSS of a checkpointed step grows with the layer count,
+# not only by the kept layer inputs (with a fixed mmap threshold the step's RSS fell to a quarter, but
+# the step took 1.5x as long, so the estimate counts the heap instead). Measured (bench/NOTES.md, fp32
+# LoRA, 1 row): 15 layers more added 0.46-0.59 of their ``per_layer`` bytes each, while the logits term
+# over-counts the labelled-positions loss, which holds one chunk of logits at a time. 0.25 of ``per_layer``
+# per layer is the smallest multiple of 0.05 that covers the 1,800-token step on both CPUs: 1,713 MiB here,
+# and about 1,965 MiB on the CI machine whose 3.05 GiB peak broke the previous estimate of 1,380 MiB (that
+# peak less this machine's 1,158 MiB before the step); on the 15-layer shape it is 1.6x the measurement. A GPU's caching allocator reuses the blocks: no term.
+CPU_RECOMPUTE_RETAINED = 0.25
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 GPU_GIB = {  # memory of one GPU of a train.accelerator value (longest matching key wins)
     "h200": 141, "h100": 80, "a100-80gb": 80, "a100": 40, "l40s": 48, "l40": 48, "a10g": 24, "a10": 24,
@@ -189,6 +202,8 @@ def activation_bytes_per_token(model_config: dict, train: TrainConfig, length: i
     per_layer = (10 * h + 4 * inter) * width
     if train.gradient_checkpointing:  # keep each layer's input, recompute one layer at a time
         layer_bytes = layers * h * width + per_layer
+        if train.gpus_per_node == 0:  # CPU: glibc's heap keeps part of what each recomputed layer freed
+            layer_bytes += CPU_RECOMPUTE_RETAINED * layers * per_layer
     else:
         layer_bytes = layers * per_layer
     kept_layers = 1 if train.gradient_checkpointing else layers
