@@ -98,5 +98,6 @@ def main() -> None:
     print_table(rows, list(rows[0]))
     print(f"wrote {path}")
 
+
 if __name__ == "__main__":
     main()

@@ -61,7 +61,8 @@ OVERHEAD_BYTES = 1 * GiB  # framework, CUDA context / Python heap, allocator sla
 # over-counts the labelled-positions loss, which holds one chunk of logits at a time. 0.25 of ``per_layer``
 # per layer is the smallest multiple of 0.05 that covers the 1,800-token step on both CPUs: 1,713 MiB here,
 # and about 1,965 MiB on the CI machine whose 3.05 GiB peak broke the previous estimate of 1,380 MiB (that
-# peak less this machine's 1,158 MiB before the step); on the 15-layer shape it is 1.6x the measurement. A GPU's caching allocator reuses the blocks: no term.
+# peak less this machine's 1,158 MiB before the step); on the 15-layer shape it is 1.6x the measurement.
+# A GPU's caching allocator reuses the blocks: no such term there.
 CPU_RECOMPUTE_RETAINED = 0.25
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 GPU_GIB = {  # memory of one GPU of a train.accelerator value (longest matching key wins)
