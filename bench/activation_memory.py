@@ -55,20 +55,16 @@ def measure(model_dir, length: int, gradient_checkpointing: bool) -> dict:
 
 def fewer_layers(model_dir, layers: int, out) -> Path:
     """The model's own configuration with ``layers`` decoder layers, built from the config (random weights)
-    with its tokenizer files: the same shape but depth, to see which part of the memory grows with the layers."""
-    import shutil
-
+    with its tokenizer: the same shape but depth, to see which part of the memory grows with the layers."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     out = Path(out)
     config = AutoConfig.from_pretrained(model_dir)
     config.num_hidden_layers = layers
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    for f in Path(model_dir).iterdir():
-        if "token" in f.name or f.suffix == ".jinja":
-            shutil.copy(f, out / f.name)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
     return out
 
 
