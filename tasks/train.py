@@ -184,7 +184,9 @@ def train_model(
         result = _launch(base_model, train_data, eval_data, data, train, train_ops, tracking)
         return (*(getattr(result, f) for f in TrainResult._fields), None)
     trials = sweep_trials(sweep)
-    print(f"[sweep] {len(trials)} trials, at most {sweep.concurrency} at once:", flush=True)
+    # a local run executes the dynamic's nodes in call order, one at a time; the lanes bound a cluster run
+    at_once = "one after another locally" if is_local() else f"at most {sweep.concurrency} at once"
+    print(f"[sweep] {len(trials)} trials, {at_once}:", flush=True)
     results, runs = [], []
     for i, settings in enumerate(trials):
         print(f"[sweep]   trial {i}: {sweeps.label(settings)}", flush=True)

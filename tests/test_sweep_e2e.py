@@ -43,6 +43,8 @@ def test_sweep_smoke_trains_every_trial_and_only_the_best_goes_on(isolated_flyte
     assert result.tuned_metrics.loss < result.base_metrics.loss
     # printed table, summary.json's sweep section, the sweep deck
     assert "* " + str(chosen.index) in printed and "[sweep] trials" in printed
+    # locally the dynamic runs its nodes one at a time: the run says so instead of promising concurrency
+    assert "[sweep] 4 trials, one after another locally:" in printed
     summary = json.loads((Path(printed.split("run folder:")[1].split()[0]) / "summary.json").read_text())
     section = summary["sweep"]
     assert [t["settings"] for t in section["trials"]] == grid
